@@ -1,0 +1,25 @@
+"""shortgpt-serve: deploy ShortGPT-shortened LLMs on vLLM.
+
+The pipeline, one module per stage::
+
+    calibration -> profile (Block Influence) -> selection (budget) -> checkpoint (write) -> serve (vLLM) -> metrics
+"""
+
+__version__ = "0.1.0"
+
+from shortgpt_serve.checkpoint import write_checkpoint  # noqa: E402
+from shortgpt_serve.profile import LayerProfile, block_influence, profile_layers, profile_model  # noqa: E402
+from shortgpt_serve.selection import CostModel, select_depth  # noqa: E402
+from shortgpt_serve.serve import serve  # noqa: E402
+
+__all__ = [
+    "CostModel",
+    "LayerProfile",
+    "__version__",
+    "block_influence",
+    "profile_layers",
+    "profile_model",
+    "select_depth",
+    "serve",
+    "write_checkpoint",
+]

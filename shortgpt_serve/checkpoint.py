@@ -1,0 +1,217 @@
+"""Write the shortened checkpoint: weights renumbered, config cut, tokenizer copied, provenance beside them.
+
+Tensors are streamed shard by shard (peak memory about one shard, the model is never built). Removed layers'
+tensors are dropped entirely, kept layers are renumbered 0..N-1, and nothing else is renamed. The folder is
+written under a temp name and renamed into place when complete.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import shutil
+from pathlib import Path
+from typing import Any
+
+from shortgpt_serve import __version__
+from shortgpt_serve.errors import CheckpointError
+from shortgpt_serve.families import shortened_config
+from shortgpt_serve.fsutil import atomic_dir
+from shortgpt_serve.models import SOURCE_RECORD, ModelSource, sha256_file
+from shortgpt_serve.weights import INDEX_NAME, layer_pattern, weight_map
+
+PROVENANCE_NAME = "shortgpt.json"
+MODEL_CARD_NAME = "README.md"
+# Files of the source folder that we write ourselves or must not carry over.
+NOT_COPIED = {"config.json", INDEX_NAME, SOURCE_RECORD, PROVENANCE_NAME, MODEL_CARD_NAME}
+NOT_COPIED_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf", ".msgpack", ".h5", ".ckpt")
+
+
+def check_removed(removed: list[int], num_layers: int) -> list[int]:
+    if len(set(removed)) != len(removed):
+        dup = sorted({i for i in removed if removed.count(i) > 1})
+        raise CheckpointError(f"layer(s) {dup} listed more than once for removal; list each layer once.")
+    bad = [i for i in removed if not 0 <= i < num_layers]
+    if bad:
+        raise CheckpointError(f"layer(s) {bad} do not exist; the model has layers 0..{num_layers - 1}.")
+    if len(removed) >= num_layers:
+        raise CheckpointError(f"cannot remove all {num_layers} layers; keep at least one.")
+    return sorted(removed)
+
+
+def rename_map(names: list[str], prefix: str, num_layers: int, removed: list[int]) -> dict[str, str | None]:
+    """Old tensor name -> new name, or None where the tensor is dropped with its layer."""
+    pattern = layer_pattern(prefix)
+    gone = set(removed)
+    new_index = {old: new for new, old in enumerate(i for i in range(num_layers) if i not in gone)}
+    out: dict[str, str | None] = {}
+    for name in names:
+        m = pattern.match(name)
+        if m is None:
+            out[name] = name
+            continue
+        i = int(m.group(1))
+        if i >= num_layers:
+            raise CheckpointError(
+                f"weight {name} belongs to layer {i}, but config.json says num_hidden_layers={num_layers}; "
+                "the config and the weights disagree."
+            )
+        out[name] = None if i in gone else f"{prefix}.{new_index[i]}.{m.group(2)}"
+    return out
+
+
+def _write_weights(source: ModelSource, removed: list[int], out: Path) -> dict[str, int]:
+    """Stream tensors into ``out``; returns the written tensor count per shard."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    mapping = weight_map(source.path)
+    renames = rename_map(list(mapping), source.family.layers_module, source.num_layers, removed)
+    shards = sorted(set(mapping.values()))
+    kept_by_shard = {s: [n for n in mapping if mapping[n] == s and renames[n] is not None] for s in shards}
+    nonempty = [s for s in shards if kept_by_shard[s]]
+    single = len(nonempty) == 1
+    new_map: dict[str, str] = {}
+    counts: dict[str, int] = {}
+    total_size = 0
+    for k, shard in enumerate(nonempty, 1):
+        out_name = "model.safetensors" if single else f"model-{k:05d}-of-{len(nonempty):05d}.safetensors"
+        tensors = {}
+        try:
+            with safe_open(source.path / shard, framework="pt") as f:
+                metadata = f.metadata() or {}
+                for name in kept_by_shard[shard]:
+                    t = f.get_tensor(name)
+                    tensors[renames[name]] = t
+                    total_size += t.numel() * t.element_size()
+        except CheckpointError:
+            raise
+        except Exception as exc:
+            raise CheckpointError(f"cannot read {source.path / shard} ({exc}); the source checkpoint is damaged.") from exc
+        save_file(tensors, str(out / out_name), metadata={**metadata, "format": metadata.get("format", "pt")})
+        for new_name in tensors:
+            new_map[new_name] = out_name
+        counts[out_name] = len(tensors)
+        del tensors
+    if not single:
+        index = {"metadata": {"total_size": total_size}, "weight_map": dict(sorted(new_map.items()))}
+        (out / INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n")
+    return counts
+
+
+def _copy_side_files(src: Path, out: Path) -> list[str]:
+    copied = []
+    for f in sorted(src.iterdir()):
+        if f.is_file() and f.name not in NOT_COPIED and not f.name.endswith(NOT_COPIED_SUFFIXES) and not f.name.startswith("."):
+            shutil.copy2(f, out / f.name)
+            copied.append(f.name)
+    return copied
+
+
+def model_card(provenance: dict[str, Any]) -> str:
+    src = provenance["source"]
+    removed = provenance["removed_layers"]
+    n_full = src["num_layers"]
+    sel = provenance.get("selection", {})
+    lines = [
+        "---",
+        "tags: [shortgpt, layer-pruning, shortgpt-serve]",
+        f"base_model_origin: {json.dumps(src['origin'])}",
+        "---",
+        "",
+        f"# {provenance['served_model_name'] or src['name']}: {src['name']} shortened to {n_full - len(removed)} of {n_full} layers",
+        "",
+        f"Written by shortgpt-serve {provenance['tool_version']} on {provenance['created']}.",
+        "",
+        "Decoder layers with the lowest Block Influence (ShortGPT, Men et al. 2024: one minus the mean cosine between "
+        "a layer's input and output hidden states over calibration text) were removed; the rest are unchanged.",
+        "",
+        f"- Source: {src['origin']} (sha256 {src['sha256'][:16]}...)",
+        f"- Removed layers (original indices): {removed}",
+        f"- Calibration: {provenance['calibration'].get('source')} "
+        f"({provenance['calibration'].get('num_tokens')} tokens)",
+    ]
+    if sel:
+        lines += [
+            f"- Latency budget: {sel.get('budget')}; predicted cost: {sel.get('cost_ratio')} of the full model",
+            f"- Parameters: {sel.get('params_short'):,} of {sel.get('params_full'):,}",
+        ]
+    lines += [
+        "",
+        f"Everything needed to reproduce this folder is in `{PROVENANCE_NAME}`.",
+        "",
+        "Quality: removing layers lowers benchmark scores; check the figures measured for this checkpoint before use.",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def write_checkpoint(
+    source: ModelSource,
+    removed: list[int],
+    output: Path,
+    *,
+    provenance: dict[str, Any] | None = None,
+    overwrite: bool = False,
+) -> Path:
+    """Write ``source`` without the ``removed`` layers to ``output`` (a folder that must not exist unless
+    ``overwrite``). ``provenance`` adds to the record written beside the weights."""
+    removed = check_removed(list(removed), source.num_layers)
+    if output.exists() and not overwrite:
+        raise CheckpointError(f"output folder {output} already exists; pass --overwrite or choose another --output.")
+    if output.exists() and not output.is_dir():
+        raise CheckpointError(f"output {output} exists and is not a folder; choose another --output.")
+    if output.resolve() == source.path.resolve():
+        raise CheckpointError("--output is the source model's own folder; choose another folder.")
+    record: dict[str, Any] = {
+        "tool": "shortgpt-serve",
+        "tool_version": __version__,
+        "created": dt.datetime.now(dt.timezone.utc).replace(microsecond=0).isoformat(),
+        "served_model_name": None,
+        "source": {
+            "name": source.name,
+            "origin": source.origin,
+            "sha256": source.sha256,
+            "model_type": source.config.get("model_type"),
+            "architectures": source.config.get("architectures"),
+            "num_layers": source.num_layers,
+        },
+        "removed_layers": removed,
+        "kept_layers": [i for i in range(source.num_layers) if i not in set(removed)],
+        "calibration": {},
+        **(provenance or {}),
+    }
+    try:
+        with atomic_dir(output, overwrite=overwrite) as tmp:
+            _write_weights(source, removed, tmp)
+            config = shortened_config(source.config, removed)
+            (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+            _copy_side_files(source.path, tmp)
+            (tmp / MODEL_CARD_NAME).write_text(model_card(record))
+            record["files"] = {f.name: sha256_file(f) for f in sorted(tmp.iterdir()) if f.is_file()}
+            (tmp / PROVENANCE_NAME).write_text(json.dumps(record, indent=2) + "\n")
+    except OSError as exc:
+        raise CheckpointError(f"cannot write {output} ({exc.strerror or exc}); check free space and permissions.") from exc
+    return output
+
+
+def read_provenance(folder: Path) -> dict[str, Any]:
+    path = folder / PROVENANCE_NAME
+    if not path.is_file():
+        raise CheckpointError(f"{folder} has no {PROVENANCE_NAME}; it was not written by shortgpt-serve.")
+    return json.loads(path.read_text())  # type: ignore[no-any-return]
+
+
+def verify_checkpoint(folder: Path) -> dict[str, Any]:
+    """Check every file listed in the provenance record against its sha256; returns the record."""
+    record = read_provenance(folder)
+    files = record.get("files")
+    if not isinstance(files, dict) or not files:
+        raise CheckpointError(f"{folder}/{PROVENANCE_NAME} lists no files to verify; rewrite the checkpoint.")
+    for name, digest in files.items():
+        path = folder / name
+        if not path.is_file():
+            raise CheckpointError(f"{path} is missing; the checkpoint is incomplete, rewrite it.")
+        if sha256_file(path) != digest:
+            raise CheckpointError(f"{path} does not match its recorded sha256; the checkpoint is damaged, rewrite it.")
+    return record

