@@ -47,6 +47,12 @@ class DefaultGroup(click.Group):
         return super().parse_args(ctx, args)
 
 
+class BadSetting(click.ClickException):
+    """A bad flag, environment or config value: one line, exit code 2 like click's own usage errors."""
+
+    exit_code = 2
+
+
 def _handle_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
     """Library errors become one line and a non-zero exit; no traceback for something the user can fix."""
 
@@ -55,7 +61,7 @@ def _handle_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
         try:
             return fn(*args, **kwargs)
         except ConfigError as exc:
-            raise click.UsageError(exc.message) from None
+            raise BadSetting(exc.message) from None
         except ShortGPTError as exc:
             raise click.ClickException(exc.message) from None
         except KeyboardInterrupt:
@@ -179,11 +185,12 @@ def run_command(config_path: str | None, vllm_args: tuple[str, ...], **flags: An
 def profile_command(config_path: str | None, json_path: str | None, **flags: Any) -> None:
     """Measure every layer's Block Influence on calibration text and print the table."""
     from shortgpt_serve.models import resolve_model
-    from shortgpt_serve.pipeline import run_profile
+    from shortgpt_serve.pipeline import read_calibration, run_profile
 
     config = build_config(config_path, flags)
+    docs = read_calibration(config)
     source = resolve_model(config.model, config.resolved_cache_dir())
-    profile = run_profile(config, source)
+    profile = run_profile(config, source, docs)
     click.echo(profile.table())
     click.echo(f"\n{profile.num_tokens} tokens of {profile.calibration_source}, {profile.seconds:.1f} s.")
     if json_path:

@@ -223,17 +223,25 @@ def resolve_device(device: str) -> str:
     return device
 
 
-def load_model(source: ModelSource, device: str = "cpu", dtype: str = "float32") -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+def load_tokenizer(source: ModelSource) -> PreTrainedTokenizerBase:
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(source.path)
+    except (OSError, ValueError) as exc:
+        raise ModelError(f"{source.path} has no usable tokenizer ({exc}); add the tokenizer files to the folder.") from exc
+
+
+def load_model(source: ModelSource, device: str = "cpu", dtype: str = "float32") -> PreTrainedModel:
     """Load the model for profiling/evaluation, in eval mode, on ``device``."""
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
-    torch_dtype = getattr(torch, dtype)
-    model = AutoModelForCausalLM.from_pretrained(source.path, dtype=torch_dtype)
-    model.to(resolve_device(device))
+    device = resolve_device(device)
+    model = AutoModelForCausalLM.from_pretrained(source.path, dtype=getattr(torch, dtype))
+    model.to(device)
     model.eval()
-    tokenizer = AutoTokenizer.from_pretrained(source.path)
-    return model, tokenizer
+    return model
 
 
 def decoder_layers(model: torch.nn.Module, family: Family) -> torch.nn.ModuleList:

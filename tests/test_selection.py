@@ -1,0 +1,77 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from shortgpt_serve.errors import ConfigError
+from shortgpt_serve.selection import CostModel, removal_order, select_depth
+
+# SmolLM2-135M's shapes: 30 layers of 3,538,944 parameters (attention 884,736 + gated MLP 2,654,208),
+# tied 49152 x 576 embeddings and a final norm.
+SMOL_LAYER = 576 * (576 + 192 + 192 + 576) + 3 * 576 * 1536 + 2 * 576
+SMOL_OTHER = 49152 * 576 + 576
+
+
+def smol_cost(context: int = 0) -> CostModel:
+    attention = 4.0 * 9 * 64 * context
+    return CostModel([2.0 * SMOL_LAYER + attention] * 30, 2.0 * 49152 * 576, [SMOL_LAYER] * 30, SMOL_OTHER)
+
+
+def test_cost_model_matches_known_ideal_speedup() -> None:
+    cost = smol_cost()
+    assert cost.full_params == 134_515_008  # SmolLM2-135M's published parameter count
+    # 22 of 30 layers: the FLOP-ideal speedup is 1.27x.
+    assert 1 / cost.cost_ratio(list(range(8))) == pytest.approx(1.27, abs=0.005)
+    assert cost.params(list(range(8))) == cost.full_params - 8 * SMOL_LAYER
+
+
+def test_cost_model_reads_shapes_from_checkpoint(tiny_llama: Path) -> None:
+    import json
+
+    from transformers import AutoModelForCausalLM
+
+    config = json.loads((tiny_llama / "config.json").read_text())
+    cost = CostModel.from_checkpoint(tiny_llama, config, "model.layers", context=0)
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama)
+    per_layer = [sum(p.numel() for p in layer.parameters()) for layer in model.model.layers]
+    assert cost.layer_params == per_layer
+    assert cost.full_params == sum(p.numel() for p in model.parameters())  # tied weights counted once
+    assert cost.head_flops == 2.0 * config["vocab_size"] * config["hidden_size"]
+    with_context = CostModel.from_checkpoint(tiny_llama, config, "model.layers", context=100)
+    assert with_context.layer_flops[0] - cost.layer_flops[0] == 4.0 * config["hidden_size"] * 100
+
+
+def test_select_fewest_lowest_bi_layers_within_budget() -> None:
+    bi = [0.9, 0.2] + [0.05 + 0.001 * i for i in range(27)] + [0.3]
+    bi[20] = 0.01  # least influential
+    cost = smol_cost(512)
+    sel = select_depth(bi, cost, 0.75)
+    assert sel.cost_ratio <= 0.75
+    n = len(sel.removed)
+    # One layer fewer would be over the budget: the fewest layers were removed.
+    assert sel.candidates[n - 1].cost_ratio > 0.75
+    assert 20 in sel.removed
+    assert sel.removed == sorted(removal_order(bi)[:n])
+    assert 0 not in sel.removed and 29 not in sel.removed  # first and last layers are protected by default
+    assert sel.params_short == cost.params(sel.removed)
+    assert f"{n} lowest-BI layers" in sel.reason and "over it" in sel.reason
+
+
+def test_budget_one_removes_nothing_and_lower_budgets_remove_more() -> None:
+    bi = [float(torch.rand(1)) for _ in range(30)]
+    cost = smol_cost()
+    assert select_depth(bi, cost, 1.0).removed == []
+    depths = [len(select_depth(bi, cost, b).removed) for b in (0.95, 0.85, 0.75, 0.6)]
+    assert depths == sorted(depths) and depths[0] < depths[-1]
+
+
+def test_impossible_budget_says_what_would_work() -> None:
+    with pytest.raises(ConfigError, match=r"cannot be met.*raise --budget to at least 0\.2"):
+        select_depth([0.5] * 30, smol_cost(), 0.1)
+
+
+def test_keep_first_and_last() -> None:
+    bi = [0.0] * 10
+    assert removal_order(bi, keep_first=2, keep_last=3) == [2, 3, 4, 5, 6]
