@@ -7,10 +7,10 @@ The pipeline, one module per stage::
 
 __version__ = "0.1.0"
 
-from shortgpt_serve.checkpoint import write_checkpoint  # noqa: E402
-from shortgpt_serve.profile import LayerProfile, block_influence, profile_layers, profile_model  # noqa: E402
-from shortgpt_serve.selection import CostModel, select_depth  # noqa: E402
-from shortgpt_serve.serve import serve  # noqa: E402
+from shortgpt_serve.checkpoint import write_checkpoint
+from shortgpt_serve.profile import LayerProfile, block_influence, profile_layers, profile_model
+from shortgpt_serve.selection import CostModel, select_depth
+from shortgpt_serve.serve import serve
 
 __all__ = [
     "CostModel",

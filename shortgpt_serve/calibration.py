@@ -82,7 +82,7 @@ def default_documents() -> tuple[list[str], str]:
 
 def _open_text(path: Path) -> Iterator[str]:
     opener = gzip.open if path.name.endswith(".gz") else open
-    with opener(path, "rt", encoding="utf-8") as f:  # type: ignore[operator]
+    with opener(path, "rt", encoding="utf-8") as f:
         yield from f
 
 
@@ -97,9 +97,13 @@ def _read_file(path: Path) -> list[str]:
                 try:
                     record = json.loads(line)
                 except json.JSONDecodeError as exc:
-                    raise CalibrationError(f"{path}:{n} is not valid JSON ({exc.msg}); fix or remove that line.") from exc
+                    raise CalibrationError(
+                        f"{path}:{n} is not valid JSON ({exc.msg}); fix or remove that line."
+                    ) from exc
                 if not isinstance(record, dict) or not isinstance(record.get("text"), str):
-                    raise CalibrationError(f"{path}:{n} has no string 'text' field; each line must be {{\"text\": ...}}.")
+                    raise CalibrationError(
+                        f"{path}:{n} has no string 'text' field; each line must be {{\"text\": ...}}."
+                    )
                 docs.append(record["text"])
             return docs
         if name.endswith((".txt", ".txt.gz")):

@@ -68,7 +68,11 @@ def _write_weights(source: ModelSource, removed: list[int], out: Path) -> dict[s
     mapping = weight_map(source.path)
     renames = rename_map(list(mapping), source.family.layers_module, source.num_layers, removed)
     shards = sorted(set(mapping.values()))
-    kept_by_shard = {s: [n for n in mapping if mapping[n] == s and renames[n] is not None] for s in shards}
+    kept_by_shard: dict[str, list[tuple[str, str]]] = {s: [] for s in shards}
+    for old, file in mapping.items():
+        new = renames[old]
+        if new is not None:
+            kept_by_shard[file].append((old, new))
     nonempty = [s for s in shards if kept_by_shard[s]]
     single = len(nonempty) == 1
     new_map: dict[str, str] = {}
@@ -80,14 +84,16 @@ def _write_weights(source: ModelSource, removed: list[int], out: Path) -> dict[s
         try:
             with safe_open(source.path / shard, framework="pt") as f:
                 metadata = f.metadata() or {}
-                for name in kept_by_shard[shard]:
-                    t = f.get_tensor(name)
-                    tensors[renames[name]] = t
+                for old, new in kept_by_shard[shard]:
+                    t = f.get_tensor(old)
+                    tensors[new] = t
                     total_size += t.numel() * t.element_size()
         except CheckpointError:
             raise
         except Exception as exc:
-            raise CheckpointError(f"cannot read {source.path / shard} ({exc}); the source checkpoint is damaged.") from exc
+            raise CheckpointError(
+                f"cannot read {source.path / shard} ({exc}); the source checkpoint is damaged."
+            ) from exc
         save_file(tensors, str(out / out_name), metadata={**metadata, "format": metadata.get("format", "pt")})
         for new_name in tensors:
             new_map[new_name] = out_name
@@ -102,7 +108,12 @@ def _write_weights(source: ModelSource, removed: list[int], out: Path) -> dict[s
 def _copy_side_files(src: Path, out: Path) -> list[str]:
     copied = []
     for f in sorted(src.iterdir()):
-        if f.is_file() and f.name not in NOT_COPIED and not f.name.endswith(NOT_COPIED_SUFFIXES) and not f.name.startswith("."):
+        if (
+            f.is_file()
+            and f.name not in NOT_COPIED
+            and not f.name.endswith(NOT_COPIED_SUFFIXES)
+            and not f.name.startswith(".")
+        ):
             shutil.copy2(f, out / f.name)
             copied.append(f.name)
     return copied
@@ -119,7 +130,8 @@ def model_card(provenance: dict[str, Any]) -> str:
         f"base_model_origin: {json.dumps(src['origin'])}",
         "---",
         "",
-        f"# {provenance['served_model_name'] or src['name']}: {src['name']} shortened to {n_full - len(removed)} of {n_full} layers",
+        f"# {provenance['served_model_name'] or src['name']}: {src['name']} shortened to "
+        f"{n_full - len(removed)} of {n_full} layers",
         "",
         f"Written by shortgpt-serve {provenance['tool_version']} on {provenance['created']}.",
         "",
@@ -191,7 +203,9 @@ def write_checkpoint(
             record["files"] = {f.name: sha256_file(f) for f in sorted(tmp.iterdir()) if f.is_file()}
             (tmp / PROVENANCE_NAME).write_text(json.dumps(record, indent=2) + "\n")
     except OSError as exc:
-        raise CheckpointError(f"cannot write {output} ({exc.strerror or exc}); check free space and permissions.") from exc
+        raise CheckpointError(
+            f"cannot write {output} ({exc.strerror or exc}); check free space and permissions."
+        ) from exc
     return output
 
 
@@ -199,7 +213,7 @@ def read_provenance(folder: Path) -> dict[str, Any]:
     path = folder / PROVENANCE_NAME
     if not path.is_file():
         raise CheckpointError(f"{folder} has no {PROVENANCE_NAME}; it was not written by shortgpt-serve.")
-    return json.loads(path.read_text())  # type: ignore[no-any-return]
+    return json.loads(path.read_text())
 
 
 def verify_checkpoint(folder: Path) -> dict[str, Any]:

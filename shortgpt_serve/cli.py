@@ -73,8 +73,21 @@ def _handle_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
 
 # Options shared by the commands, each with the config key it sets. Defaults live in the config classes.
 PIPELINE_OPTIONS: list[tuple[str, Callable[[Any], Any]]] = [
-    ("model", click.option("--model", "-m", envvar="SHORTGPT_SERVE_MODEL", help=_doc(Config, "model"))),
-    ("budget", click.option("--budget", "-b", type=float, envvar="SHORTGPT_SERVE_BUDGET", help=_doc(SelectionConfig, "budget"))),
+    (
+        "model",
+        click.option("--model", "-m", show_envvar=True, envvar="SHORTGPT_SERVE_MODEL", help=_doc(Config, "model")),
+    ),
+    (
+        "budget",
+        click.option(
+            "--budget",
+            "-b",
+            type=float,
+            show_envvar=True,
+            envvar="SHORTGPT_SERVE_BUDGET",
+            help=_doc(SelectionConfig, "budget"),
+        ),
+    ),
     ("calibration_path", click.option("--calibration", "calibration_path", help=_doc(CalibrationConfig, "path"))),
     ("calibration_tokens", click.option("--calibration-tokens", type=int, help=_doc(CalibrationConfig, "num_tokens"))),
     ("seq_len", click.option("--seq-len", type=int, help=_doc(CalibrationConfig, "seq_len"))),
@@ -82,17 +95,43 @@ PIPELINE_OPTIONS: list[tuple[str, Callable[[Any], Any]]] = [
     ("device", click.option("--device", help=_doc(ProfileConfig, "device"))),
     ("output", click.option("--output", "-o", help=_doc(Config, "output"))),
     ("overwrite", click.option("--overwrite", is_flag=True, default=None, help=_doc(Config, "overwrite"))),
-    ("cache_dir", click.option("--cache-dir", envvar="SHORTGPT_SERVE_CACHE_DIR", help=_doc(Config, "cache_dir"))),
+    (
+        "cache_dir",
+        click.option(
+            "--cache-dir", show_envvar=True, envvar="SHORTGPT_SERVE_CACHE_DIR", help=_doc(Config, "cache_dir")
+        ),
+    ),
 ]
 SERVE_OPTIONS: list[tuple[str, Callable[[Any], Any]]] = [
-    ("host", click.option("--host", envvar="SHORTGPT_SERVE_HOST", help=_doc(ServeConfig, "host"))),
-    ("port", click.option("--port", "-p", type=int, envvar="SHORTGPT_SERVE_PORT", help=_doc(ServeConfig, "port"))),
+    ("host", click.option("--host", show_envvar=True, envvar="SHORTGPT_SERVE_HOST", help=_doc(ServeConfig, "host"))),
+    (
+        "port",
+        click.option(
+            "--port", "-p", type=int, show_envvar=True, envvar="SHORTGPT_SERVE_PORT", help=_doc(ServeConfig, "port")
+        ),
+    ),
     ("served_model_name", click.option("--served-model-name", help=_doc(ServeConfig, "served_model_name"))),
-    ("api_key", click.option("--api-key", envvar="SHORTGPT_SERVE_API_KEY", help=_doc(ServeConfig, "api_key"))),
-    ("metrics_port", click.option("--metrics-port", type=int, envvar="SHORTGPT_SERVE_METRICS_PORT", help=_doc(ServeConfig, "metrics_port"))),
+    (
+        "api_key",
+        click.option("--api-key", show_envvar=True, envvar="SHORTGPT_SERVE_API_KEY", help=_doc(ServeConfig, "api_key")),
+    ),
+    (
+        "metrics_port",
+        click.option(
+            "--metrics-port",
+            type=int,
+            show_envvar=True,
+            envvar="SHORTGPT_SERVE_METRICS_PORT",
+            help=_doc(ServeConfig, "metrics_port"),
+        ),
+    ),
 ]
 CONFIG_OPTION = click.option(
-    "--config", "-c", "config_path", envvar="SHORTGPT_SERVE_CONFIG",
+    "--config",
+    "-c",
+    "config_path",
+    show_envvar=True,
+    envvar="SHORTGPT_SERVE_CONFIG",
     help="YAML file of settings (see deploy/shortgpt.yaml); flags and environment variables override it.",
 )
 # Flag name -> dotted config key.

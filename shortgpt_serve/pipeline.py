@@ -51,13 +51,21 @@ def run_profile(config: Config, source: ModelSource, docs: Documents, progress: 
     calib = pack(docs, load_tokenizer(source), cal.num_tokens, cal.seq_len)
     log.info(
         "Calibration: %d sequences, %d tokens of %s (%d documents held out)",
-        len(calib.sequences), calib.num_tokens, calib.source, len(docs.heldout),
+        len(calib.sequences),
+        calib.num_tokens,
+        calib.source,
+        len(docs.heldout),
     )
     log.info("Loading %s for profiling", source.origin)
     model = load_model(source, config.profile.device, config.profile.dtype)
     try:
         return profile_model(
-            model, source.family, calib, batch_size=config.profile.batch_size, model_sha256=source.sha256, progress=progress
+            model,
+            source.family,
+            calib,
+            batch_size=config.profile.batch_size,
+            model_sha256=source.sha256,
+            progress=progress,
         )
     finally:
         del model
@@ -67,7 +75,14 @@ def run_profile(config: Config, source: ModelSource, docs: Documents, progress: 
 def default_output(config: Config, source: ModelSource, profile: LayerProfile, selection: Selection) -> Path:
     key = hashlib.sha256(
         json.dumps(
-            [source.sha256, selection.removed, profile.calibration_sha256, profile.num_tokens, selection.budget, __version__]
+            [
+                source.sha256,
+                selection.removed,
+                profile.calibration_sha256,
+                profile.num_tokens,
+                selection.budget,
+                __version__,
+            ]
         ).encode()
     ).hexdigest()[:12]
     n_kept = selection.num_layers - len(selection.removed)
@@ -77,7 +92,9 @@ def default_output(config: Config, source: ModelSource, profile: LayerProfile, s
 def prepare(config: Config, progress: bool = True) -> Prepared:
     """Profile, select the depth and write (or reuse) the shortened checkpoint."""
     if config.output and Path(config.output).expanduser().exists() and not config.overwrite:
-        raise CheckpointError(f"output folder {config.output} already exists; pass --overwrite or choose another --output.")
+        raise CheckpointError(
+            f"output folder {config.output} already exists; pass --overwrite or choose another --output."
+        )
     docs = read_calibration(config)  # cheap, and fails before any model work if the text is unusable
     source = resolve_model(config.model, config.resolved_cache_dir())
     profile = run_profile(config, source, docs, progress)
@@ -120,6 +137,8 @@ def prepare(config: Config, progress: bool = True) -> Prepared:
             log.warning("Rewriting %s: %s", output, exc)
     if not reused:
         log.info("Writing the shortened checkpoint to %s", output)
-        write_checkpoint(source, selection.removed, output, provenance=record, overwrite=config.overwrite or config.output is None)
+        write_checkpoint(
+            source, selection.removed, output, provenance=record, overwrite=config.overwrite or config.output is None
+        )
     provenance = json.loads((output / PROVENANCE_NAME).read_text())
     return Prepared(source, profile, selection, output, name, provenance, reused)

@@ -127,9 +127,10 @@ def profile_layers(
     handles = [layer.register_forward_hook(make_hook(i), with_kwargs=True) for i, layer in enumerate(layers)]
     tokens = 0
     try:
-        with torch.inference_mode(), tqdm(
-            total=total_batches, desc="Profiling Block Influence", unit="batch", disable=not progress
-        ) as bar:
+        with (
+            torch.inference_mode(),
+            tqdm(total=total_batches, desc="Profiling Block Influence", unit="batch", disable=not progress) as bar,
+        ):
             for ids, mask in batches:
                 current["mask"] = mask
                 model(input_ids=ids, attention_mask=mask, use_cache=False)

@@ -104,7 +104,9 @@ def removal_order(bi: list[float], keep_first: int = 1, keep_last: int = 1) -> l
     return sorted(allowed, key=lambda i: (bi[i], i))
 
 
-def candidates(bi: list[float], cost: CostModel, budget: float, keep_first: int = 1, keep_last: int = 1) -> list[Candidate]:
+def candidates(
+    bi: list[float], cost: CostModel, budget: float, keep_first: int = 1, keep_last: int = 1
+) -> list[Candidate]:
     order = removal_order(bi, keep_first, keep_last)
     rows = []
     for n in range(len(order) + 1):
@@ -119,7 +121,9 @@ def select_depth(bi: list[float], cost: CostModel, budget: float, keep_first: in
     if not 0.0 < budget <= 1.0:
         raise ConfigError(f"--budget must be in (0, 1], got {budget}.", param="--budget")
     if len(bi) != len(cost.layer_flops):
-        raise ModelError(f"profile has {len(bi)} layers but the model has {len(cost.layer_flops)}; re-profile this model.")
+        raise ModelError(
+            f"profile has {len(bi)} layers but the model has {len(cost.layer_flops)}; re-profile this model."
+        )
     rows = candidates(bi, cost, budget, keep_first, keep_last)
     chosen = next((c for c in rows if c.meets_budget), None)
     if chosen is None:

@@ -72,7 +72,9 @@ def check_port_free(host: str, port: int, flag: str = "--port") -> None:
     try:
         infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
     except socket.gaierror as exc:
-        raise ServeError(f"--host {host} cannot be resolved ({exc.strerror}); use an IP address such as 127.0.0.1.") from exc
+        raise ServeError(
+            f"--host {host} cannot be resolved ({exc.strerror}); use an IP address such as 127.0.0.1."
+        ) from exc
     family, _, _, _, addr = infos[0]
     with socket.socket(family, socket.SOCK_STREAM) as s:
         s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -80,7 +82,8 @@ def check_port_free(host: str, port: int, flag: str = "--port") -> None:
             s.bind(addr)
         except OSError as exc:
             raise ServeError(
-                f"{flag} {port} on {host} is already in use ({exc.strerror}); stop what uses it or pass another {flag}.",
+                f"{flag} {port} on {host} is already in use ({exc.strerror}); "
+                f"stop what uses it or pass another {flag}.",
                 param=flag,
             ) from exc
 

@@ -32,8 +32,7 @@ def weight_map(folder: Path) -> dict[str, str]:
     shards = sorted(folder.glob("*.safetensors"))
     if len(shards) != 1:
         raise ModelError(
-            f"{folder} has {len(shards)} safetensors files and no {INDEX_NAME}; "
-            "keep exactly one file or add the index."
+            f"{folder} has {len(shards)} safetensors files and no {INDEX_NAME}; keep exactly one file or add the index."
         )
     try:
         with safe_open(shards[0], framework="pt") as f:

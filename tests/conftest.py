@@ -51,7 +51,7 @@ def tiny_config(model_type: str, **overrides: object):  # type: ignore[no-untype
 
 def build_tiny_tokenizer(folder: Path) -> None:
     """A small byte-level BPE tokenizer trained on a fixed text, saved in Hugging Face format."""
-    from tokenizers import Tokenizer, models, pre_tokenizers, decoders, trainers
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
     tok = Tokenizer(models.BPE(unk_token=None))

@@ -23,7 +23,7 @@ def all_keys(folder: Path) -> list[str]:
     keys = []
     for f in sorted(folder.glob("*.safetensors")):
         with safe_open(f, framework="pt") as h:
-            keys.extend(h.keys())  # noqa: SIM118
+            keys.extend(h.keys())
     return keys
 
 
@@ -61,7 +61,9 @@ def test_written_checkpoint_matches_in_memory_removal(
     AutoConfig.from_pretrained(out)  # the library's own validation accepts it
     layer_ids = {int(k.split(".")[2]) for k in all_keys(out) if k.startswith("model.layers.")}
     assert layer_ids == {0, 1, 2}
-    assert len(all_keys(out)) == len(all_keys(src)) - 3 * len([k for k in all_keys(src) if k.startswith("model.layers.0.")])
+    assert len(all_keys(out)) == len(all_keys(src)) - 3 * len(
+        [k for k in all_keys(src) if k.startswith("model.layers.0.")]
+    )
 
 
 def test_qwen2_sliding_window_layers_follow_their_layers(make_tiny_model: Callable[..., Path], tmp_path: Path) -> None:
@@ -157,4 +159,3 @@ def test_rename_map_rejects_layers_beyond_config() -> None:
         rename_map(names, "model.layers", 2, [])
     ok = rename_map(names[:1] + names[2:], "model.layers", 2, [0])
     assert ok == {"model.layers.0.mlp.weight": None, "lm_head.weight": "lm_head.weight"}
-

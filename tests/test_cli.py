@@ -47,7 +47,9 @@ def busy_port() -> Iterator[int]:
 def not_causal(tmp_path: Path) -> str:
     d = tmp_path / "bert"
     d.mkdir()
-    (d / "config.json").write_text(json.dumps({"architectures": ["BertModel"], "model_type": "bert", "num_hidden_layers": 2}))
+    (d / "config.json").write_text(
+        json.dumps({"architectures": ["BertModel"], "model_type": "bert", "num_hidden_layers": 2})
+    )
     return str(d)
 
 
@@ -63,7 +65,9 @@ def unsupported(tmp_path: Path) -> str:
 def pickle_only(tmp_path: Path) -> str:
     d = tmp_path / "pickled"
     d.mkdir()
-    (d / "config.json").write_text(json.dumps({"architectures": ["LlamaForCausalLM"], "model_type": "llama", "num_hidden_layers": 2}))
+    (d / "config.json").write_text(
+        json.dumps({"architectures": ["LlamaForCausalLM"], "model_type": "llama", "num_hidden_layers": 2})
+    )
     (d / "pytorch_model.bin").write_bytes(b"not loaded")
     return str(d)
 
@@ -100,7 +104,9 @@ BAD_INPUTS: list[tuple[str, Callable[[Path], list[str]], int, str]] = [
 
 
 @pytest.mark.parametrize(("args", "code", "text"), [b[1:] for b in BAD_INPUTS], ids=[b[0] for b in BAD_INPUTS])
-def test_bad_input_battery(tmp_path: Path, isolated_env: Path, args: Callable[[Path], list[str]], code: int, text: str) -> None:
+def test_bad_input_battery(
+    tmp_path: Path, isolated_env: Path, args: Callable[[Path], list[str]], code: int, text: str
+) -> None:
     inputs = tmp_path / "inputs"
     inputs.mkdir()
     given = args(inputs)
@@ -133,8 +139,21 @@ def test_metrics_port_in_use(busy_port: int, tmp_path: Path) -> None:
 def test_calibration_shorter_than_one_sequence(tiny_llama: Path, tmp_path: Path) -> None:
     text = tmp_path / "short.txt"
     text.write_text("Only a few words here.")
-    result = invoke(["prune", "--model", str(tiny_llama), "--calibration", str(text), "--seq-len", "64",
-                     "--calibration-tokens", "256", "--output", str(tmp_path / "out")])
+    result = invoke(
+        [
+            "prune",
+            "--model",
+            str(tiny_llama),
+            "--calibration",
+            str(text),
+            "--seq-len",
+            "64",
+            "--calibration-tokens",
+            "256",
+            "--output",
+            str(tmp_path / "out"),
+        ]
+    )
     assert result.exit_code == 1
     assert "shorter than one sequence of --seq-len 64" in error_line(result)
     assert not (tmp_path / "out").exists()
@@ -152,8 +171,21 @@ def test_prune_on_tiny_model_end_to_end(tiny_llama: Path, tmp_path: Path) -> Non
     text = tmp_path / "cal.txt"
     text.write_text("\n\n".join([CORPUS] * 4))
     out = tmp_path / "short"
-    args = ["prune", "--model", str(tiny_llama), "--calibration", str(text), "--seq-len", "32",
-            "--calibration-tokens", "512", "--budget", "0.8", "--output", str(out)]
+    args = [
+        "prune",
+        "--model",
+        str(tiny_llama),
+        "--calibration",
+        str(text),
+        "--seq-len",
+        "32",
+        "--calibration-tokens",
+        "512",
+        "--budget",
+        "0.8",
+        "--output",
+        str(out),
+    ]
     result = invoke(args)
     assert result.exit_code == 0, result.output
     record = json.loads((out / "shortgpt.json").read_text())
@@ -171,8 +203,21 @@ def test_prune_on_tiny_model_end_to_end(tiny_llama: Path, tmp_path: Path) -> Non
 def test_profile_writes_json(tiny_llama: Path, tmp_path: Path) -> None:
     text = tmp_path / "cal.txt"
     text.write_text(CORPUS * 4)
-    result = invoke(["profile", "--model", str(tiny_llama), "--calibration", str(text), "--seq-len", "32",
-                     "--calibration-tokens", "256", "--json", str(tmp_path / "bi.json")])
+    result = invoke(
+        [
+            "profile",
+            "--model",
+            str(tiny_llama),
+            "--calibration",
+            str(text),
+            "--seq-len",
+            "32",
+            "--calibration-tokens",
+            "256",
+            "--json",
+            str(tmp_path / "bi.json"),
+        ]
+    )
     assert result.exit_code == 0, result.output
     data = json.loads((tmp_path / "bi.json").read_text())
     assert len(data["bi"]) == 6 and data["num_tokens"] <= 256
@@ -189,3 +234,14 @@ def test_serve_missing_checkpoint(tmp_path: Path) -> None:
     result = invoke(["serve", str(tmp_path / "none"), "--port", str(free_port())])
     assert result.exit_code == 1
     assert "does not exist" in error_line(result)
+
+
+def test_cli_reference_is_current() -> None:
+    import subprocess
+    import sys
+
+    repo = Path(__file__).resolve().parents[1]
+    result = subprocess.run(
+        [sys.executable, str(repo / "scripts" / "cli_reference.py"), "--check"], capture_output=True, text=True
+    )
+    assert result.returncode == 0, result.stderr

@@ -20,7 +20,9 @@ def test_example_config_loads() -> None:
 
 
 def test_yaml_round_trip(tmp_path: Path) -> None:
-    config = config_from_dict({"model": "x/y", "selection": {"budget": 0.6}, "serve": {"port": 9000, "vllm_args": ["--a", "1"]}})
+    config = config_from_dict(
+        {"model": "x/y", "selection": {"budget": 0.6}, "serve": {"port": 9000, "vllm_args": ["--a", "1"]}}
+    )
     path = tmp_path / "c.yaml"
     path.write_text(dump_config(config))
     back = load_config(path)

@@ -78,8 +78,14 @@ def test_block_influence_definition() -> None:
 
 
 def test_profile_json_roundtrip_and_table(tmp_path: Path) -> None:
-    p = LayerProfile(bi=[0.9, 0.02, 0.05, 0.3], num_tokens=100, num_sequences=2, seq_len=50,
-                     calibration_source="x", calibration_sha256="abc")
+    p = LayerProfile(
+        bi=[0.9, 0.02, 0.05, 0.3],
+        num_tokens=100,
+        num_sequences=2,
+        seq_len=50,
+        calibration_source="x",
+        calibration_sha256="abc",
+    )
     p.save(tmp_path / "p.json")
     back = LayerProfile.from_json((tmp_path / "p.json").read_text())
     assert back == p

