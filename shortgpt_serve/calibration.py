@@ -133,7 +133,8 @@ def load_documents(path: str | None, heldout_fraction: float = 0.2, seed: int = 
     else:
         p = Path(path).expanduser()
         docs, source = read_documents(p), str(p.resolve())
-    docs = [d for d in docs if d.strip()]
+    # Drop blanks and exact duplicates (LAMBADA repeats some passages), so held-out text never appears in calibration.
+    docs = list(dict.fromkeys(d for d in docs if d.strip()))
     if not docs:
         raise CalibrationError(f"--calibration {path}: no text found.")
     order = list(range(len(docs)))

@@ -93,6 +93,7 @@ BAD_INPUTS: list[tuple[str, Callable[[Path], list[str]], int, str]] = [
     ("model not a causal LM", lambda t: ["--model", not_causal(t)], 1, "is not a causal language model"),
     ("unsupported architecture", lambda t: ["--model", unsupported(t)], 1, "supported model types: llama, mistral"),
     ("pickle weights only", lambda t: ["--model", pickle_only(t)], 1, "only pickle weights"),
+    ("hub id while offline", lambda t: ["--model", "no-such-org/no-such-model"], 1, "could not download it"),
     ("model file not gguf", lambda t: ["--model", not_gguf(t)], 1, "is a file but not a .gguf"),
     ("unknown config key", bad_yaml, 2, "unknown config key 'selection.budgt'"),
     ("missing config file", lambda t: ["--config", str(t / "none.yaml")], 2, "does not exist"),
