@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import logging
+import signal
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -326,7 +327,13 @@ def _serve(checkpoint: Path, cfg: ServeConfig, name: str, provenance: dict[str, 
             server.shutdown()
 
 
+def _terminate(signum: int, frame: object) -> None:
+    # Unwind like an exception, so temp folders are removed and nothing half-written stays behind.
+    raise SystemExit(128 + signum)
+
+
 def main() -> None:
+    signal.signal(signal.SIGTERM, _terminate)
     cli(prog_name="shortgpt-serve")
 
 

@@ -35,3 +35,7 @@ class CheckpointError(ShortGPTError):
 
 class ServeError(ShortGPTError):
     """The vLLM server cannot be started or stopped serving."""
+
+
+class QualityError(ShortGPTError):
+    """Evaluation data or settings are unusable (unknown task, data not installed, too few items)."""
