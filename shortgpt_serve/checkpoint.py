@@ -164,10 +164,12 @@ def write_checkpoint(
     output: Path,
     *,
     provenance: dict[str, Any] | None = None,
+    extra_files: dict[str, bytes] | None = None,
     overwrite: bool = False,
 ) -> Path:
     """Write ``source`` without the ``removed`` layers to ``output`` (a folder that must not exist unless
-    ``overwrite``). ``provenance`` adds to the record written beside the weights."""
+    ``overwrite``). ``provenance`` adds to the record written beside the weights; ``extra_files`` (name -> bytes,
+    e.g. the report) are written into the folder too and listed with their hashes."""
     removed = check_removed(list(removed), source.num_layers)
     if output.exists() and not overwrite:
         raise CheckpointError(f"output folder {output} already exists; pass --overwrite or choose another --output.")
@@ -200,6 +202,8 @@ def write_checkpoint(
             (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
             _copy_side_files(source.path, tmp)
             (tmp / MODEL_CARD_NAME).write_text(model_card(record))
+            for name, data in (extra_files or {}).items():
+                (tmp / name).write_bytes(data)
             record["files"] = {f.name: sha256_file(f) for f in sorted(tmp.iterdir()) if f.is_file()}
             (tmp / PROVENANCE_NAME).write_text(json.dumps(record, indent=2) + "\n")
     except OSError as exc:

@@ -18,6 +18,7 @@ from shortgpt_serve.config import (
     CalibrationConfig,
     Config,
     ProfileConfig,
+    QualityConfig,
     SelectionConfig,
     ServeConfig,
     dump_config,
@@ -89,6 +90,25 @@ PIPELINE_OPTIONS: list[tuple[str, Callable[[Any], Any]]] = [
             help=_doc(SelectionConfig, "budget"),
         ),
     ),
+    (
+        "min_quality",
+        click.option(
+            "--min-quality",
+            "-q",
+            type=float,
+            show_envvar=True,
+            envvar="SHORTGPT_SERVE_MIN_QUALITY",
+            help=_doc(SelectionConfig, "min_quality"),
+        ),
+    ),
+    ("strict", click.option("--strict/--no-strict", default=None, help=_doc(SelectionConfig, "strict"))),
+    ("criterion", click.option("--criterion", help=_doc(SelectionConfig, "criterion"))),
+    ("tasks", click.option("--tasks", help=_doc(QualityConfig, "tasks") + " Comma-separated.")),
+    ("eval_limit", click.option("--eval-limit", type=int, help=_doc(QualityConfig, "limit"))),
+    (
+        "quality_enabled",
+        click.option("--quality/--no-quality", "quality_enabled", default=None, help=_doc(QualityConfig, "enabled")),
+    ),
     ("calibration_path", click.option("--calibration", "calibration_path", help=_doc(CalibrationConfig, "path"))),
     ("calibration_tokens", click.option("--calibration-tokens", type=int, help=_doc(CalibrationConfig, "num_tokens"))),
     ("seq_len", click.option("--seq-len", type=int, help=_doc(CalibrationConfig, "seq_len"))),
@@ -127,6 +147,8 @@ SERVE_OPTIONS: list[tuple[str, Callable[[Any], Any]]] = [
         ),
     ),
 ]
+# Options that only matter once a depth is chosen; `profile` does not take them.
+SELECTION_ONLY = {"budget", "output", "overwrite", "min_quality", "strict", "tasks", "eval_limit", "quality_enabled"}
 CONFIG_OPTION = click.option(
     "--config",
     "-c",
@@ -139,6 +161,12 @@ CONFIG_OPTION = click.option(
 KEYS = {
     "model": "model",
     "budget": "selection.budget",
+    "min_quality": "selection.min_quality",
+    "strict": "selection.strict",
+    "criterion": "selection.criterion",
+    "tasks": "quality.tasks",
+    "eval_limit": "quality.limit",
+    "quality_enabled": "quality.enabled",
     "calibration_path": "calibration.path",
     "calibration_tokens": "calibration.num_tokens",
     "seq_len": "calibration.seq_len",
@@ -168,6 +196,8 @@ def build_config(config_path: str | None, flags: dict[str, Any], vllm_args: tupl
     """defaults < YAML < environment < flags (click has already resolved environment vs flags)."""
     config = load_config(config_path) if config_path else Config().validate()
     overrides = {KEYS[k]: v for k, v in flags.items() if k in KEYS}
+    if isinstance(overrides.get("quality.tasks"), str):
+        overrides["quality.tasks"] = tuple(t.strip() for t in overrides["quality.tasks"].split(",") if t.strip())
     if vllm_args:
         overrides["serve.vllm_args"] = (*config.serve.vllm_args, *vllm_args)
     return override(config, overrides)
@@ -213,13 +243,13 @@ def run_command(config_path: str | None, vllm_args: tuple[str, ...], **flags: An
     if config.serve.metrics_port:
         check_port_free(config.serve.host, config.serve.metrics_port, "--metrics-port")
     prepared = prepare(config)
-    _print_choice(prepared.profile, prepared.selection, prepared.checkpoint)
+    _print_choice(prepared)
     _serve(prepared.checkpoint, config.serve, prepared.served_model_name, prepared.provenance)
 
 
 @cli.command(name="profile")
 @CONFIG_OPTION
-@_apply([o for o in PIPELINE_OPTIONS if o[0] not in ("budget", "output", "overwrite")])
+@_apply([o for o in PIPELINE_OPTIONS if o[0] not in SELECTION_ONLY])
 @click.option("--json", "json_path", type=click.Path(dir_okay=False), help="Also write the profile as JSON here.")
 @_handle_errors
 def profile_command(config_path: str | None, json_path: str | None, **flags: Any) -> None:
@@ -248,7 +278,7 @@ def prune_command(config_path: str | None, **flags: Any) -> None:
 
     config = build_config(config_path, flags)
     prepared = prepare(config)
-    _print_choice(prepared.profile, prepared.selection, prepared.checkpoint)
+    _print_choice(prepared)
 
 
 @cli.command(name="serve")
@@ -288,16 +318,13 @@ def show_config_command(config_path: str | None, vllm_args: tuple[str, ...], **f
     click.echo(dump_config(config), nl=False)
 
 
-def _print_choice(profile: Any, selection: Any, checkpoint: Path) -> None:
-    click.echo(profile.table(selection.removed), err=True)
-    click.echo(
-        f"\nBudget {selection.budget:.2f}: {selection.reason}\n"
-        f"Kept {selection.num_layers - len(selection.removed)} of {selection.num_layers} layers, "
-        f"{selection.params_short:,} of {selection.params_full:,} parameters "
-        f"({selection.params_short / selection.params_full:.1%}).\n"
-        f"Checkpoint: {checkpoint}",
-        err=True,
-    )
+def _print_choice(prepared: Any) -> None:
+    click.echo(prepared.profile.table(prepared.selection.removed), err=True)
+    click.echo(f"\n{prepared.summary}\nCheckpoint: {prepared.checkpoint}", err=True)
+    if not prepared.selection.latency_met:
+        click.secho(
+            "Warning: the latency budget was missed to keep the accuracy floor (see above).", fg="yellow", err=True
+        )
 
 
 def _serve(checkpoint: Path, cfg: ServeConfig, name: str, provenance: dict[str, Any]) -> None:

@@ -19,6 +19,8 @@ import yaml
 from shortgpt_serve.errors import ConfigError
 
 DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
+CRITERIA = ("bi", "angular", "iterative-bi")
+MIN_ITEMS = 10
 
 
 def _help(text: str, **kw: Any) -> Any:
@@ -89,10 +91,35 @@ class SelectionConfig:
     cost_context_tokens: int = _help(
         "Context length at which per-token cost is predicted (attention grows with it).", default=512
     )
+    min_quality: float = _help(
+        "Accuracy floor: the least quality the shortened model must retain, as a fraction of the full model's "
+        "(mean over tasks of (acc_short - chance) / (acc_full - chance)). 1.0 would forbid any loss.",
+        default=0.85,
+    )
+    strict: bool = _help(
+        "Fail, showing the candidate table, when both budgets cannot be met; by default the accuracy floor wins "
+        "and the missed latency budget is reported loudly.",
+        default=False,
+    )
+    criterion: str = _help(
+        "Which layers go: bi (ShortGPT: lowest Block Influence), angular (Gromov et al.: the contiguous block "
+        "with the smallest angular distance across it) or iterative-bi (re-profile after each removal).",
+        default="bi",
+    )
     keep_first: int = _help("Never remove the first N decoder layers.", default=1)
     keep_last: int = _help("Never remove the last N decoder layers.", default=1)
 
     def validate(self) -> None:
+        if not 0.0 < self.min_quality <= 1.0:
+            raise ConfigError(
+                f"--min-quality must be in (0, 1] (the fraction of the full model's quality to keep), "
+                f"got {self.min_quality}; e.g. --min-quality 0.85.",
+                param="--min-quality",
+            )
+        if self.criterion not in CRITERIA:
+            raise ConfigError(
+                f"--criterion must be one of {', '.join(CRITERIA)}, got {self.criterion!r}.", param="--criterion"
+            )
         if not 0.0 < self.budget <= 1.0:
             raise ConfigError(
                 f"--budget must be in (0, 1] (the fraction of the full model's cost), got {self.budget}; "
@@ -103,6 +130,40 @@ class SelectionConfig:
             raise ConfigError("selection.cost_context_tokens must be >= 0.", param="selection.cost_context_tokens")
         if self.keep_first < 0 or self.keep_last < 0:
             raise ConfigError("selection.keep_first and keep_last must be >= 0.", param="selection.keep_first")
+
+
+@dataclass(frozen=True)
+class QualityConfig:
+    enabled: bool = _help(
+        "Measure quality on benchmarks and hold the accuracy floor. Off: the latency budget alone decides.",
+        default=True,
+    )
+    tasks: tuple[str, ...] = _help(
+        "Benchmarks (log-likelihood multiple choice): arc_easy, arc_challenge, piqa, hellaswag, winogrande, mmlu.",
+        default=("arc_easy", "piqa", "hellaswag", "winogrande"),
+    )
+    limit: int = _help("Items per task (a fixed seeded sample).", default=100)
+    seed: int = _help("Seed of the item sample.", default=1234)
+    batch_size: int = _help("Requests per forward pass when scoring.", default=32)
+    perplexity_tokens: int = _help("Held-out tokens for perplexity (0 skips it).", default=4096)
+    dtype: str = _help("Compute dtype for evaluation: float32, bfloat16 or float16.", default="bfloat16")
+
+    def validate(self) -> None:
+        if self.limit < MIN_ITEMS:
+            raise ConfigError(
+                f"--eval-limit must be at least {MIN_ITEMS} items per task (fewer cannot tell quality from noise), "
+                f"got {self.limit}.",
+                param="--eval-limit",
+            )
+        if not self.tasks:
+            raise ConfigError("--tasks is empty; name at least one task, e.g. --tasks arc_easy,piqa.", param="--tasks")
+        _positive("quality.batch_size", self.batch_size, "quality.batch_size")
+        if self.perplexity_tokens < 0:
+            raise ConfigError("quality.perplexity_tokens must be >= 0.", param="quality.perplexity_tokens")
+        if self.dtype not in ("float32", "bfloat16", "float16"):
+            raise ConfigError(
+                f"quality.dtype must be float32, bfloat16 or float16, got {self.dtype!r}.", param="quality.dtype"
+            )
 
 
 @dataclass(frozen=True)
@@ -157,12 +218,14 @@ class Config:
     calibration: CalibrationConfig = field(default_factory=CalibrationConfig)
     profile: ProfileConfig = field(default_factory=ProfileConfig)
     selection: SelectionConfig = field(default_factory=SelectionConfig)
+    quality: QualityConfig = field(default_factory=QualityConfig)
     serve: ServeConfig = field(default_factory=ServeConfig)
 
     def validate(self) -> Config:
         self.calibration.validate()
         self.profile.validate()
         self.selection.validate()
+        self.quality.validate()
         self.serve.validate()
         return self
 
@@ -172,6 +235,7 @@ class Config:
     def to_dict(self) -> dict[str, Any]:
         data = dataclasses.asdict(self)
         data["serve"]["vllm_args"] = list(self.serve.vllm_args)
+        data["quality"]["tasks"] = list(self.quality.tasks)
         return data
 
 
@@ -179,6 +243,7 @@ SECTIONS: dict[str, type] = {
     "calibration": CalibrationConfig,
     "profile": ProfileConfig,
     "selection": SelectionConfig,
+    "quality": QualityConfig,
     "serve": ServeConfig,
 }
 

@@ -39,3 +39,7 @@ class ServeError(ShortGPTError):
 
 class QualityError(ShortGPTError):
     """Evaluation data or settings are unusable (unknown task, data not installed, too few items)."""
+
+
+class BudgetError(ShortGPTError):
+    """The latency budget and the accuracy floor cannot both be met and the user asked for strictness."""

@@ -56,6 +56,8 @@ class LayerProfile:
     calibration_sha256: str
     model_sha256: str = ""
     seconds: float = 0.0
+    angular: list[list[float]] | None = None
+    """Mean angular distance between layer boundaries i < j (only for the angular criterion)."""
     metadata: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -181,3 +183,65 @@ def profile_model(
         model_sha256=model_sha256,
         seconds=round(time.perf_counter() - start, 3),
     )
+
+
+def angular_distances(
+    model: PreTrainedModel,
+    family: Family,
+    batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
+    *,
+    total_batches: int | None = None,
+    progress: bool = True,
+) -> list[list[float]]:
+    """Mean angular distance ``arccos(cos(x_i, x_j)) / pi`` between every pair of layer boundaries i < j.
+
+    Boundary i is the hidden state entering layer i (boundary L: leaving the last layer, before the final norm).
+    Gromov et al. remove the block of n layers starting where ``d[l][l + n]`` is smallest. They average over
+    each sequence's final token; we average over every real token, which gives far more samples per pair.
+    Costs one forward pass; boundary states of one batch are held at a time.
+    """
+    import torch
+    from tqdm.auto import tqdm
+
+    from shortgpt_serve.models import decoder_layers
+
+    layers = decoder_layers(model, family)
+    n = len(layers)
+    states: dict[int, torch.Tensor] = {}
+    current: dict[str, torch.Tensor] = {}
+
+    def make_hook(idx: int) -> Callable[..., None]:
+        def hook(module: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any) -> None:
+            keep = current["mask"].bool()
+            h_in = args[0] if args else kwargs["hidden_states"]
+            states[idx] = torch.nn.functional.normalize(h_in[keep].float(), dim=-1)
+            if idx == n - 1:
+                h_out = output[0] if isinstance(output, tuple | list) else output
+                states[n] = torch.nn.functional.normalize(h_out[keep].float(), dim=-1)
+
+        return hook
+
+    sums = torch.zeros(n + 1, n + 1, dtype=torch.float64)
+    count = 0
+    handles = [layer.register_forward_hook(make_hook(i), with_kwargs=True) for i, layer in enumerate(layers)]
+    try:
+        with (
+            torch.inference_mode(),
+            tqdm(total=total_batches, desc="Profiling angular distances", unit="batch", disable=not progress) as bar,
+        ):
+            for ids, mask in batches:
+                current["mask"] = mask
+                model(input_ids=ids, attention_mask=mask, use_cache=False)
+                stacked = torch.stack([states[i] for i in range(n + 1)])  # [n+1, tokens, hidden]
+                cos = torch.einsum("ith,jth->ijt", stacked, stacked).clamp(-1.0, 1.0)
+                sums += (torch.arccos(cos) / torch.pi).sum(-1, dtype=torch.float64).cpu()
+                count += stacked.shape[1]
+                states.clear()
+                bar.update(1)
+    finally:
+        for h in handles:
+            h.remove()
+    if count == 0:
+        raise ValueError("no calibration tokens were profiled")
+    result: list[list[float]] = (sums / count).tolist()
+    return result

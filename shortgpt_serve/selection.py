@@ -1,22 +1,28 @@
-"""Depth selection: how many of the least influential layers to remove to meet the latency budget.
+"""Depth selection: how many layers to remove to meet the latency budget without falling below the accuracy floor.
 
 Cost is predicted from the model's own shapes, per generated token: every decoder layer costs
 2 x its parameters in matmul FLOPs plus its attention over ``context`` cached tokens; the LM head costs
 2 x vocab x hidden (the embedding lookup is free, and tied weights are counted once in parameter totals).
-The budget is the most the shortened model may cost as a fraction of the full model.
+The latency budget is the most the shortened model may cost as a fraction of the full model.
 
-The candidate table holds one row per depth so that later criteria (an accuracy floor measured on benchmarks)
-can choose among the same rows.
+A *plan* lists, for each depth n, which layers a criterion removes (``plan[n]``). The latency budget fixes the
+fewest layers that meet it; quality, measured by an evaluator on real benchmarks, is assumed to fall roughly
+monotonically with depth, so a binary search finds the deepest plan that keeps the accuracy floor in
+O(log L) evaluations.
 """
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from shortgpt_serve.errors import ConfigError, ModelError
+from shortgpt_serve.errors import BudgetError, ConfigError, ModelError
 from shortgpt_serve.weights import params_by_layer, tensor_shapes
+
+Evaluator = Callable[[list[int]], dict[str, Any]]
+"""Measures a candidate (the layers it removes); returns at least ``{"retained": float}``."""
 
 
 @dataclass(frozen=True)
@@ -67,15 +73,52 @@ class CostModel:
         )
 
 
+# --- plans: which layers go at each depth ---------------------------------------------------------------------
+
+
+def removable(num_layers: int, keep_first: int = 1, keep_last: int = 1) -> list[int]:
+    return list(range(keep_first, num_layers - keep_last))
+
+
+def removal_order(bi: list[float], keep_first: int = 1, keep_last: int = 1) -> list[int]:
+    """Removable layers, least influential first (ties broken by index)."""
+    return sorted(removable(len(bi), keep_first, keep_last), key=lambda i: (bi[i], i))
+
+
+def plan_from_order(order: list[int]) -> list[list[int]]:
+    """Depth n removes the first n layers of ``order`` (nested plans: BI, iterative BI, baselines)."""
+    return [sorted(order[:n]) for n in range(len(order) + 1)]
+
+
+def plan_bi(bi: list[float], keep_first: int = 1, keep_last: int = 1) -> list[list[int]]:
+    return plan_from_order(removal_order(bi, keep_first, keep_last))
+
+
+def plan_angular(distances: list[list[float]], keep_first: int = 1, keep_last: int = 1) -> list[list[int]]:
+    """Depth n removes the contiguous block [l, l+n) whose ends are closest in angle (Gromov et al.)."""
+    num_layers = len(distances) - 1
+    plans: list[list[int]] = [[]]
+    for n in range(1, len(removable(num_layers, keep_first, keep_last)) + 1):
+        starts = range(keep_first, num_layers - keep_last - n + 1)
+        start = min(starts, key=lambda s: (distances[s][s + n], s))
+        plans.append(list(range(start, start + n)))
+    return plans
+
+
+# --- candidates and the choice --------------------------------------------------------------------------------
+
+
 @dataclass(frozen=True)
 class Candidate:
-    """One possible depth: the ``n`` least influential layers removed."""
+    """One possible depth: ``n_removed`` layers removed by the criterion."""
 
     n_removed: int
     removed: list[int]
     cost_ratio: float
     params: int
     meets_budget: bool
+    quality: dict[str, Any] | None = None
+    """Measured quality (None where not evaluated); ``quality["retained"]`` is compared with the floor."""
 
 
 @dataclass(frozen=True)
@@ -88,68 +131,148 @@ class Selection:
     num_layers: int
     candidates: list[Candidate]
     reason: str
+    criterion: str = "bi"
+    min_quality: float | None = None
+    quality: dict[str, Any] | None = None
+    latency_met: bool = True
+    quality_met: bool | None = None
+    """None when quality was not measured."""
 
     @property
     def kept(self) -> list[int]:
         return [i for i in range(self.num_layers) if i not in set(self.removed)]
 
+    @property
+    def n_removed(self) -> int:
+        return len(self.removed)
+
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
 
-def removal_order(bi: list[float], keep_first: int = 1, keep_last: int = 1) -> list[int]:
-    """Removable layers, least influential first (ties broken by index)."""
-    n = len(bi)
-    allowed = [i for i in range(keep_first, n - keep_last)]
-    return sorted(allowed, key=lambda i: (bi[i], i))
-
-
-def candidates(
-    bi: list[float], cost: CostModel, budget: float, keep_first: int = 1, keep_last: int = 1
-) -> list[Candidate]:
-    order = removal_order(bi, keep_first, keep_last)
+def candidates(plan: list[list[int]], cost: CostModel, budget: float) -> list[Candidate]:
     rows = []
-    for n in range(len(order) + 1):
-        removed = sorted(order[:n])
+    for n, removed in enumerate(plan):
         ratio = cost.cost_ratio(removed)
-        rows.append(Candidate(n, removed, round(ratio, 6), cost.params(removed), ratio <= budget + 1e-12))
+        rows.append(Candidate(n, list(removed), round(ratio, 6), cost.params(removed), ratio <= budget + 1e-12))
     return rows
 
 
-def select_depth(bi: list[float], cost: CostModel, budget: float, keep_first: int = 1, keep_last: int = 1) -> Selection:
-    """Remove the fewest lowest-BI layers whose predicted cost ratio is within ``budget``."""
+def _fmt_q(q: dict[str, Any] | None) -> str:
+    return "not measured" if q is None else f"{q['retained']:.3f}"
+
+
+def select_depth(
+    plan: list[list[int]],
+    cost: CostModel,
+    budget: float,
+    *,
+    criterion: str = "bi",
+    evaluate: Evaluator | None = None,
+    min_quality: float | None = None,
+    strict: bool = False,
+    describe: Callable[[list[Candidate]], str] | None = None,
+) -> Selection:
+    """Choose a depth from ``plan``.
+
+    Without ``evaluate``: the fewest layers whose predicted cost is within ``budget``. With it: that depth if its
+    measured quality keeps ``min_quality``; otherwise the deepest plan that keeps the floor (binary search), with
+    the missed latency budget reported, or a :class:`BudgetError` when ``strict``. ``describe`` renders the
+    candidate table for that error.
+    """
     if not 0.0 < budget <= 1.0:
         raise ConfigError(f"--budget must be in (0, 1], got {budget}.", param="--budget")
-    if len(bi) != len(cost.layer_flops):
-        raise ModelError(
-            f"profile has {len(bi)} layers but the model has {len(cost.layer_flops)}; re-profile this model."
-        )
-    rows = candidates(bi, cost, budget, keep_first, keep_last)
-    chosen = next((c for c in rows if c.meets_budget), None)
-    if chosen is None:
-        floor = rows[-1]
+    if plan and any(i >= len(cost.layer_flops) for removed in plan for i in removed):
+        raise ModelError(f"the plan names layers the model does not have ({len(cost.layer_flops)} layers).")
+    rows = candidates(plan, cost, budget)
+    n_budget = next((c.n_removed for c in rows if c.meets_budget), None)
+    if n_budget is None:
+        deepest = rows[-1]
         raise ConfigError(
-            f"--budget {budget} cannot be met: removing every removable layer ({floor.n_removed} of {len(bi)}) still "
-            f"costs {floor.cost_ratio:.3f} of the full model (the embeddings/LM head remain); "
-            f"raise --budget to at least {floor.cost_ratio:.3f}.",
+            f"--budget {budget} cannot be met: removing every removable layer ({deepest.n_removed} of "
+            f"{len(cost.layer_flops)}) still costs {deepest.cost_ratio:.3f} of the full model (the embeddings/LM head "
+            f"remain); raise --budget to at least {deepest.cost_ratio:.3f}.",
             param="--budget",
         )
-    if chosen.n_removed == 0:
-        reason = f"The full model already meets the budget {budget:.2f}; no layer removed."
-    else:
-        prev = rows[chosen.n_removed - 1]
-        reason = (
-            f"Removing the {chosen.n_removed} lowest-BI layers {chosen.removed} predicts a cost of "
-            f"{chosen.cost_ratio:.3f} of the full model, within the budget {budget:.2f}; removing "
-            f"{prev.n_removed} would cost {prev.cost_ratio:.3f}, over it."
-        )
-    return Selection(
-        removed=chosen.removed,
-        budget=budget,
-        cost_ratio=chosen.cost_ratio,
-        params_full=cost.full_params,
-        params_short=chosen.params,
-        num_layers=len(bi),
-        candidates=rows,
-        reason=reason,
+    what = {"bi": "lowest-BI layers", "iterative-bi": "lowest-BI layers (re-profiled after each)"}.get(
+        criterion, "layers of the closest-angle block"
     )
+
+    def done(n: int, reason: str, *, latency_met: bool, quality_met: bool | None) -> Selection:
+        c = rows[n]
+        return Selection(
+            removed=c.removed,
+            budget=budget,
+            cost_ratio=c.cost_ratio,
+            params_full=cost.full_params,
+            params_short=c.params,
+            num_layers=len(cost.layer_flops),
+            candidates=rows,
+            reason=reason,
+            criterion=criterion,
+            min_quality=min_quality if evaluate else None,
+            quality=c.quality,
+            latency_met=latency_met,
+            quality_met=quality_met,
+        )
+
+    over = f"; removing {n_budget - 1} would cost {rows[n_budget - 1].cost_ratio:.3f}, over it" if n_budget > 0 else ""
+    if evaluate is None or min_quality is None or n_budget == 0:
+        if n_budget == 0:
+            return done(
+                0,
+                f"The full model already meets the budget {budget:.2f}; no layer removed.",
+                latency_met=True,
+                quality_met=None,
+            )
+        reason = (
+            f"Removing the {n_budget} {what} {rows[n_budget].removed} predicts a cost of "
+            f"{rows[n_budget].cost_ratio:.3f} of the full model, within the budget {budget:.2f}{over}. "
+            "Quality was not measured."
+        )
+        return done(n_budget, reason, latency_met=True, quality_met=None)
+
+    def measure(n: int) -> float:
+        if rows[n].quality is None:
+            rows[n] = replace(rows[n], quality=evaluate(rows[n].removed))
+        return float(rows[n].quality["retained"])  # type: ignore[index]
+
+    q_budget = measure(n_budget)
+    if q_budget >= min_quality:
+        reason = (
+            f"Removing the {n_budget} {what} {rows[n_budget].removed} predicts a cost of "
+            f"{rows[n_budget].cost_ratio:.3f} of the full model, within the budget {budget:.2f}{over}, and retains "
+            f"{q_budget:.3f} of the full model's quality, above the floor {min_quality:.2f}."
+        )
+        return done(n_budget, reason, latency_met=True, quality_met=True)
+
+    # The floor binds: binary search for the deepest plan in [0, n_budget) that keeps it (depth 0 always does).
+    lo, hi = 0, n_budget
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        if measure(mid) >= min_quality:
+            lo = mid
+        else:
+            hi = mid
+    chosen = rows[lo]
+    if strict:
+        table = describe(rows) if describe else ""
+        raise BudgetError(
+            f"both budgets cannot be met: --budget {budget:.2f} needs {n_budget} layers removed, which retains "
+            f"{q_budget:.3f} < --min-quality {min_quality:.2f}; the floor allows {lo} layers (cost "
+            f"{chosen.cost_ratio:.3f}), so --budget {chosen.cost_ratio:.3f} would work, or lower --min-quality."
+            + (f"\n{table}" if table else "")
+        )
+    nxt = f"; removing {hi} retains {_fmt_q(rows[hi].quality)}, below it"
+    kept = (
+        f"removing {lo} {what} {chosen.removed} predicts a cost of {chosen.cost_ratio:.3f} and retains "
+        f"{_fmt_q(chosen.quality)}{nxt}. --budget {chosen.cost_ratio:.3f} would be met"
+        if lo
+        else f"no layer can be removed (the full model is served){nxt}"
+    )
+    reason = (
+        f"LATENCY BUDGET MISSED: meeting --budget {budget:.2f} needs {n_budget} layers removed (cost "
+        f"{rows[n_budget].cost_ratio:.3f}), which retains only {q_budget:.3f} of the full model's quality, below "
+        f"--min-quality {min_quality:.2f}. Keeping the floor instead: {kept}; pass --strict to fail instead."
+    )
+    return done(lo, reason, latency_met=False, quality_met=True)

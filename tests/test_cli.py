@@ -98,6 +98,16 @@ BAD_INPUTS: list[tuple[str, Callable[[Path], list[str]], int, str]] = [
     ("unknown config key", bad_yaml, 2, "unknown config key 'selection.budgt'"),
     ("missing config file", lambda t: ["--config", str(t / "none.yaml")], 2, "does not exist"),
     ("calibration tokens below seq len", lambda t: ["--calibration-tokens", "10"], 2, "below --seq-len"),
+    ("min quality zero", lambda t: ["--min-quality", "0"], 2, "--min-quality must be in (0, 1]"),
+    ("min quality above one", lambda t: ["--min-quality", "1.2"], 2, "--min-quality must be in (0, 1]"),
+    (
+        "unknown criterion",
+        lambda t: ["--criterion", "random"],
+        2,
+        "--criterion must be one of bi, angular, iterative-bi",
+    ),
+    ("too few items", lambda t: ["--eval-limit", "3"], 2, "--eval-limit must be at least 10"),
+    ("empty task list", lambda t: ["--tasks", " , "], 2, "--tasks is empty"),
     ("port out of range", lambda t: ["--port", "70000"], 2, "--port must be a TCP port"),
     ("same port twice", lambda t: ["--port", "8123", "--metrics-port", "8123"], 2, "must differ from --port"),
     ("missing calibration file", lambda t: ["--calibration", str(t / "none.txt")], 1, "no such file or folder"),
@@ -184,6 +194,7 @@ def test_prune_on_tiny_model_end_to_end(tiny_llama: Path, tmp_path: Path) -> Non
         "512",
         "--budget",
         "0.8",
+        "--no-quality",  # a tiny random model scores at chance; quality is tested on the real model
         "--output",
         str(out),
     ]

@@ -1,12 +1,13 @@
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import pytest
 import torch
 
-from shortgpt_serve.errors import ConfigError
-from shortgpt_serve.selection import CostModel, removal_order, select_depth
+from shortgpt_serve.errors import BudgetError, ConfigError
+from shortgpt_serve.selection import CostModel, plan_angular, plan_bi, removal_order, select_depth
 
 # SmolLM2-135M's shapes: 30 layers of 3,538,944 parameters (attention 884,736 + gated MLP 2,654,208),
 # tied 49152 x 576 embeddings and a final norm.
@@ -47,7 +48,7 @@ def test_select_fewest_lowest_bi_layers_within_budget() -> None:
     bi = [0.9, 0.2] + [0.05 + 0.001 * i for i in range(27)] + [0.3]
     bi[20] = 0.01  # least influential
     cost = smol_cost(512)
-    sel = select_depth(bi, cost, 0.75)
+    sel = select_depth(plan_bi(bi), cost, 0.75)
     assert sel.cost_ratio <= 0.75
     n = len(sel.removed)
     # One layer fewer would be over the budget: the fewest layers were removed.
@@ -62,16 +63,90 @@ def test_select_fewest_lowest_bi_layers_within_budget() -> None:
 def test_budget_one_removes_nothing_and_lower_budgets_remove_more() -> None:
     bi = [float(torch.rand(1)) for _ in range(30)]
     cost = smol_cost()
-    assert select_depth(bi, cost, 1.0).removed == []
-    depths = [len(select_depth(bi, cost, b).removed) for b in (0.95, 0.85, 0.75, 0.6)]
+    assert select_depth(plan_bi(bi), cost, 1.0).removed == []
+    depths = [len(select_depth(plan_bi(bi), cost, b).removed) for b in (0.95, 0.85, 0.75, 0.6)]
     assert depths == sorted(depths) and depths[0] < depths[-1]
 
 
 def test_impossible_budget_says_what_would_work() -> None:
     with pytest.raises(ConfigError, match=r"cannot be met.*raise --budget to at least 0\.2"):
-        select_depth([0.5] * 30, smol_cost(), 0.1)
+        select_depth(plan_bi([0.5] * 30), smol_cost(), 0.1)
 
 
 def test_keep_first_and_last() -> None:
     bi = [0.0] * 10
     assert removal_order(bi, keep_first=2, keep_last=3) == [2, 3, 4, 5, 6]
+
+
+class Curve:
+    """A quality curve over depth that records which depths were asked for (the search's cost)."""
+
+    def __init__(self, retained_at: dict[int, float]) -> None:
+        self.retained_at = retained_at
+        self.asked: list[int] = []
+
+    def __call__(self, removed: list[int]) -> dict:
+        self.asked.append(len(removed))
+        return {"retained": self.retained_at[len(removed)]}
+
+
+def linear_curve(drop_per_layer: float) -> Curve:
+    return Curve({n: max(0.0, 1.0 - drop_per_layer * n) for n in range(31)})
+
+
+BI = [0.9, 0.2] + [0.05 + 0.001 * i for i in range(27)] + [0.3]
+
+
+def test_floor_met_at_budget_depth_needs_one_evaluation() -> None:
+    curve = linear_curve(0.01)
+    sel = select_depth(plan_bi(BI), smol_cost(512), 0.75, evaluate=curve, min_quality=0.85)
+    n_budget = len(select_depth(plan_bi(BI), smol_cost(512), 0.75).removed)
+    assert sel.n_removed == n_budget and curve.asked == [n_budget]
+    assert sel.latency_met and sel.quality_met
+    assert sel.quality == {"retained": 1.0 - 0.01 * n_budget}
+    assert "above the floor 0.85" in sel.reason
+
+
+def test_floor_binds_binary_search_finds_deepest_depth_keeping_it() -> None:
+    curve = linear_curve(0.04)  # retains >= 0.85 up to 3 layers
+    sel = select_depth(plan_bi(BI), smol_cost(512), 0.75, evaluate=curve, min_quality=0.85)
+    n_budget = len(select_depth(plan_bi(BI), smol_cost(512), 0.75).removed)
+    assert sel.n_removed == 3
+    assert not sel.latency_met and sel.quality_met
+    assert len(curve.asked) <= 1 + math.ceil(math.log2(n_budget))
+    assert len(set(curve.asked)) == len(curve.asked)  # no depth measured twice
+    assert sel.reason.startswith("LATENCY BUDGET MISSED")
+    assert f"--budget {sel.cost_ratio:.3f} would be met" in sel.reason
+    assert sel.candidates[4].quality is not None and sel.candidates[4].quality["retained"] < 0.85
+
+
+def test_floor_allows_nothing() -> None:
+    curve = linear_curve(0.5)
+    sel = select_depth(plan_bi(BI), smol_cost(512), 0.75, evaluate=curve, min_quality=0.85)
+    assert sel.removed == [] and not sel.latency_met
+    assert "no layer can be removed" in sel.reason
+
+
+def test_strict_fails_with_the_table_and_a_budget_that_works() -> None:
+    curve = linear_curve(0.04)
+    with pytest.raises(BudgetError, match=r"--budget 0\.\d+ would work") as err:
+        select_depth(
+            plan_bi(BI),
+            smol_cost(512),
+            0.75,
+            evaluate=curve,
+            min_quality=0.85,
+            strict=True,
+            describe=lambda rows: f"TABLE {len(rows)} rows",
+        )
+    assert "TABLE 29 rows" in str(err.value)
+
+
+def test_plan_angular_removes_the_closest_block() -> None:
+    n = 8
+    dist = [[abs(j - i) * 0.1 for j in range(n + 1)] for i in range(n + 1)]
+    dist[3][6] = 0.01  # boundaries 3 and 6 nearly identical: layers 3, 4, 5 do little
+    plans = plan_angular(dist)
+    assert plans[3] == [3, 4, 5]
+    assert all(len(p) == k for k, p in enumerate(plans))
+    assert all(0 not in p and n - 1 not in p for p in plans)

@@ -1,0 +1,286 @@
+"""The report a person reads: the candidate table, the choice and why, and two plots.
+
+Written beside the checkpoint (``report.md``, ``report.json``, ``bi.png``, ``quality.png``) and printed in short.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+from typing import Any
+
+from shortgpt_serve.profile import LayerProfile
+from shortgpt_serve.selection import Candidate, Selection
+
+REPORT_MD = "report.md"
+REPORT_JSON = "report.json"
+BI_PNG = "bi.png"
+QUALITY_PNG = "quality.png"
+
+RETAINED_DEFINITION = (
+    "Quality retained = mean over tasks with signal of (acc_short − chance) / (acc_full − chance), each task on "
+    "its primary metric; the raw ratio = mean acc_short / mean acc_full, the ratio the ShortGPT paper reports."
+)
+
+
+def _params(n: int) -> str:
+    return f"{n / 1e9:.2f}B" if n >= 1e9 else f"{n / 1e6:.1f}M"
+
+
+def _num(value: Any, fmt: str = ".3f") -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "—"
+    return format(value, fmt)
+
+
+def candidate_rows(selection: Selection, full: dict[str, Any] | None, tasks: list[str]) -> list[list[str]]:
+    """One row per candidate that was measured, plus the full model and the chosen depth."""
+    rows = []
+    chosen = selection.n_removed
+    for c in selection.candidates:
+        if c.quality is None and c.n_removed not in (0, chosen):
+            continue
+        q = full if c.n_removed == 0 and full is not None else c.quality
+        mark = " ✓" if c.n_removed == chosen else ""
+        row = [f"{c.n_removed}{mark}", ",".join(map(str, c.removed)) or "—", _params(c.params), f"{c.cost_ratio:.3f}"]
+        for t in tasks:
+            row.append(_num((q or {}).get("tasks", {}).get(t, {}).get("score")))
+        row += [
+            _num((q or {}).get("perplexity"), ".2f"),
+            _num(1.0 if c.n_removed == 0 and full is not None else (q or {}).get("retained")),
+            _num(1.0 if c.n_removed == 0 and full is not None else (q or {}).get("raw_ratio")),
+        ]
+        rows.append(row)
+    return rows
+
+
+def table_header(tasks: list[str]) -> list[str]:
+    return ["removed", "layers", "params", "cost", *tasks, "ppl", "retained", "raw ratio"]
+
+
+def text_table(header: list[str], rows: list[list[str]]) -> str:
+    widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h) for i, h in enumerate(header)]
+    lines = ["  ".join(h.rjust(w) for h, w in zip(header, widths, strict=True))]
+    lines.append("  ".join("-" * w for w in widths))
+    lines += ["  ".join(v.rjust(w) for v, w in zip(r, widths, strict=True)) for r in rows]
+    return "\n".join(lines)
+
+
+def markdown_table(header: list[str], rows: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(r) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def describe_candidates(selection_rows: list[Candidate], full: dict[str, Any] | None, tasks: list[str]) -> str:
+    """The candidate table as text, for errors raised before a Selection exists."""
+    fake = Selection(
+        removed=[],
+        budget=1.0,
+        cost_ratio=1.0,
+        params_full=0,
+        params_short=0,
+        num_layers=0,
+        candidates=selection_rows,
+        reason="",
+    )
+    return text_table(table_header(tasks), candidate_rows(fake, full, tasks))
+
+
+def short_summary(selection: Selection, full: dict[str, Any] | None, tasks: list[str]) -> str:
+    lines = []
+    if full is not None:
+        lines.append(text_table(table_header(tasks), candidate_rows(selection, full, tasks)))
+        lines.append("")
+    lines.append(selection.reason)
+    lines.append(
+        f"Kept {selection.num_layers - selection.n_removed} of {selection.num_layers} layers, "
+        f"{selection.params_short:,} of {selection.params_full:,} parameters "
+        f"({selection.params_short / selection.params_full:.1%}); predicted cost {selection.cost_ratio:.3f}."
+    )
+    return "\n".join(lines)
+
+
+def build_json(
+    *,
+    source: dict[str, Any],
+    profile: LayerProfile,
+    selection: Selection,
+    full: dict[str, Any] | None,
+    settings: dict[str, Any],
+    timings: dict[str, float],
+) -> dict[str, Any]:
+    return {
+        "source": source,
+        "criterion": selection.criterion,
+        "budgets": {
+            "latency": selection.budget,
+            "latency_met": selection.latency_met,
+            "min_quality": selection.min_quality,
+            "quality_met": selection.quality_met,
+        },
+        "choice": {
+            "removed_layers": selection.removed,
+            "n_removed": selection.n_removed,
+            "cost_ratio": selection.cost_ratio,
+            "params_full": selection.params_full,
+            "params_short": selection.params_short,
+            "quality": selection.quality,
+            "reason": selection.reason,
+        },
+        "full_model": full,
+        "candidates": [
+            {
+                "n_removed": c.n_removed,
+                "removed": c.removed,
+                "cost_ratio": c.cost_ratio,
+                "params": c.params,
+                "meets_budget": c.meets_budget,
+                "quality": c.quality,
+            }
+            for c in selection.candidates
+        ],
+        "block_influence": profile.bi,
+        "calibration": {"source": profile.calibration_source, "tokens": profile.num_tokens, "seq_len": profile.seq_len},
+        "settings": settings,
+        "timings_seconds": timings,
+        "definitions": {"quality_retained": RETAINED_DEFINITION},
+    }
+
+
+def build_markdown(report: dict[str, Any], tasks: list[str], selection: Selection) -> str:
+    src = report["source"]
+    choice = report["choice"]
+    budgets = report["budgets"]
+    n_full = selection.num_layers
+    full = report["full_model"]
+    lines = [
+        f"# Shortening report: {src['name']}, {n_full - choice['n_removed']} of {n_full} layers",
+        "",
+        f"**Choice.** {choice['reason']}",
+        "",
+        "| budget | asked | got | met |",
+        "|---|---|---|---|",
+        f"| latency (predicted cost vs full) | ≤ {budgets['latency']:.2f} | {choice['cost_ratio']:.3f} | "
+        f"{'yes' if budgets['latency_met'] else '**no**'} |",
+    ]
+    if budgets["min_quality"] is not None:
+        got = (choice["quality"] or {}).get("retained", 1.0 if choice["n_removed"] == 0 else None)
+        lines.append(
+            f"| quality retained | ≥ {budgets['min_quality']:.2f} | {_num(got)} | "
+            f"{'yes' if budgets['quality_met'] else '**no**'} |"
+        )
+    lines += ["", "## Candidates", ""]
+    if full is not None:
+        lines += [markdown_table(table_header(tasks), candidate_rows(selection, full, tasks)), ""]
+        lines += [RETAINED_DEFINITION, ""]
+        primaries = ", ".join(f"{t}: {full['tasks'][t]['metric']}" for t in tasks if t in full["tasks"])
+        lines += [f"Primary metrics: {primaries}. Only the measured depths are listed (binary search).", ""]
+        if full.get("no_signal"):
+            lines += [
+                f"**Warning:** the full model is at chance on {', '.join(full['no_signal'])}: those tasks carry no "
+                "signal and are left out of quality retained.",
+                "",
+            ]
+    else:
+        lines += ["Quality was not measured (quality.enabled is off): the latency budget alone decided.", ""]
+    lines += [
+        "## Block Influence",
+        "",
+        f"![Block Influence per layer]({BI_PNG})",
+        "",
+    ]
+    if full is not None:
+        lines += [f"![Quality retained vs layers removed]({QUALITY_PNG})", ""]
+    cal = report["calibration"]
+    settings = report["settings"]
+    lines += [
+        "## How this was measured",
+        "",
+        f"- Criterion: {report['criterion']}; calibration: {cal['tokens']} tokens of {cal['source']} "
+        f"in sequences of {cal['seq_len']}.",
+    ]
+    if full is not None:
+        q = settings.get("quality", {})
+        lines.append(
+            f"- Benchmarks: {', '.join(tasks)}, {q.get('limit')} items each (seed {q.get('seed')}), 0-shot "
+            f"log-likelihood, {q.get('dtype')}; perplexity on {q.get('perplexity_tokens')} held-out tokens "
+            "disjoint from the calibration text."
+        )
+    t = report["timings_seconds"]
+    lines.append("- Time: " + ", ".join(f"{k} {v:.1f} s" for k, v in t.items()) + ".")
+    lines.append("")
+    return "\n".join(lines)
+
+
+def plot_bi(profile: LayerProfile, selection: Selection) -> bytes:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    removed = set(selection.removed)
+    fig, ax = plt.subplots(figsize=(9, 3.6), dpi=110)
+    colors = ["#d62728" if i in removed else "#1f77b4" for i in range(profile.num_layers)]
+    ax.bar(range(profile.num_layers), [max(b, 1e-6) for b in profile.bi], color=colors)
+    ax.set_yscale("log")
+    ax.set_xlabel("layer")
+    ax.set_ylabel("Block Influence (log)")
+    ax.set_title(f"Block Influence per layer; red: the {len(removed)} removed")
+    ax.set_xticks(range(0, profile.num_layers, max(1, profile.num_layers // 15)))
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    plt.close(fig)
+    return buf.getvalue()
+
+
+def plot_quality(selection: Selection) -> bytes:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    points = [(0, 1.0)] + [
+        (c.n_removed, c.quality["retained"]) for c in selection.candidates if c.quality is not None and c.n_removed
+    ]
+    points.sort()
+    fig, ax = plt.subplots(figsize=(7, 4), dpi=110)
+    ax.plot([p[0] for p in points], [p[1] for p in points], "o-", color="#1f77b4", label="measured")
+    chosen = selection.n_removed
+    got = 1.0 if chosen == 0 else (selection.quality or {}).get("retained")
+    if got is not None:
+        ax.plot([chosen], [got], "*", color="#2ca02c", markersize=16, label=f"chosen: {chosen} removed")
+    if selection.min_quality is not None:
+        ax.axhline(
+            selection.min_quality, color="#d62728", linestyle="--", label=f"accuracy floor {selection.min_quality}"
+        )
+    n_budget = next((c.n_removed for c in selection.candidates if c.meets_budget), None)
+    if n_budget is not None:
+        ax.axvline(
+            n_budget, color="#ff7f0e", linestyle="--", label=f"latency budget {selection.budget}: ≥ {n_budget} removed"
+        )
+    ax.set_xlabel("layers removed")
+    ax.set_ylabel("quality retained")
+    ax.set_title(f"Quality retained vs layers removed ({selection.criterion})")
+    ax.legend(loc="lower left", fontsize=8)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    plt.close(fig)
+    return buf.getvalue()
+
+
+def report_files(
+    report: dict[str, Any], tasks: list[str], profile: LayerProfile, selection: Selection
+) -> dict[str, bytes]:
+    files = {
+        REPORT_JSON: (json.dumps(report, indent=2) + "\n").encode(),
+        REPORT_MD: build_markdown(report, tasks, selection).encode(),
+        BI_PNG: plot_bi(profile, selection),
+    }
+    if report["full_model"] is not None:
+        files[QUALITY_PNG] = plot_quality(selection)
+    return files
