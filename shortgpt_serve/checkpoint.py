@@ -148,11 +148,21 @@ def model_card(provenance: dict[str, Any]) -> str:
             f"- Latency budget: {sel.get('budget')}; predicted cost: {sel.get('cost_ratio')} of the full model",
             f"- Parameters: {sel.get('params_short'):,} of {sel.get('params_full'):,}",
         ]
+    quality = provenance.get("quality") or {}
+    short = quality.get("shortened") or (quality.get("full") if not removed else None)
+    if short:
+        tasks = ", ".join(f"{t} {v['score']:.3f} ({v['metric']})" for t, v in short.get("tasks", {}).items())
+        retained = short.get("retained", 1.0)
+        lines += [
+            f"- Quality retained: {retained:.3f} of the full model's (floor {sel.get('min_quality')}); "
+            f"measured 0-shot: {tasks}; see `report.md`",
+            f"- Latency budget met: {sel.get('latency_met')}; accuracy floor met: {sel.get('quality_met')}",
+        ]
+    else:
+        lines += ["- Quality: not measured; check this checkpoint on your own tasks before use"]
     lines += [
         "",
         f"Everything needed to reproduce this folder is in `{PROVENANCE_NAME}`.",
-        "",
-        "Quality: removing layers lowers benchmark scores; check the figures measured for this checkpoint before use.",
         "",
     ]
     return "\n".join(lines)

@@ -51,6 +51,35 @@ class LauncherMetrics:
             "Predicted per-token cost of the shortened model as a fraction of the full model (from its shapes).",
             registry=r,
         )
+        self.min_quality = Gauge(
+            "shortgpt_min_quality_ratio",
+            "Configured accuracy floor: the least quality the shortened model must retain vs the full model.",
+            registry=r,
+        )
+        self.quality_retained = Gauge(
+            "shortgpt_quality_retained_ratio",
+            "Measured quality retained by the shortened model: mean over tasks of (acc_short - chance) / "
+            "(acc_full - chance).",
+            registry=r,
+        )
+        self.budget_met = Gauge(
+            "shortgpt_budget_met",
+            "1 if the budget was met by the served model, else 0; budget='latency' or 'quality'.",
+            ["budget"],
+            registry=r,
+        )
+        self.task_accuracy = Gauge(
+            "shortgpt_task_accuracy_ratio",
+            "Benchmark accuracy (0-shot log-likelihood) on the task's primary metric, measured at startup.",
+            [MODEL_LABEL, "task", "metric"],
+            registry=r,
+        )
+        self.perplexity = Gauge(
+            "shortgpt_heldout_perplexity",
+            "Perplexity on held-out text disjoint from the calibration text, measured at startup.",
+            [MODEL_LABEL],
+            registry=r,
+        )
         self.engine_up = Gauge("shortgpt_engine_up", "1 while the vLLM engine answers /health, else 0.", registry=r)
         self.build_info = Gauge(
             "shortgpt_build_info",
@@ -76,6 +105,22 @@ class LauncherMetrics:
             self.predicted_cost.set(sel["cost_ratio"])
         for i, bi in enumerate(provenance.get("block_influence") or []):
             self.block_influence.labels(str(i), "true" if i in removed else "false").set(bi)
+        if sel.get("latency_met") is not None:
+            self.budget_met.labels("latency").set(1 if sel["latency_met"] else 0)
+        quality = provenance.get("quality") or {}
+        if sel.get("min_quality") is not None and quality:
+            self.min_quality.set(sel["min_quality"])
+            self.budget_met.labels("quality").set(1 if sel.get("quality_met") else 0)
+        for label, key in ((FULL, "full"), (SHORTENED, "shortened")):
+            record = quality.get(key) or (quality.get("full") if key == "shortened" and not removed else None)
+            if not record:
+                continue
+            for task, t in record.get("tasks", {}).items():
+                self.task_accuracy.labels(label, task, t["metric"]).set(t["score"])
+            if record.get("perplexity") is not None:
+                self.perplexity.labels(label).set(record["perplexity"])
+            if label == SHORTENED:
+                self.quality_retained.set(record.get("retained", 1.0) if removed else 1.0)
 
     def record_build(self, engine: str, engine_version: str, source_model: str, served_model_name: str) -> None:
         self.build_info.labels(__version__, engine, engine_version, source_model, served_model_name).set(1)

@@ -178,7 +178,12 @@ def _quality_record(scores: dict[str, Any], retained: Any, perplexity: float | N
         }
     record: dict[str, Any] = {"tasks": tasks, "perplexity": perplexity}
     if retained is not None:
-        record.update(retained=retained.retained, raw_ratio=retained.raw_ratio, no_signal=list(retained.no_signal))
+        record.update(
+            retained=retained.retained,
+            retained_se=retained.standard_error,
+            raw_ratio=retained.raw_ratio,
+            no_signal=list(retained.no_signal),
+        )
     return record
 
 
@@ -265,7 +270,13 @@ class QualityMeter:
         self.evaluations += 1
         retained = quality_retained(self.full_scores, scores)
         record = _quality_record(scores, retained, ppl)
-        log.info("  quality retained %.3f (raw ratio %.3f), perplexity %s", retained.retained, retained.raw_ratio, ppl)
+        log.info(
+            "  quality retained %.3f ± %.3f (raw ratio %.3f), perplexity %s",
+            retained.retained,
+            retained.standard_error,
+            retained.raw_ratio,
+            f"{ppl:.2f}" if ppl else "not measured",
+        )
         return record
 
 

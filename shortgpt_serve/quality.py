@@ -142,7 +142,7 @@ DEFAULT_TASKS: tuple[str, ...] = ("arc_easy", "piqa", "hellaswag", "winogrande")
 
 def _spec(task: str) -> TaskSpec:
     if task not in TASKS:
-        raise QualityError(f"unknown task {task!r}; known tasks: {', '.join(TASKS)}.", param="tasks")
+        raise QualityError(f"--tasks: unknown task {task!r}; known tasks: {', '.join(TASKS)}.", param="--tasks")
     return TASKS[task]
 
 
@@ -430,6 +430,10 @@ class Retained:
     """Each task's retained share; None where the task carries no signal."""
     no_signal: tuple[str, ...]
     """Tasks where the full model is not clearly above chance (see :data:`SIGNAL_SE`)."""
+    standard_error: float = math.nan
+    """Sampling noise of ``retained`` from the finite item sample: the binomial standard error of each shortened
+    score, sqrt(s (1 - s) / n), divided by the full model's margin over chance, combined over the tasks averaged.
+    A floor decision within about two of these is a coin toss; more items (--eval-limit) narrow it."""
 
 
 SIGNAL_SE = 2.0
@@ -453,6 +457,7 @@ def quality_retained(full: dict[str, TaskScore], short: dict[str, TaskScore]) ->
     if not full:
         raise QualityError("no task scores to compare; score at least one task.")
     per_task: dict[str, float | None] = {}
+    variances = []
     no_signal = []
     for task in sorted(full):
         f, s = full[task], short[task]
@@ -467,6 +472,7 @@ def quality_retained(full: dict[str, TaskScore], short: dict[str, TaskScore]) ->
             no_signal.append(task)
         else:
             per_task[task] = max(0.0, (s.score - f.chance) / margin)
+            variances.append(s.score * (1.0 - s.score) / max(s.n, 1) / margin**2)
     kept = [v for v in per_task.values() if v is not None]
     mean_full = sum(full[t].score for t in full) / len(full)
     mean_short = sum(short[t].score for t in full) / len(full)
@@ -475,6 +481,7 @@ def quality_retained(full: dict[str, TaskScore], short: dict[str, TaskScore]) ->
         raw_ratio=mean_short / mean_full if mean_full > 0 else math.nan,
         per_task=per_task,
         no_signal=tuple(no_signal),
+        standard_error=math.sqrt(sum(variances)) / len(variances) if variances else math.nan,
     )
 
 

@@ -46,9 +46,13 @@ def candidate_rows(selection: Selection, full: dict[str, Any] | None, tasks: lis
         row = [f"{c.n_removed}{mark}", ",".join(map(str, c.removed)) or "—", _params(c.params), f"{c.cost_ratio:.3f}"]
         for t in tasks:
             row.append(_num((q or {}).get("tasks", {}).get(t, {}).get("score")))
+        retained = _num(1.0 if c.n_removed == 0 and full is not None else (q or {}).get("retained"))
+        se = (q or {}).get("retained_se")
+        if c.n_removed and se is not None and not math.isnan(se):
+            retained += f" ±{se:.2f}"
         row += [
             _num((q or {}).get("perplexity"), ".2f"),
-            _num(1.0 if c.n_removed == 0 and full is not None else (q or {}).get("retained")),
+            retained,
             _num(1.0 if c.n_removed == 0 and full is not None else (q or {}).get("raw_ratio")),
         ]
         rows.append(row)
@@ -88,10 +92,29 @@ def describe_candidates(selection_rows: list[Candidate], full: dict[str, Any] | 
     return text_table(table_header(tasks), candidate_rows(fake, full, tasks))
 
 
+def noise_notes(selection: Selection, full: dict[str, Any] | None) -> list[str]:
+    notes = []
+    if full is not None and full.get("no_signal"):
+        notes.append(
+            f"No signal on {', '.join(full['no_signal'])}: the full model is within two standard errors of chance "
+            "there, so quality retained leaves them out."
+        )
+    q = selection.quality
+    if q is not None and selection.min_quality is not None:
+        se = q.get("retained_se")
+        if se is not None and not math.isnan(se) and abs(q["retained"] - selection.min_quality) < 2 * se:
+            notes.append(
+                f"The chosen depth retains {q['retained']:.3f} ± {se:.3f}, within two standard errors of the floor "
+                f"{selection.min_quality:.2f}: raise --eval-limit for a firmer decision."
+            )
+    return notes
+
+
 def short_summary(selection: Selection, full: dict[str, Any] | None, tasks: list[str]) -> str:
     lines = []
     if full is not None:
         lines.append(text_table(table_header(tasks), candidate_rows(selection, full, tasks)))
+        lines += noise_notes(selection, full)
         lines.append("")
     lines.append(selection.reason)
     lines.append(
@@ -177,12 +200,11 @@ def build_markdown(report: dict[str, Any], tasks: list[str], selection: Selectio
         lines += [RETAINED_DEFINITION, ""]
         primaries = ", ".join(f"{t}: {full['tasks'][t]['metric']}" for t in tasks if t in full["tasks"])
         lines += [f"Primary metrics: {primaries}. Only the measured depths are listed (binary search).", ""]
-        if full.get("no_signal"):
-            lines += [
-                f"**Warning:** the full model is at chance on {', '.join(full['no_signal'])}: those tasks carry no "
-                "signal and are left out of quality retained.",
-                "",
-            ]
+        lines += [f"**Note:** {note}\n" for note in noise_notes(selection, full)]
+        lines += [
+            "± is the standard error of quality retained from the finite item sample (binomial, per task).",
+            "",
+        ]
     else:
         lines += ["Quality was not measured (quality.enabled is off): the latency budget alone decided.", ""]
     lines += [

