@@ -59,8 +59,11 @@ def main() -> None:
             f"chose {sel.n_removed} layers removed, retained "
             f"{(sel.quality or {}).get('retained', 1.0):.3f}, latency budget met: {sel.latency_met}"
         )
-    lines += ["", f"Command: `.venv/bin/python benchmarks/cold_start.py --budget {args.budget} "
-              f"--min-quality {args.min_quality}`", ""]
+    lines += [
+        "",
+        f"Command: `.venv/bin/python benchmarks/cold_start.py --budget {args.budget} --min-quality {args.min_quality}`",
+        "",
+    ]
     text = "\n".join(lines)
     print(text)
     RESULTS.parent.mkdir(parents=True, exist_ok=True)

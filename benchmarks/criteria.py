@@ -70,8 +70,14 @@ def main() -> None:
             results[name] = q
             rows.append((n, name, removed, q))
         rand = [results[k]["retained"] for k in results if k.startswith("random")]
-        rows.append((n, "random (mean)", [], {"retained": statistics.mean(rand), "raw_ratio": float("nan"),
-                                               "perplexity": None, "tasks": {}}))
+        rows.append(
+            (
+                n,
+                "random (mean)",
+                [],
+                {"retained": statistics.mean(rand), "raw_ratio": float("nan"), "perplexity": None, "tasks": {}},
+            )
+        )
 
     tasks = list(config.quality.tasks)
     header = ["n", "criterion", "removed", "retained", "raw ratio", "ppl", *tasks]
@@ -79,9 +85,9 @@ def main() -> None:
         f"## {time.strftime('%Y-%m-%d %H:%M')} — {source.name}, {args.eval_limit} items per task, "
         f"{time.perf_counter() - start:.0f} s",
         "",
-        "Full model: " + ", ".join(
-            f"{t} {full['tasks'][t]['score']:.3f} ({full['tasks'][t]['metric']})" for t in tasks
-        ) + f", perplexity {full['perplexity']:.2f}; no signal: {full['no_signal'] or 'none'}",
+        "Full model: "
+        + ", ".join(f"{t} {full['tasks'][t]['score']:.3f} ({full['tasks'][t]['metric']})" for t in tasks)
+        + f", perplexity {full['perplexity']:.2f}; no signal: {full['no_signal'] or 'none'}",
         "",
         "| " + " | ".join(header) + " |",
         "|" + "---|" * len(header),
@@ -92,10 +98,15 @@ def main() -> None:
         raw = "" if q["raw_ratio"] != q["raw_ratio"] else f"{q['raw_ratio']:.3f}"
         lines.append(
             f"| {n} | {name} | {','.join(map(str, removed))} | {q['retained']:.3f} | {raw} | {ppl} | "
-            + " | ".join(task_cells) + " |"
+            + " | ".join(task_cells)
+            + " |"
         )
-    lines += ["", f"Command: `.venv/bin/python benchmarks/criteria.py --depths {' '.join(map(str, args.depths))} "
-              f"--seeds {args.seeds} --eval-limit {args.eval_limit}`", ""]
+    lines += [
+        "",
+        f"Command: `.venv/bin/python benchmarks/criteria.py --depths {' '.join(map(str, args.depths))} "
+        f"--seeds {args.seeds} --eval-limit {args.eval_limit}`",
+        "",
+    ]
     text = "\n".join(lines)
     print(text)
     RESULTS.parent.mkdir(parents=True, exist_ok=True)

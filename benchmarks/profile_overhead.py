@@ -2,20 +2,17 @@
 
     .venv/bin/python benchmarks/profile_overhead.py [--repeats 3] [--tokens 16384]
 
-Time: the two passes alternate ``--repeats`` times in one process (same model, same batches) and the median of
-each is compared. Memory: each pass runs in a fresh child process that loads the model and runs it once; peak
-RSS (ru_maxrss) is compared, and so is the growth over the loaded-model RSS. Targets: time ratio <= 1.10,
-peak-memory ratio <= 1.2. Results are appended to benchmarks/results/profile_overhead.md.
+Both passes alternate ``--repeats`` times in one process (same model, same batches); the medians are compared.
+Memory: before each pass the process's peak-RSS mark is reset (``/proc/self/clear_refs`` = 5) and VmHWM is read
+after it, so each figure is the peak of that pass alone: the resident model plus what the pass allocates.
+Targets: time ratio <= 1.10, peak-memory ratio <= 1.2. Results are appended to
+benchmarks/results/profile_overhead.md.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
-import resource
 import statistics
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -54,15 +51,17 @@ def profiled(model, source, calib, batch_size: int) -> float:  # type: ignore[no
     return time.perf_counter() - start
 
 
-def child(mode: str, tokens: int, batch_size: int) -> None:
-    source, calib, model = setup(tokens)
-    loaded = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    if mode == "plain":
-        plain(model, calib, batch_size)
-    else:
-        profiled(model, source, calib, batch_size)
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    print(json.dumps({"loaded_kib": loaded, "peak_kib": peak}))
+def reset_peak() -> None:
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+
+
+def peak_mib() -> float:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    raise RuntimeError("no VmHWM in /proc/self/status")
 
 
 def main() -> None:
@@ -70,42 +69,34 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--tokens", type=int, default=16384)
     p.add_argument("--batch-size", type=int, default=4)
-    p.add_argument("--child", choices=["plain", "profile"])
     args = p.parse_args()
-    if args.child:
-        child(args.child, args.tokens, args.batch_size)
-        return
 
     source, calib, model = setup(args.tokens)
     plain(model, calib, args.batch_size)  # warm-up: first-call allocations and kernel selection
-    t_plain, t_prof = [], []
+    reset_peak()
+    resting = peak_mib()  # the loaded model and runtime, between passes
+    t_plain, t_prof, m_plain, m_prof = [], [], [], []
     for _ in range(args.repeats):
+        reset_peak()
         t_plain.append(plain(model, calib, args.batch_size))
+        m_plain.append(peak_mib())
+        reset_peak()
         t_prof.append(profiled(model, source, calib, args.batch_size))
-    del model
-
-    mem = {}
-    for mode in ("plain", "profile"):
-        out = subprocess.run(
-            [sys.executable, __file__, "--child", mode, "--tokens", str(args.tokens), "--batch-size", str(args.batch_size)],
-            check=True, capture_output=True, text=True,
-        ).stdout
-        mem[mode] = json.loads(out.strip().splitlines()[-1])
+        m_prof.append(peak_mib())
 
     tp, tq = statistics.median(t_plain), statistics.median(t_prof)
-    peak_ratio = mem["profile"]["peak_kib"] / mem["plain"]["peak_kib"]
-    growth_plain = mem["plain"]["peak_kib"] - mem["plain"]["loaded_kib"]
-    growth_prof = mem["profile"]["peak_kib"] - mem["profile"]["loaded_kib"]
+    mp, mq = statistics.median(m_plain), statistics.median(m_prof)
     lines = [
         f"## {time.strftime('%Y-%m-%d %H:%M')} — {calib.num_tokens} tokens, batch {args.batch_size}, "
         f"{args.repeats} repeats, {source.name}",
         "",
-        f"- plain forward: median {tp:.2f} s ({calib.num_tokens / tp:.0f} tok/s); runs {[round(t, 2) for t in t_plain]}",
+        f"- plain forward: median {tp:.2f} s ({calib.num_tokens / tp:.0f} tok/s); "
+        f"runs {[round(t, 2) for t in t_plain]}",
         f"- BI profiling: median {tq:.2f} s; runs {[round(t, 2) for t in t_prof]}",
         f"- **time ratio {tq / tp:.3f}** (target <= 1.10)",
-        f"- peak RSS: plain {mem['plain']['peak_kib'] / 1024:.0f} MiB, profiling {mem['profile']['peak_kib'] / 1024:.0f} "
-        f"MiB: **ratio {peak_ratio:.3f}** (target <= 1.2); growth over the loaded model: plain "
-        f"{growth_plain / 1024:.0f} MiB, profiling {growth_prof / 1024:.0f} MiB",
+        f"- peak RSS during the pass: plain {mp:.0f} MiB, profiling {mq:.0f} MiB: **ratio {mq / mp:.3f}** "
+        f"(target <= 1.2); at rest between passes {resting:.0f} MiB, so the passes allocate {mp - resting:.0f} "
+        f"and {mq - resting:.0f} MiB",
         "",
         f"Command: `.venv/bin/python benchmarks/profile_overhead.py --repeats {args.repeats} --tokens {args.tokens}`",
         "",

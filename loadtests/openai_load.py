@@ -26,12 +26,20 @@ async def one(client, args, prompt: str) -> tuple[float, float, int]:  # type: i
     tokens = 0
     if args.chat:
         stream = await client.chat.completions.create(
-            model=args.model, messages=[{"role": "user", "content": prompt}], max_tokens=args.max_tokens,
-            temperature=0, stream=True, extra_body={"min_tokens": args.max_tokens},
+            model=args.model,
+            messages=[{"role": "user", "content": prompt}],
+            max_tokens=args.max_tokens,
+            temperature=0,
+            stream=True,
+            extra_body={"min_tokens": args.max_tokens},
         )
     else:
         stream = await client.completions.create(
-            model=args.model, prompt=prompt, max_tokens=args.max_tokens, temperature=0, stream=True,
+            model=args.model,
+            prompt=prompt,
+            max_tokens=args.max_tokens,
+            temperature=0,
+            stream=True,
             extra_body={"min_tokens": args.max_tokens},
         )
     async for chunk in stream:

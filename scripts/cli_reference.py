@@ -1,7 +1,7 @@
 """Write docs/cli.md from the commands' own --help, so the reference cannot drift (tests check it).
 
-    .venv/bin/python scripts/cli_reference.py          # rewrite docs/cli.md
-    .venv/bin/python scripts/cli_reference.py --check  # exit 1 if it is stale
+.venv/bin/python scripts/cli_reference.py          # rewrite docs/cli.md
+.venv/bin/python scripts/cli_reference.py --check  # exit 1 if it is stale
 """
 
 from __future__ import annotations

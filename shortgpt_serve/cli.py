@@ -304,6 +304,24 @@ def serve_command(checkpoint: Path, config_path: str | None, vllm_args: tuple[st
     _serve(checkpoint, config.serve, name, provenance)
 
 
+@cli.command(name="verify")
+@click.argument("checkpoint", type=click.Path(path_type=Path))
+@_handle_errors
+def verify_command(checkpoint: Path) -> None:
+    """Check a shortened checkpoint's files against the sha256 sums in its shortgpt.json."""
+    from shortgpt_serve.checkpoint import verify_checkpoint
+    from shortgpt_serve.errors import CheckpointError
+
+    if not checkpoint.is_dir():
+        raise CheckpointError(f"{checkpoint} is not a folder; pass a checkpoint folder written by shortgpt-serve.")
+    record = verify_checkpoint(checkpoint)
+    src = record["source"]
+    click.echo(
+        f"OK: {len(record['files'])} files match; {src['name']} with layers {record['removed_layers']} removed "
+        f"({src['num_layers'] - len(record['removed_layers'])} of {src['num_layers']} kept)."
+    )
+
+
 @cli.command(name="show-config")
 @CONFIG_OPTION
 @_apply(PIPELINE_OPTIONS)

@@ -119,9 +119,14 @@ def check_weights(folder: Path) -> None:
 
 
 def _source(path: Path, name: str, origin: str, sha: str | None = None) -> ModelSource:
+    from shortgpt_serve.weights import check_layer_count, check_readable, weight_map
+
     config = read_config(path)
     family = family_for(config, str(path))
     check_weights(path)
+    mapping = weight_map(path)
+    check_readable(path, mapping)
+    check_layer_count(list(mapping), family.layers_module, int(config["num_hidden_layers"]), str(path))
     if sha is None:
         # Converted folders are identified by the file they came from; others by their own files.
         record = path / SOURCE_RECORD
@@ -273,7 +278,9 @@ def remove_layers_in_memory(model: PreTrainedModel, family: Family, removed: lis
     for part in path:
         parent = getattr(parent, part)
     setattr(parent, last, torch.nn.ModuleList(keep))
-    new_cfg = shortened_config(model.config.to_dict(), removed)
-    for key in ("num_hidden_layers", "layer_types", "no_rope_layers", "max_window_layers"):
-        if key in new_cfg and hasattr(model.config, key):
-            setattr(model.config, key, new_cfg[key])
+    old_cfg = model.config.to_dict()
+    old_cfg.setdefault("num_hidden_layers", len(layers))
+    new_cfg = shortened_config(old_cfg, removed)
+    for key, value in new_cfg.items():
+        if hasattr(model.config, key) and value != old_cfg.get(key):
+            setattr(model.config, key, value)

@@ -38,7 +38,7 @@ def weight_map(folder: Path) -> dict[str, str]:
         with safe_open(shards[0], framework="pt") as f:
             return {name: shards[0].name for name in f.keys()}  # noqa: SIM118 (safe_open has no __iter__)
     except Exception as exc:
-        raise ModelError(f"{shards[0]} is not a readable safetensors file ({exc}).") from exc
+        raise ModelError(f"{shards[0]} is not a readable safetensors file ({exc}); the checkpoint is damaged.") from exc
 
 
 def tensor_shapes(folder: Path) -> dict[str, tuple[int, ...]]:
@@ -82,3 +82,39 @@ def params_by_layer(shapes: dict[str, tuple[int, ...]], prefix: str, num_layers:
         else:
             per_layer[i] += prod(shape)
     return per_layer, other
+
+
+def check_layer_count(names: list[str], prefix: str, num_layers: int, where: str) -> None:
+    """The weights hold exactly layers 0..num_layers-1, as config.json says."""
+    pattern = layer_pattern(prefix)
+    found = {i for i in (layer_of(n, pattern) for n in names) if i is not None}
+    if found != set(range(num_layers)):
+        raise ModelError(
+            f"{where}: config.json says num_hidden_layers={num_layers} but the weights hold layers "
+            f"{min(found, default=0)}..{max(found, default=-1)} ({len(found)} of them); the config and the weights "
+            "disagree. Fix config.json or use the matching weights."
+        )
+
+
+def check_readable(folder: Path, mapping: dict[str, str]) -> None:
+    """Every shard's header parses and its data is as long as the header says (catches truncated files)."""
+    import json
+    import struct
+
+    for shard in sorted(set(mapping.values())):
+        path = folder / shard
+        size = path.stat().st_size
+        try:
+            with open(path, "rb") as f:
+                (header_len,) = struct.unpack("<Q", f.read(8))
+                header = json.loads(f.read(header_len)) if 8 + header_len <= size else None
+        except (struct.error, ValueError, UnicodeDecodeError):
+            header = None
+        if not isinstance(header, dict):
+            raise ModelError(f"{path} is not a readable safetensors file; the checkpoint is damaged.")
+        end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
+        if 8 + header_len + end != size:
+            raise ModelError(
+                f"{path} is {size} bytes but its header describes {8 + header_len + end}; the checkpoint is "
+                "damaged (truncated or padded). Download or copy it again."
+            )

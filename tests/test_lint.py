@@ -15,8 +15,8 @@ BIN = Path(sys.executable).parent
 @pytest.mark.parametrize(
     "cmd",
     [
-        ["ruff", "check", "shortgpt_serve", "tests"],
-        ["ruff", "format", "--check", "shortgpt_serve", "tests"],
+        ["ruff", "check", "shortgpt_serve", "tests", "benchmarks", "loadtests", "scripts"],
+        ["ruff", "format", "--check", "shortgpt_serve", "tests", "benchmarks", "loadtests", "scripts"],
         ["mypy"],
     ],
     ids=["ruff-check", "ruff-format", "mypy"],
