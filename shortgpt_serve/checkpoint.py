@@ -14,11 +14,11 @@ from pathlib import Path
 from typing import Any
 
 from shortgpt_serve import __version__
-from shortgpt_serve.errors import CheckpointError
+from shortgpt_serve.errors import CheckpointError, ModelError
 from shortgpt_serve.families import shortened_config
 from shortgpt_serve.fsutil import atomic_dir
 from shortgpt_serve.models import SOURCE_RECORD, ModelSource, sha256_file
-from shortgpt_serve.weights import INDEX_NAME, layer_pattern, weight_map
+from shortgpt_serve.weights import INDEX_NAME, copy_tensors, layer_pattern, read_header, weight_map
 
 PROVENANCE_NAME = "shortgpt.json"
 MODEL_CARD_NAME = "README.md"
@@ -60,11 +60,8 @@ def rename_map(names: list[str], prefix: str, num_layers: int, removed: list[int
     return out
 
 
-def _write_weights(source: ModelSource, removed: list[int], out: Path) -> dict[str, int]:
-    """Stream tensors into ``out``; returns the written tensor count per shard."""
-    from safetensors import safe_open
-    from safetensors.torch import save_file
-
+def _write_weights(source: ModelSource, removed: list[int], out: Path) -> dict[str, str]:
+    """Stream the kept tensors, renamed, shard by shard into ``out``; returns each written shard's sha256."""
     mapping = weight_map(source.path)
     renames = rename_map(list(mapping), source.family.layers_module, source.num_layers, removed)
     shards = sorted(set(mapping.values()))
@@ -76,33 +73,26 @@ def _write_weights(source: ModelSource, removed: list[int], out: Path) -> dict[s
     nonempty = [s for s in shards if kept_by_shard[s]]
     single = len(nonempty) == 1
     new_map: dict[str, str] = {}
-    counts: dict[str, int] = {}
+    hashes: dict[str, str] = {}
     total_size = 0
     for k, shard in enumerate(nonempty, 1):
         out_name = "model.safetensors" if single else f"model-{k:05d}-of-{len(nonempty):05d}.safetensors"
-        tensors = {}
+        header, _ = read_header(source.path / shard)
+        metadata = {
+            **(header.get("__metadata__") or {}),
+            "format": (header.get("__metadata__") or {}).get("format", "pt"),
+        }
         try:
-            with safe_open(source.path / shard, framework="pt") as f:
-                metadata = f.metadata() or {}
-                for old, new in kept_by_shard[shard]:
-                    t = f.get_tensor(old)
-                    tensors[new] = t
-                    total_size += t.numel() * t.element_size()
-        except CheckpointError:
-            raise
-        except Exception as exc:
-            raise CheckpointError(
-                f"cannot read {source.path / shard} ({exc}); the source checkpoint is damaged."
-            ) from exc
-        save_file(tensors, str(out / out_name), metadata={**metadata, "format": metadata.get("format", "pt")})
-        for new_name in tensors:
-            new_map[new_name] = out_name
-        counts[out_name] = len(tensors)
-        del tensors
+            size, hashes[out_name] = copy_tensors(source.path / shard, kept_by_shard[shard], out / out_name, metadata)
+        except ModelError as exc:
+            raise CheckpointError(exc.message) from exc
+        total_size += size
+        for _old, new in kept_by_shard[shard]:
+            new_map[new] = out_name
     if not single:
         index = {"metadata": {"total_size": total_size}, "weight_map": dict(sorted(new_map.items()))}
         (out / INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n")
-    return counts
+    return hashes
 
 
 def _copy_side_files(src: Path, out: Path) -> list[str]:
@@ -207,14 +197,16 @@ def write_checkpoint(
     }
     try:
         with atomic_dir(output, overwrite=overwrite) as tmp:
-            _write_weights(source, removed, tmp)
+            hashes = _write_weights(source, removed, tmp)
             config = shortened_config(source.config, removed)
             (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
             _copy_side_files(source.path, tmp)
             (tmp / MODEL_CARD_NAME).write_text(model_card(record))
             for name, data in (extra_files or {}).items():
                 (tmp / name).write_bytes(data)
-            record["files"] = {f.name: sha256_file(f) for f in sorted(tmp.iterdir()) if f.is_file()}
+            record["files"] = {
+                f.name: hashes.get(f.name) or sha256_file(f) for f in sorted(tmp.iterdir()) if f.is_file()
+            }
             (tmp / PROVENANCE_NAME).write_text(json.dumps(record, indent=2) + "\n")
     except OSError as exc:
         raise CheckpointError(

@@ -9,6 +9,7 @@ import json
 import re
 from math import prod
 from pathlib import Path
+from typing import Any
 
 from shortgpt_serve.errors import ModelError
 
@@ -118,3 +119,70 @@ def check_readable(folder: Path, mapping: dict[str, str]) -> None:
                 f"{path} is {size} bytes but its header describes {8 + header_len + end}; the checkpoint is "
                 "damaged (truncated or padded). Download or copy it again."
             )
+
+
+def read_header(path: Path) -> tuple[dict[str, Any], int]:
+    """A safetensors file's header (name -> {dtype, shape, data_offsets}, plus __metadata__) and where data starts."""
+    import json
+    import struct
+
+    with open(path, "rb") as f:
+        head = f.read(8)
+        if len(head) != 8:
+            raise ModelError(f"{path} is not a readable safetensors file; the checkpoint is damaged.")
+        (header_len,) = struct.unpack("<Q", head)
+        try:
+            header = json.loads(f.read(header_len))
+        except (ValueError, UnicodeDecodeError) as exc:
+            raise ModelError(f"{path} is not a readable safetensors file ({exc}); the checkpoint is damaged.") from exc
+    if not isinstance(header, dict):
+        raise ModelError(f"{path} is not a readable safetensors file; the checkpoint is damaged.")
+    return header, 8 + header_len
+
+
+def copy_tensors(
+    src: Path, renames: list[tuple[str, str]], dst: Path, metadata: dict[str, str] | None = None, chunk: int = 1 << 24
+) -> tuple[int, str]:
+    """Write the tensors ``renames`` names (old -> new) from safetensors file ``src`` into a new file ``dst``.
+
+    The bytes are copied as they are, range by range, without building tensors: memory stays at one ``chunk``
+    whatever the shard's size, and quantized or exotic dtypes pass through untouched. Returns the data bytes
+    written and the sha256 of the whole file, hashed as it is written (no second read).
+    """
+    import hashlib
+    import json
+    import struct
+
+    header, data_start = read_header(src)
+    entries = sorted(((header[old], new) for old, new in renames), key=lambda e: e[0]["data_offsets"][0])
+    new_header: dict[str, Any] = {}
+    if metadata:
+        new_header["__metadata__"] = metadata
+    offset = 0
+    for info, new in entries:
+        start, end = info["data_offsets"]
+        new_header[new] = {
+            "dtype": info["dtype"],
+            "shape": info["shape"],
+            "data_offsets": [offset, offset + end - start],
+        }
+        offset += end - start
+    raw = json.dumps(new_header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)  # the data section starts 8-byte aligned, as safetensors writes it
+    digest = hashlib.sha256()
+    with open(src, "rb") as fin, open(dst, "wb") as fout:
+        for part in (struct.pack("<Q", len(raw)), raw):
+            fout.write(part)
+            digest.update(part)
+        for info, _new in entries:
+            start, end = info["data_offsets"]
+            fin.seek(data_start + start)
+            left = end - start
+            while left:
+                block = fin.read(min(chunk, left))
+                if not block:
+                    raise ModelError(f"{src} ends early; the checkpoint is damaged (truncated).")
+                fout.write(block)
+                digest.update(block)
+                left -= len(block)
+    return offset, digest.hexdigest()

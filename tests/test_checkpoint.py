@@ -139,17 +139,34 @@ def test_existing_output_is_kept_unless_overwrite(tiny_llama: Path, tmp_path: Pa
 
 
 def test_failure_mid_write_leaves_nothing(tiny_llama: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    import safetensors.torch
+    from shortgpt_serve import checkpoint
 
     source = resolve_model(str(tiny_llama), tmp_path / "cache")
 
-    def disk_full(*args: object, **kwargs: object) -> None:
+    def disk_full(src: Path, renames: list, dst: Path, *args: object, **kwargs: object) -> int:
+        dst.write_bytes(b"partial")  # the device fills up part-way through the shard
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(safetensors.torch, "save_file", disk_full)
+    monkeypatch.setattr(checkpoint, "copy_tensors", disk_full)
     with pytest.raises(CheckpointError, match="No space left on device"):
         write_checkpoint(source, [1], tmp_path / "out" / "short")
     assert list((tmp_path / "out").iterdir()) == []
+
+
+def test_streamed_shards_are_byte_identical_tensors(make_tiny_model: Callable[..., Path], tmp_path: Path) -> None:
+    """The streaming copy writes valid safetensors whose tensors equal the source's, bit for bit."""
+    src = make_tiny_model("llama", max_shard_size=60_000)
+    source = resolve_model(str(src), tmp_path / "cache")
+    out = write_checkpoint(source, [0, 5], tmp_path / "short")
+    renamed = {f"model.layers.{new}.": f"model.layers.{old}." for new, old in enumerate([1, 2, 3, 4])}
+    src_map, out_map = weight_map(src), weight_map(out)
+    for name, file in out_map.items():
+        old = name
+        for new_prefix, old_prefix in renamed.items():
+            if name.startswith(new_prefix):
+                old = old_prefix + name[len(new_prefix) :]
+        with safe_open(out / file, framework="pt") as a, safe_open(src / src_map[old], framework="pt") as b:
+            assert torch.equal(a.get_tensor(name), b.get_tensor(old)), name
 
 
 def test_rename_map_rejects_layers_beyond_config() -> None:

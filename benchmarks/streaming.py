@@ -1,0 +1,176 @@
+"""Streaming checkpoint writer vs plain `cp` of the same bytes, on a multi-GB sharded checkpoint generated here.
+
+    .venv/bin/python benchmarks/streaming.py [--layers 24] [--hidden 2048] [--shard-mb 500] [--repeats 3]
+
+Generates a Llama-shaped checkpoint of random bf16 bits (about 2.7 GB with the defaults, in 500 MB shards), then
+alternates, ``--repeats`` times: `write_checkpoint` removing a quarter of the layers, in a fresh child process
+(peak RSS read from its VmHWM), and `cp` of exactly the files it wrote (the kept bytes) to another folder. Both
+read the source from the page cache. Targets: time <= 1.5x cp, peak RSS <= largest shard + 300 MB. Results are
+appended to benchmarks/results/streaming.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+RESULTS = Path(__file__).resolve().parent / "results" / "streaming.md"
+
+
+def generate(folder: Path, layers: int, hidden: int, shard_mb: int) -> None:
+    import numpy as np
+    from safetensors.numpy import save_file
+
+    inter, vocab, kv = int(hidden * 2.75), 32000, hidden // 4
+    config = {
+        "architectures": ["LlamaForCausalLM"],
+        "model_type": "llama",
+        "hidden_size": hidden,
+        "intermediate_size": inter,
+        "num_hidden_layers": layers,
+        "num_attention_heads": hidden // 128,
+        "num_key_value_heads": kv // 128,
+        "vocab_size": vocab,
+        "torch_dtype": "bfloat16",
+        "max_position_embeddings": 4096,
+        "rms_norm_eps": 1e-5,
+        "tie_word_embeddings": False,
+    }
+    shapes: list[tuple[str, tuple[int, ...]]] = [("model.embed_tokens.weight", (vocab, hidden))]
+    for i in range(layers):
+        p = f"model.layers.{i}."
+        shapes += [
+            (p + "self_attn.q_proj.weight", (hidden, hidden)),
+            (p + "self_attn.k_proj.weight", (kv, hidden)),
+            (p + "self_attn.v_proj.weight", (kv, hidden)),
+            (p + "self_attn.o_proj.weight", (hidden, hidden)),
+            (p + "mlp.gate_proj.weight", (inter, hidden)),
+            (p + "mlp.up_proj.weight", (inter, hidden)),
+            (p + "mlp.down_proj.weight", (hidden, inter)),
+            (p + "input_layernorm.weight", (hidden,)),
+            (p + "post_attention_layernorm.weight", (hidden,)),
+        ]
+    shapes += [("model.norm.weight", (hidden,)), ("lm_head.weight", (vocab, hidden))]
+    rng = np.random.default_rng(0)
+    shards: list[dict[str, np.ndarray]] = [{}]
+    size = 0
+    for name, shape in shapes:
+        arr = rng.integers(0, 1 << 16, size=shape, dtype=np.uint16)
+        if size and size + arr.nbytes > shard_mb << 20:
+            shards.append({})
+            size = 0
+        shards[-1][name] = arr
+        size += arr.nbytes
+    weight_map = {}
+    for k, tensors in enumerate(shards, 1):
+        fname = f"model-{k:05d}-of-{len(shards):05d}.safetensors"
+        save_file(tensors, str(folder / fname), metadata={"format": "pt"})
+        # The bits are bf16 values; record them as such, as a real checkpoint would.
+        _retag_bf16(folder / fname)
+        weight_map.update({n: fname for n in tensors})
+    (folder / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    (folder / "config.json").write_text(json.dumps(config))
+
+
+def _retag_bf16(path: Path) -> None:
+    import struct
+
+    with open(path, "r+b") as f:
+        (n,) = struct.unpack("<Q", f.read(8))
+        header = f.read(n)
+        f.seek(8)
+        f.write(header.replace(b'"U16"', b'"BF16"'))  # same length: the header size is unchanged
+
+
+def child(src: str, out: str, removed: list[int]) -> None:
+    from shortgpt_serve.checkpoint import write_checkpoint
+    from shortgpt_serve.families import family_for
+    from shortgpt_serve.models import ModelSource, read_config
+
+    config = read_config(Path(src))
+    source = ModelSource(Path(src), "bench", src, "0" * 64, config, family_for(config, src))
+    start = time.perf_counter()
+    write_checkpoint(source, removed, Path(out))
+    elapsed = time.perf_counter() - start
+    with open("/proc/self/status") as f:
+        hwm = next(int(line.split()[1]) for line in f if line.startswith("VmHWM:"))
+    print(json.dumps({"seconds": elapsed, "peak_mib": hwm / 1024}))
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--layers", type=int, default=24)
+    p.add_argument("--hidden", type=int, default=2048)
+    p.add_argument("--shard-mb", type=int, default=500)
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--workdir", default=None)
+    p.add_argument("--child", nargs=3, metavar=("SRC", "OUT", "REMOVED"))
+    args = p.parse_args()
+    if args.child:
+        child(args.child[0], args.child[1], json.loads(args.child[2]))
+        return
+
+    with tempfile.TemporaryDirectory(dir=args.workdir) as tmp:
+        src = Path(tmp) / "src"
+        src.mkdir()
+        t0 = time.perf_counter()
+        generate(src, args.layers, args.hidden, args.shard_mb)
+        gen_s = time.perf_counter() - t0
+        shard_sizes = [f.stat().st_size for f in src.glob("*.safetensors")]
+        removed = list(range(args.layers // 2 - args.layers // 8, args.layers // 2 + args.layers // 8))
+        writes, copies, peaks = [], [], []
+        kept_bytes = 0
+        for r in range(args.repeats):
+            out = Path(tmp) / f"out{r}"
+            res = subprocess.run(
+                [sys.executable, __file__, "--child", str(src), str(out), json.dumps(removed)],
+                check=True,
+                capture_output=True,
+                text=True,
+            )
+            stats = json.loads(res.stdout.strip().splitlines()[-1])
+            writes.append(stats["seconds"])
+            peaks.append(stats["peak_mib"])
+            files = sorted(out.glob("*.safetensors"))
+            kept_bytes = sum(f.stat().st_size for f in files)
+            dst = Path(tmp) / f"cp{r}"
+            dst.mkdir()
+            start = time.perf_counter()
+            subprocess.run(["cp", *map(str, files), str(dst)], check=True)
+            copies.append(time.perf_counter() - start)
+            shutil.rmtree(out)
+            shutil.rmtree(dst)
+    w, c = statistics.median(writes), statistics.median(copies)
+    largest = max(shard_sizes) / 2**20
+    peak = max(peaks)
+    lines = [
+        f"## {time.strftime('%Y-%m-%d %H:%M')} — {args.layers} layers, hidden {args.hidden}, "
+        f"{sum(shard_sizes) / 2**30:.2f} GiB in {len(shard_sizes)} shards, {len(removed)} layers removed",
+        "",
+        f"- generated in {gen_s:.0f} s; kept bytes {kept_bytes / 2**30:.2f} GiB",
+        f"- write_checkpoint: median {w:.2f} s, runs {[round(x, 2) for x in writes]}",
+        f"- cp of the same files: median {c:.2f} s, runs {[round(x, 2) for x in copies]}",
+        f"- **time ratio {w / c:.2f}** (target <= 1.5)",
+        f"- peak RSS of the writer process {peak:.0f} MiB; largest shard {largest:.0f} MiB: **{peak:.0f} <= "
+        f"{largest + 300:.0f} MiB target: {'met' if peak <= largest + 300 else 'missed'}**",
+        "",
+        f"Command: `.venv/bin/python benchmarks/streaming.py --layers {args.layers} --hidden {args.hidden} "
+        f"--shard-mb {args.shard_mb} --repeats {args.repeats}`",
+        "",
+    ]
+    text = "\n".join(lines)
+    print(text)
+    RESULTS.parent.mkdir(parents=True, exist_ok=True)
+    with open(RESULTS, "a") as f:
+        f.write(text + "\n")
+
+
+if __name__ == "__main__":
+    main()
