@@ -17,7 +17,7 @@ import tempfile
 import time
 from pathlib import Path
 
-RESULTS = Path(__file__).resolve().parent / "results" / "cold_start.md"
+from _record import record
 
 
 def main() -> None:
@@ -64,11 +64,7 @@ def main() -> None:
         f"Command: `.venv/bin/python benchmarks/cold_start.py --budget {args.budget} --min-quality {args.min_quality}`",
         "",
     ]
-    text = "\n".join(lines)
-    print(text)
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    with open(RESULTS, "a") as f:
-        f.write(text + "\n")
+    record("cold_start", lines)
 
 
 if __name__ == "__main__":

@@ -14,9 +14,8 @@ import argparse
 import random
 import statistics
 import time
-from pathlib import Path
 
-RESULTS = Path(__file__).resolve().parent / "results" / "criteria.md"
+from _record import record
 
 
 def main() -> None:
@@ -107,11 +106,7 @@ def main() -> None:
         f"--seeds {args.seeds} --eval-limit {args.eval_limit}`",
         "",
     ]
-    text = "\n".join(lines)
-    print(text)
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    with open(RESULTS, "a") as f:
-        f.write(text + "\n")
+    record("criteria", lines)
 
 
 if __name__ == "__main__":

@@ -14,9 +14,8 @@ from __future__ import annotations
 import argparse
 import statistics
 import time
-from pathlib import Path
 
-RESULTS = Path(__file__).resolve().parent / "results" / "profile_overhead.md"
+from _record import record
 
 
 def setup(tokens: int):  # type: ignore[no-untyped-def]
@@ -101,11 +100,7 @@ def main() -> None:
         f"Command: `.venv/bin/python benchmarks/profile_overhead.py --repeats {args.repeats} --tokens {args.tokens}`",
         "",
     ]
-    text = "\n".join(lines)
-    print(text)
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    with open(RESULTS, "a") as f:
-        f.write(text + "\n")
+    record("profile_overhead", lines)
 
 
 if __name__ == "__main__":

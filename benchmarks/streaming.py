@@ -21,7 +21,7 @@ import tempfile
 import time
 from pathlib import Path
 
-RESULTS = Path(__file__).resolve().parent / "results" / "streaming.md"
+from _record import record
 
 
 def generate(folder: Path, layers: int, hidden: int, shard_mb: int) -> None:
@@ -165,11 +165,7 @@ def main() -> None:
         f"--shard-mb {args.shard_mb} --repeats {args.repeats}`",
         "",
     ]
-    text = "\n".join(lines)
-    print(text)
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    with open(RESULTS, "a") as f:
-        f.write(text + "\n")
+    record("streaming", lines)
 
 
 if __name__ == "__main__":

@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from shortgpt_serve.calibration import batches
 from shortgpt_serve.errors import QualityError
 
 if TYPE_CHECKING:
@@ -330,12 +331,8 @@ def loglikelihoods(
     with torch.inference_mode():
         for group in tqdm(groups, desc="log-likelihood", unit="batch", disable=not progress):
             inputs = [encoded[i][0][:-1] for i in group]
-            width = max(len(x) for x in inputs)
-            ids = torch.full((len(group), width), pad, dtype=torch.long)
-            mask = torch.zeros((len(group), width), dtype=torch.long)
-            for row, x in enumerate(inputs):
-                ids[row, : len(x)] = torch.tensor(x)
-                mask[row, : len(x)] = 1
+            ids, mask = next(batches(inputs, len(inputs), pad))
+            width = ids.shape[1]
             # Continuation row r is predicted at input positions [len - n, len); only those logits are needed.
             first = min(len(x) - encoded[i][1] for x, i in zip(inputs, group, strict=True))
             kwargs: dict[str, Any] = {"logits_to_keep": width - first} if slim else {}
@@ -524,19 +521,9 @@ def perplexity(
     blocks = [b for b in blocks if len(b) >= 2]
     if not blocks:
         raise QualityError("the held-out text is too short to measure perplexity; give more documents.")
-    pad = _pad_id(tokenizer)
-    device = _device(model)
     total, count = 0.0, 0
     with torch.inference_mode():
-        for i in range(0, len(blocks), batch_size):
-            group = blocks[i : i + batch_size]
-            width = max(len(b) for b in group)
-            ids = torch.full((len(group), width), pad, dtype=torch.long)
-            mask = torch.zeros((len(group), width), dtype=torch.long)
-            for row, b in enumerate(group):
-                ids[row, : len(b)] = torch.tensor(b)
-                mask[row, : len(b)] = 1
-            ids, mask = ids.to(device), mask.to(device)
+        for ids, mask in batches(blocks, batch_size, _pad_id(tokenizer), str(_device(model))):
             logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits[:, :-1].float()
             targets = ids[:, 1:].masked_fill(mask[:, 1:] == 0, -100)
             nll = torch.nn.functional.cross_entropy(

@@ -44,32 +44,28 @@ def busy_port() -> Iterator[int]:
         yield s.getsockname()[1]
 
 
-def not_causal(tmp_path: Path) -> str:
-    d = tmp_path / "bert"
+def model_folder(tmp_path: Path, arch: str, model_type: str, weights: str | None = None) -> str:
+    """A folder with just a config.json (and optionally a weights file of junk): enough for the checks that fail."""
+    d = tmp_path / model_type
     d.mkdir()
     (d / "config.json").write_text(
-        json.dumps({"architectures": ["BertModel"], "model_type": "bert", "num_hidden_layers": 2})
+        json.dumps({"architectures": [arch], "model_type": model_type, "num_hidden_layers": 2})
     )
+    if weights:
+        (d / weights).write_bytes(b"not loaded")
     return str(d)
+
+
+def not_causal(tmp_path: Path) -> str:
+    return model_folder(tmp_path, "BertModel", "bert")
 
 
 def unsupported(tmp_path: Path) -> str:
-    d = tmp_path / "neox"
-    d.mkdir()
-    (d / "config.json").write_text(
-        json.dumps({"architectures": ["GPTNeoXForCausalLM"], "model_type": "gpt_neox", "num_hidden_layers": 2})
-    )
-    return str(d)
+    return model_folder(tmp_path, "GPTNeoXForCausalLM", "gpt_neox")
 
 
 def pickle_only(tmp_path: Path) -> str:
-    d = tmp_path / "pickled"
-    d.mkdir()
-    (d / "config.json").write_text(
-        json.dumps({"architectures": ["LlamaForCausalLM"], "model_type": "llama", "num_hidden_layers": 2})
-    )
-    (d / "pytorch_model.bin").write_bytes(b"not loaded")
-    return str(d)
+    return model_folder(tmp_path, "LlamaForCausalLM", "llama", weights="pytorch_model.bin")
 
 
 def not_gguf(tmp_path: Path) -> str:
