@@ -27,6 +27,8 @@ class Family:
     """Dotted path of the decoder layers' ModuleList, also the weight-name prefix (``model.layers.<i>.``)."""
     moe_step: bool = False
     """Qwen-style MoE: layer i is sparse iff i not in mlp_only_layers and (i + 1) % decoder_sparse_step == 0."""
+    implicit_layer_types: bool = False
+    """The config may leave ``layer_types`` to a rule (Gemma's sliding_window_pattern, Qwen's max_window_layers)."""
 
 
 FAMILIES: dict[str, Family] = {
@@ -35,12 +37,12 @@ FAMILIES: dict[str, Family] = {
         Family("llama"),
         Family("mistral"),
         Family("mixtral"),
-        Family("qwen2"),
-        Family("qwen3"),
+        Family("qwen2", implicit_layer_types=True),
+        Family("qwen3", implicit_layer_types=True),
         Family("qwen2_moe", moe_step=True),
         Family("qwen3_moe", moe_step=True),
-        Family("gemma2"),
-        Family("gemma3_text"),
+        Family("gemma2", implicit_layer_types=True),
+        Family("gemma3_text", implicit_layer_types=True),
         Family("phi3"),
         Family("olmo2"),
         Family("granite"),
@@ -111,8 +113,8 @@ def shortened_config(config: dict[str, Any], removed: list[int]) -> dict[str, An
     family = FAMILIES[config["model_type"]]
     out = dict(config)
     out["num_hidden_layers"] = len(keep)
-    layer_types = derived_layer_types(config)
-    if layer_types is not None:
+    layer_types = derived_layer_types(config) if family.implicit_layer_types else config.get("layer_types")
+    if isinstance(layer_types, list) and len(layer_types) == n:
         out["layer_types"] = [layer_types[i] for i in keep]
     for key in PER_LAYER_LISTS:
         value = out.get(key)
