@@ -10,9 +10,10 @@ activations.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -93,6 +94,17 @@ class LayerProfile:
         return "\n".join(lines)
 
 
+@contextlib.contextmanager
+def layer_hooks(layers: Iterable[torch.nn.Module], make_hook: Callable[[int], Callable[..., None]]) -> Iterator[None]:
+    """Forward hooks (with kwargs) on each decoder layer for the duration of the block, removed even on error."""
+    handles = [layer.register_forward_hook(make_hook(i), with_kwargs=True) for i, layer in enumerate(layers)]
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+
+
 def profile_layers(
     model: PreTrainedModel,
     family: Family,
@@ -126,25 +138,21 @@ def profile_layers(
 
         return hook
 
-    handles = [layer.register_forward_hook(make_hook(i), with_kwargs=True) for i, layer in enumerate(layers)]
     tokens = 0
-    try:
-        with (
-            torch.inference_mode(),
-            tqdm(total=total_batches, desc="Profiling Block Influence", unit="batch", disable=not progress) as bar,
-        ):
-            for ids, mask in batches:
-                current["mask"] = mask
-                model(input_ids=ids, attention_mask=mask, use_cache=False)
-                n = int(mask.sum())
-                tokens += n
-                bar.update(1)
-                bar.set_postfix(tokens=tokens)
-                if on_batch is not None:
-                    on_batch(n)
-    finally:
-        for h in handles:
-            h.remove()
+    with (
+        layer_hooks(layers, make_hook),
+        torch.inference_mode(),
+        tqdm(total=total_batches, desc="Profiling Block Influence", unit="batch", disable=not progress) as bar,
+    ):
+        for ids, mask in batches:
+            current["mask"] = mask
+            model(input_ids=ids, attention_mask=mask, use_cache=False)
+            n = int(mask.sum())
+            tokens += n
+            bar.update(1)
+            bar.set_postfix(tokens=tokens)
+            if on_batch is not None:
+                on_batch(n)
     if tokens == 0:
         raise ValueError("no calibration tokens were profiled")
     return [1.0 - s / c for s, c in zip(sums, counts, strict=True)], tokens
@@ -223,24 +231,20 @@ def angular_distances(
 
     sums = torch.zeros(n + 1, n + 1, dtype=torch.float64)
     count = 0
-    handles = [layer.register_forward_hook(make_hook(i), with_kwargs=True) for i, layer in enumerate(layers)]
-    try:
-        with (
-            torch.inference_mode(),
-            tqdm(total=total_batches, desc="Profiling angular distances", unit="batch", disable=not progress) as bar,
-        ):
-            for ids, mask in batches:
-                current["mask"] = mask
-                model(input_ids=ids, attention_mask=mask, use_cache=False)
-                stacked = torch.stack([states[i] for i in range(n + 1)])  # [n+1, tokens, hidden]
-                cos = torch.einsum("ith,jth->ijt", stacked, stacked).clamp(-1.0, 1.0)
-                sums += (torch.arccos(cos) / torch.pi).sum(-1, dtype=torch.float64).cpu()
-                count += stacked.shape[1]
-                states.clear()
-                bar.update(1)
-    finally:
-        for h in handles:
-            h.remove()
+    with (
+        layer_hooks(layers, make_hook),
+        torch.inference_mode(),
+        tqdm(total=total_batches, desc="Profiling angular distances", unit="batch", disable=not progress) as bar,
+    ):
+        for ids, mask in batches:
+            current["mask"] = mask
+            model(input_ids=ids, attention_mask=mask, use_cache=False)
+            stacked = torch.stack([states[i] for i in range(n + 1)])  # [n+1, tokens, hidden]
+            cos = torch.einsum("ith,jth->ijt", stacked, stacked).clamp(-1.0, 1.0)
+            sums += (torch.arccos(cos) / torch.pi).sum(-1, dtype=torch.float64).cpu()
+            count += stacked.shape[1]
+            states.clear()
+            bar.update(1)
     if count == 0:
         raise ValueError("no calibration tokens were profiled")
     result: list[list[float]] = (sums / count).tolist()

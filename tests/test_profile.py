@@ -94,3 +94,33 @@ def test_profile_json_roundtrip_and_table(tmp_path: Path) -> None:
     table = p.table(removed=[1])
     rows = [line for line in table.splitlines() if "removed" in line]
     assert len(rows) == 1 and rows[0].split()[0] == "1"
+
+
+def test_angular_distances_match_reference(tiny_llama: Path) -> None:
+    """d[i][j] = mean over real tokens of arccos(cos(x_i, x_j)) / pi, x_i entering layer i (x_L before the norm)."""
+    from transformers import AutoModelForCausalLM
+
+    from shortgpt_serve.profile import angular_distances
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama, dtype=torch.float32).eval()
+    g = torch.Generator().manual_seed(2)
+    sequences = [torch.randint(0, 300, (n,), generator=g).tolist() for n in (11, 4, 19)]
+    ours = angular_distances(model, FAMILIES["llama"], batches(sequences, 2, pad_id=0), progress=False)
+    n = model.config.num_hidden_layers
+    sums = [[0.0] * (n + 1) for _ in range(n + 1)]
+    norm, model.model.norm = model.model.norm, torch.nn.Identity()
+    try:
+        with torch.no_grad():
+            for seq in sequences:
+                hs = model(input_ids=torch.tensor([seq]), output_hidden_states=True, use_cache=False).hidden_states
+                for i in range(n + 1):
+                    for j in range(n + 1):
+                        cos = torch.nn.functional.cosine_similarity(hs[i][0].double(), hs[j][0].double(), dim=-1)
+                        sums[i][j] += float((torch.arccos(cos.clamp(-1, 1)) / math.pi).sum())
+    finally:
+        model.model.norm = norm
+    count = sum(map(len, sequences))
+    for i in range(n + 1):
+        for j in range(n + 1):
+            assert ours[i][j] == pytest.approx(sums[i][j] / count, abs=1e-4)
+    assert ours[0][n] > ours[2][3] > 0  # far boundaries differ more than neighbours
