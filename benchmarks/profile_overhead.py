@@ -18,14 +18,14 @@ import time
 from _record import record
 
 
-def setup(tokens: int):  # type: ignore[no-untyped-def]
+def setup(tokens: int, dtype: str):  # type: ignore[no-untyped-def]
     from shortgpt_serve.calibration import load_documents, pack
     from shortgpt_serve.config import default_cache_dir
     from shortgpt_serve.models import load_model, load_tokenizer, resolve_model
 
     source = resolve_model(None, default_cache_dir())
     calib = pack(load_documents(None), load_tokenizer(source), tokens, 512)
-    model = load_model(source, "cpu", "float32")
+    model = load_model(source, "cpu", dtype)
     return source, calib, model
 
 
@@ -68,9 +68,10 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--tokens", type=int, default=16384)
     p.add_argument("--batch-size", type=int, default=4)
+    p.add_argument("--dtype", default="auto", help="as profile.dtype: auto, float32, bfloat16")
     args = p.parse_args()
 
-    source, calib, model = setup(args.tokens)
+    source, calib, model = setup(args.tokens, args.dtype)
     plain(model, calib, args.batch_size)  # warm-up: first-call allocations and kernel selection
     reset_peak()
     resting = peak_mib()  # the loaded model and runtime, between passes
@@ -87,7 +88,7 @@ def main() -> None:
     mp, mq = statistics.median(m_plain), statistics.median(m_prof)
     lines = [
         f"## {time.strftime('%Y-%m-%d %H:%M')} — {calib.num_tokens} tokens, batch {args.batch_size}, "
-        f"{args.repeats} repeats, {source.name}",
+        f"{args.repeats} repeats, {source.name}, {next(model.parameters()).dtype}",
         "",
         f"- plain forward: median {tp:.2f} s ({calib.num_tokens / tp:.0f} tok/s); "
         f"runs {[round(t, 2) for t in t_plain]}",
@@ -97,7 +98,8 @@ def main() -> None:
         f"(target <= 1.2); at rest between passes {resting:.0f} MiB, so the passes allocate {mp - resting:.0f} "
         f"and {mq - resting:.0f} MiB",
         "",
-        f"Command: `.venv/bin/python benchmarks/profile_overhead.py --repeats {args.repeats} --tokens {args.tokens}`",
+        f"Command: `.venv/bin/python benchmarks/profile_overhead.py --repeats {args.repeats} --tokens {args.tokens} "
+        f"--dtype {args.dtype}`",
         "",
     ]
     record("profile_overhead", lines)

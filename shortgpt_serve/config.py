@@ -20,6 +20,7 @@ from shortgpt_serve.errors import ConfigError
 
 DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
 CRITERIA = ("bi", "angular", "iterative-bi")
+DTYPES = ("auto", "float32", "bfloat16", "float16")
 MIN_ITEMS = 10
 
 
@@ -65,15 +66,16 @@ class ProfileConfig:
     batch_size: int = _help("Calibration sequences per forward pass.", default=4)
     device: str = _help("Device for profiling: auto (cuda if present, else cpu), cpu, cuda, cuda:N.", default="auto")
     dtype: str = _help(
-        "Compute dtype for profiling: float32, bfloat16 or float16. Cosines are accumulated in float32 either way.",
-        default="float32",
+        "Compute dtype for profiling: auto (bfloat16 on a GPU or a CPU with native bf16, else float32), float32, "
+        "bfloat16 or float16. Cosines are accumulated in float32 either way.",
+        default="auto",
     )
 
     def validate(self) -> None:
         _positive("profile.batch_size", self.batch_size, "--batch-size")
-        if self.dtype not in ("float32", "bfloat16", "float16"):
+        if self.dtype not in DTYPES:
             raise ConfigError(
-                f"profile.dtype must be float32, bfloat16 or float16, got {self.dtype!r}.", param="--dtype"
+                f"profile.dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}.", param="profile.dtype"
             )
         if not (self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:")):
             raise ConfigError(
@@ -146,7 +148,9 @@ class QualityConfig:
     seed: int = _help("Seed of the item sample.", default=1234)
     batch_size: int = _help("Requests per forward pass when scoring.", default=32)
     perplexity_tokens: int = _help("Held-out tokens for perplexity (0 skips it).", default=4096)
-    dtype: str = _help("Compute dtype for evaluation: float32, bfloat16 or float16.", default="bfloat16")
+    dtype: str = _help(
+        "Compute dtype for evaluation: auto (as for profiling), float32, bfloat16 or float16.", default="auto"
+    )
 
     def validate(self) -> None:
         if self.limit < MIN_ITEMS:
@@ -160,9 +164,9 @@ class QualityConfig:
         _positive("quality.batch_size", self.batch_size, "quality.batch_size")
         if self.perplexity_tokens < 0:
             raise ConfigError("quality.perplexity_tokens must be >= 0.", param="quality.perplexity_tokens")
-        if self.dtype not in ("float32", "bfloat16", "float16"):
+        if self.dtype not in DTYPES:
             raise ConfigError(
-                f"quality.dtype must be float32, bfloat16 or float16, got {self.dtype!r}.", param="quality.dtype"
+                f"quality.dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}.", param="quality.dtype"
             )
 
 

@@ -22,7 +22,7 @@ from shortgpt_serve.checkpoint import PROVENANCE_NAME, verify_checkpoint, write_
 from shortgpt_serve.config import Config
 from shortgpt_serve.errors import CheckpointError, QualityError
 from shortgpt_serve.fsutil import atomic_write_text
-from shortgpt_serve.models import ModelSource, load_model, load_tokenizer, resolve_model
+from shortgpt_serve.models import ModelSource, load_model, load_tokenizer, resolve_dtype, resolve_model
 from shortgpt_serve.profile import LayerProfile, angular_distances, profile_model
 from shortgpt_serve.selection import (
     CostModel,
@@ -345,7 +345,8 @@ def prepare(config: Config, progress: bool = True) -> Prepared:
             t0 = time.perf_counter()
             import torch
 
-            model.to(getattr(torch, config.quality.dtype))
+            device = str(next(model.parameters()).device)
+            model.to(getattr(torch, resolve_dtype(config.quality.dtype, device)))
             meter = QualityMeter(config, source, model, load_tokenizer(source), docs.heldout)
             meter.measure_full()
             full = meter.full_record()
