@@ -9,13 +9,17 @@ from __future__ import annotations
 
 from typing import Any
 
-from prometheus_client import CollectorRegistry, Gauge
+from prometheus_client import CollectorRegistry, Counter, Gauge
 
 from shortgpt_serve import __version__
 
 MODEL_LABEL = "model"
 FULL = "full"
 SHORTENED = "shortened"
+# Labels of the side-by-side benchmark gauges: which model, its name as served (the source's name for the full
+# model), and the number of requests kept in flight by the fixed workload.
+BENCH_LABELS = [MODEL_LABEL, "model_name", "concurrency"]
+QUANTILES = ("0.5", "0.9", "0.99")
 
 
 class LauncherMetrics:
@@ -81,6 +85,86 @@ class LauncherMetrics:
             registry=r,
         )
         self.engine_up = Gauge("shortgpt_engine_up", "1 while the vLLM engine answers /health, else 0.", registry=r)
+        self.engine_restarts = Counter(
+            "shortgpt_engine_restarts",
+            "Times the launcher restarted the vLLM engine after it died.",
+            registry=r,
+        )
+        # Side-by-side benchmark: one fixed workload on the full and the shortened model, same engine settings.
+        self.bench_output_tps = Gauge(
+            "shortgpt_benchmark_output_tokens_per_second",
+            "Output tokens per second of the fixed startup workload.",
+            BENCH_LABELS,
+            registry=r,
+        )
+        self.bench_rps = Gauge(
+            "shortgpt_benchmark_requests_per_second",
+            "Completed requests per second of the fixed startup workload.",
+            BENCH_LABELS,
+            registry=r,
+        )
+        self.bench_ttft = Gauge(
+            "shortgpt_benchmark_ttft_seconds",
+            "Time to first token of the fixed startup workload, by quantile.",
+            [*BENCH_LABELS, "quantile"],
+            registry=r,
+        )
+        self.bench_tpot = Gauge(
+            "shortgpt_benchmark_tpot_seconds",
+            "Time per output token after the first (per request), by quantile.",
+            [*BENCH_LABELS, "quantile"],
+            registry=r,
+        )
+        self.bench_itl = Gauge(
+            "shortgpt_benchmark_itl_seconds",
+            "Inter-token latency (gap between streamed chunks), by quantile.",
+            [*BENCH_LABELS, "quantile"],
+            registry=r,
+        )
+        self.bench_e2e = Gauge(
+            "shortgpt_benchmark_e2e_latency_seconds",
+            "End-to-end request latency of the fixed startup workload, by quantile.",
+            [*BENCH_LABELS, "quantile"],
+            registry=r,
+        )
+        self.bench_failed = Gauge(
+            "shortgpt_benchmark_failed_requests",
+            "Requests of the fixed startup workload that failed.",
+            BENCH_LABELS,
+            registry=r,
+        )
+        self.bench_timestamp = Gauge(
+            "shortgpt_benchmark_timestamp_seconds",
+            "Unix time the model's benchmark was measured (older than the launcher when reused from the cache).",
+            [MODEL_LABEL, "model_name"],
+            registry=r,
+        )
+        self.speedup = Gauge(
+            "shortgpt_speedup_ratio",
+            "Output tokens/s of the shortened model divided by the full model's, same workload and engine.",
+            ["concurrency"],
+            registry=r,
+        )
+        self.latency_saving = Gauge(
+            "shortgpt_latency_saving_ratio",
+            "1 - median end-to-end latency of the shortened model / the full model's (0.2 = 20% faster).",
+            ["concurrency"],
+            registry=r,
+        )
+        self.measured_cost = Gauge(
+            "shortgpt_measured_cost_ratio",
+            "Measured cost of the shortened model as a fraction of the full model (1 / speedup); compare with "
+            "shortgpt_predicted_cost_ratio.",
+            ["concurrency"],
+            registry=r,
+        )
+        self.speedup_efficiency = Gauge(
+            "shortgpt_speedup_efficiency_ratio",
+            "Measured speedup divided by the FLOP-ideal speedup (1 / predicted cost); 1 = all predicted saving "
+            "realised.",
+            ["concurrency"],
+            registry=r,
+        )
         self.build_info = Gauge(
             "shortgpt_build_info",
             "Always 1; labels name the tool, engine and models.",
