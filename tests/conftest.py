@@ -8,6 +8,9 @@ from pathlib import Path
 
 import pytest
 
+# The session's one real vLLM server (fixtures `server`, `client`).
+pytest_plugins = ["tests.serving"]
+
 TINY = dict(
     vocab_size=300,
     hidden_size=32,

@@ -1,0 +1,134 @@
+"""The session's one real server: the README's main command, `shortgpt-serve --budget 0.75`, on the embedded
+default SmolLM2-135M-Instruct, with an API key and free ports. Booted once per test session, on first use.
+
+Test files that use it run before tests/test_serve.py, whose last test stops it (SIGTERM, nothing left behind).
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import psutil
+import pytest
+
+from tests.conftest import free_port
+
+BOOT_TIMEOUT = 900
+API_KEY = "test-key-123"
+NAME = "SmolLM2-135M-Instruct-short"
+
+
+@dataclass
+class Launcher:
+    process: subprocess.Popen[bytes]
+    port: int
+    metrics_port: int
+    log: Path
+
+    @property
+    def base_url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def output(self) -> str:
+        return self.log.read_text(errors="replace")
+
+
+def launch(args: list[str], log: Path, env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
+    with open(log, "wb") as f:
+        return subprocess.Popen(
+            [sys.executable, "-m", "shortgpt_serve.cli", *args],
+            stdout=f,
+            stderr=subprocess.STDOUT,
+            env={**os.environ, **(env or {})},
+        )
+
+
+def wait_for(predicate, timeout: float, proc: subprocess.Popen[bytes], log: Path) -> None:  # type: ignore[no-untyped-def]
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return
+        if proc.poll() is not None:
+            pytest.fail(f"launcher exited with {proc.returncode}:\n{log.read_text(errors='replace')[-4000:]}")
+        time.sleep(1)
+    pytest.fail(f"timed out after {timeout} s:\n{log.read_text(errors='replace')[-4000:]}")
+
+
+def http_status(url: str, headers: dict[str, str] | None = None) -> int:
+    req = urllib.request.Request(url, headers=headers or {})
+    try:
+        with urllib.request.urlopen(req, timeout=5) as r:
+            return int(r.status)
+    except urllib.error.HTTPError as e:
+        return int(e.code)
+    except OSError:
+        return 0
+
+
+def descendants(proc: subprocess.Popen[bytes]) -> list[psutil.Process]:
+    try:
+        return psutil.Process(proc.pid).children(recursive=True)
+    except psutil.NoSuchProcess:
+        return []
+
+
+def alive(processes: list[psutil.Process]) -> list[psutil.Process]:
+    return [p for p in processes if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
+
+
+@pytest.fixture(scope="session")
+def session_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One cache for the slow tests, so the default model is converted once per session."""
+    return tmp_path_factory.mktemp("serve-cache")
+
+
+@pytest.fixture(scope="session")
+def server(session_cache: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Launcher]:
+    log = tmp_path_factory.mktemp("serve") / "launcher.log"
+    port, metrics_port = free_port(), free_port()
+    proc = launch(
+        [
+            "--budget",
+            "0.75",
+            "--port",
+            str(port),
+            "--metrics-port",
+            str(metrics_port),
+            "--cache-dir",
+            str(session_cache),
+        ],
+        log,
+        env={"SHORTGPT_SERVE_API_KEY": API_KEY},
+    )
+    launcher = Launcher(proc, port, metrics_port, log)
+    try:
+        wait_for(lambda: "Serving " in launcher.output(), BOOT_TIMEOUT, proc, log)
+        yield launcher
+    finally:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(60)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+
+
+@pytest.fixture
+def client(server: Launcher):  # type: ignore[no-untyped-def]
+    from openai import OpenAI
+
+    return OpenAI(base_url=f"{server.base_url}/v1", api_key=API_KEY, timeout=120)
+
+
+def checkpoint_of(server: Launcher) -> Path:
+    line = next(line for line in server.output().splitlines() if line.startswith("Checkpoint: "))
+    return Path(line.removeprefix("Checkpoint: ").strip())
