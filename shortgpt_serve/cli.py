@@ -7,6 +7,7 @@ import functools
 import logging
 import signal
 import sys
+import threading
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -15,6 +16,8 @@ import click
 
 from shortgpt_serve import __version__
 from shortgpt_serve.config import (
+    COMPARE_MODES,
+    BenchmarkConfig,
     CalibrationConfig,
     Config,
     ProfileConfig,
@@ -146,6 +149,33 @@ SERVE_OPTIONS: list[tuple[str, Callable[[Any], Any]]] = [
             help=_doc(ServeConfig, "metrics_port"),
         ),
     ),
+    (
+        "max_restarts",
+        click.option(
+            "--max-restarts",
+            type=int,
+            show_envvar=True,
+            envvar="SHORTGPT_SERVE_MAX_RESTARTS",
+            help=_doc(ServeConfig, "max_restarts"),
+        ),
+    ),
+    (
+        "compare",
+        click.option(
+            "--compare",
+            type=click.Choice(COMPARE_MODES),
+            show_envvar=True,
+            envvar="SHORTGPT_SERVE_COMPARE",
+            help=_doc(BenchmarkConfig, "mode"),
+        ),
+    ),
+    (
+        "compare_concurrency",
+        click.option(
+            "--compare-concurrency",
+            help=_doc(BenchmarkConfig, "concurrency") + " Comma-separated, e.g. 1,16.",
+        ),
+    ),
 ]
 # Options that only matter once a depth is chosen; `profile` does not take them.
 SELECTION_ONLY = {"budget", "output", "overwrite", "min_quality", "strict", "tasks", "eval_limit", "quality_enabled"}
@@ -180,6 +210,9 @@ KEYS = {
     "served_model_name": "serve.served_model_name",
     "api_key": "serve.api_key",
     "metrics_port": "serve.metrics_port",
+    "max_restarts": "serve.max_restarts",
+    "compare": "benchmark.mode",
+    "compare_concurrency": "benchmark.concurrency",
 }
 
 
@@ -198,6 +231,15 @@ def build_config(config_path: str | None, flags: dict[str, Any], vllm_args: tupl
     overrides = {KEYS[k]: v for k, v in flags.items() if k in KEYS}
     if isinstance(overrides.get("quality.tasks"), str):
         overrides["quality.tasks"] = tuple(t.strip() for t in overrides["quality.tasks"].split(",") if t.strip())
+    if isinstance(overrides.get("benchmark.concurrency"), str):
+        given = overrides["benchmark.concurrency"]
+        levels = [c.strip() for c in given.split(",") if c.strip()]
+        if not all(c.isdigit() for c in levels):
+            raise ConfigError(
+                f"--compare-concurrency must list positive integers, e.g. 1,16; got {given!r}.",
+                param="--compare-concurrency",
+            )
+        overrides["benchmark.concurrency"] = tuple(int(c) for c in levels)
     if vllm_args:
         overrides["serve.vllm_args"] = (*config.serve.vllm_args, *vllm_args)
     return override(config, overrides)
@@ -244,7 +286,7 @@ def run_command(config_path: str | None, vllm_args: tuple[str, ...], **flags: An
         check_port_free(config.serve.host, config.serve.metrics_port, "--metrics-port")
     prepared = prepare(config)
     _print_choice(prepared)
-    _serve(prepared.checkpoint, config.serve, prepared.served_model_name, prepared.provenance)
+    _serve(prepared.checkpoint, config, prepared.served_model_name, prepared.provenance, prepared.source.path)
 
 
 @cli.command(name="profile")
@@ -301,7 +343,7 @@ def serve_command(checkpoint: Path, config_path: str | None, vllm_args: tuple[st
         check_port_free(config.serve.host, config.serve.metrics_port, "--metrics-port")
     provenance = verify_checkpoint(checkpoint)
     name = config.serve.served_model_name or provenance.get("served_model_name") or f"{checkpoint.name}"
-    _serve(checkpoint, config.serve, name, provenance)
+    _serve(checkpoint, config, name, provenance, _full_model_of(provenance, config))
 
 
 @cli.command(name="verify")
@@ -345,17 +387,54 @@ def _print_choice(prepared: Any) -> None:
         )
 
 
-def _serve(checkpoint: Path, cfg: ServeConfig, name: str, provenance: dict[str, Any]) -> None:
-    from shortgpt_serve.metrics import LauncherMetrics, start_metrics_server
-    from shortgpt_serve.serve import Engine, engine_dist, local_url, serve
+def _full_model_of(provenance: dict[str, Any], config: Config) -> Path | None:
+    """The folder of the model a checkpoint was cut from, for the comparison; None when it is not here."""
+    from shortgpt_serve.models import resolve_model
 
+    src = provenance["source"]
+    origin = str(src.get("origin", ""))
+    spec = None if origin.startswith("embedded default") else origin.removeprefix("hub:")
+    try:
+        source = resolve_model(spec, config.resolved_cache_dir())
+    except ShortGPTError as exc:
+        log.info("The full model (%s) is not available for the comparison: %s", origin, exc.message)
+        return None
+    if source.sha256 != src.get("sha256"):
+        log.warning("The full model at %s has changed since the checkpoint was cut; not comparing with it", origin)
+        return None
+    return source.path
+
+
+def _serve(
+    checkpoint: Path, config: Config, name: str, provenance: dict[str, Any], full_model_dir: Path | None
+) -> None:
+    from shortgpt_serve.compare import Comparison, Stopped
+    from shortgpt_serve.metrics import LauncherMetrics, start_metrics_server
+    from shortgpt_serve.serve import Engine, engine_dist, local_url, serve, stop_on_signals
+
+    cfg = config.serve
     metrics = LauncherMetrics()
     metrics.record_checkpoint(provenance)
     dist, version = engine_dist()
     metrics.record_build(dist, version, provenance["source"]["origin"], name)
     server = start_metrics_server(metrics, cfg.host, cfg.metrics_port) if cfg.metrics_port else None
+    comparison = None
+    if config.benchmark.mode != "off":
+        comparison = Comparison.plan(
+            config.benchmark, cfg, config.resolved_cache_dir(), checkpoint, provenance, name, (dist, version)
+        )
 
-    def ready(engine: Engine) -> None:
+    def ready(engine: Engine, stop: threading.Event) -> None:
+        if comparison is not None:
+            try:
+                comparison.measure_shortened(engine.base_url, stop)
+            except Stopped:
+                return
+            except ShortGPTError as exc:
+                log.error("Benchmark of the shortened model failed, serving without it: %s", exc.message)
+            if comparison.full and comparison.short:
+                click.echo(f"\nFull vs shortened on {dist} {version}, same settings:\n{comparison.table()}\n", err=True)
+            metrics.record_benchmark(comparison.full, comparison.short, comparison.predicted_cost)
         where = f"{engine.base_url}/v1"
         extra = f"; launcher metrics at {local_url(cfg.host, cfg.metrics_port)}/metrics" if server else ""
         auth = " (API key required)" if cfg.api_key else ""
@@ -366,7 +445,20 @@ def _serve(checkpoint: Path, cfg: ServeConfig, name: str, provenance: dict[str, 
         )
 
     try:
-        serve(checkpoint, cfg, name, on_ready=ready, on_health=lambda up: metrics.engine_up.set(1 if up else 0))
+        if comparison is not None:
+            with stop_on_signals() as stop:
+                try:
+                    comparison.measure_full(full_model_dir, stop)
+                except Stopped:
+                    return
+        serve(
+            checkpoint,
+            cfg,
+            name,
+            on_ready=ready,
+            on_health=lambda up: metrics.engine_up.set(1 if up else 0),
+            on_restart=lambda code: metrics.engine_restarts.inc(),
+        )
     finally:
         if server is not None:
             server.shutdown()

@@ -7,7 +7,9 @@ Each field's ``help`` metadata is the flag's help text, so the CLI and the YAML 
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -20,7 +22,18 @@ from shortgpt_serve.errors import ConfigError
 
 DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
 CRITERIA = ("bi", "angular", "iterative-bi")
+COMPARE_MODES = ("reuse", "measure", "off")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
+# vLLM flags that shortgpt-serve sets itself: after `--` they would silently override (or, for the key, expose) ours.
+OWN_VLLM_FLAGS = {
+    "--host": "--host",
+    "--port": "--port",
+    "--model": "--model (or the checkpoint argument of `serve`)",
+    "--served-model-name": "--served-model-name",
+    "--api-key": "--api-key or SHORTGPT_SERVE_API_KEY (kept off the command line)",
+    "--trust-remote-code": "--trust-remote-code",
+    "--no-trust-remote-code": "--trust-remote-code (off by default)",
+}
 MIN_ITEMS = 10
 
 
@@ -44,6 +57,7 @@ class CalibrationConfig:
     seed: int = _help("Seed of the calibration/held-out split.", default=0)
 
     def validate(self) -> None:
+        _not_blank(self.path, "--calibration", "pass a text file or folder, or leave it unset for the bundled text")
         _positive("calibration.num_tokens", self.num_tokens, "--calibration-tokens")
         _positive("calibration.seq_len", self.seq_len, "--seq-len")
         if self.seq_len < 2:
@@ -77,7 +91,7 @@ class ProfileConfig:
             raise ConfigError(
                 f"profile.dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}.", param="profile.dtype"
             )
-        if not (self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:")):
+        if not (self.device in ("auto", "cpu") or re.fullmatch(r"cuda(:\d+)?", self.device)):
             raise ConfigError(
                 f"profile.device must be auto, cpu, cuda or cuda:N, got {self.device!r}.", param="--device"
             )
@@ -184,6 +198,11 @@ class ServeConfig:
     )
     health_timeout: float = _help("Seconds to wait for the engine to answer /health.", default=900.0)
     stop_timeout: float = _help("Seconds to wait for the engine to exit after SIGTERM before SIGKILL.", default=20.0)
+    max_restarts: int = _help(
+        "Times the engine is restarted after it dies (waits 1, 2, 4 ... s between tries; the count resets after "
+        "10 minutes of health). 0: the launcher exits non-zero when the engine dies.",
+        default=3,
+    )
     vllm_args: tuple[str, ...] = _help("Extra arguments passed to vLLM as they are.", default=())
 
     def validate(self) -> None:
@@ -198,8 +217,76 @@ class ServeConfig:
                 f"--metrics-port ({self.metrics_port}) must differ from --port; vLLM serves its own /metrics there.",
                 param="--metrics-port",
             )
-        if self.health_timeout <= 0 or self.stop_timeout <= 0:
-            raise ConfigError("serve.health_timeout and serve.stop_timeout must be > 0.", param="serve.health_timeout")
+        if not (0 < self.health_timeout < math.inf and 0 < self.stop_timeout < math.inf):
+            raise ConfigError(
+                "serve.health_timeout and serve.stop_timeout must be finite numbers of seconds > 0.",
+                param="serve.health_timeout",
+            )
+        self._validate_names()
+        if self.max_restarts < 0:
+            raise ConfigError(f"--max-restarts must be >= 0, got {self.max_restarts}.", param="--max-restarts")
+
+    def _validate_names(self) -> None:
+        if not self.host.strip() or any(c.isspace() for c in self.host):
+            raise ConfigError(
+                f"--host must be an address without spaces, got {self.host!r}; e.g. --host 127.0.0.1 (this machine "
+                "only) or --host 0.0.0.0 (every interface, e.g. in a container).",
+                param="--host",
+            )
+        name = self.served_model_name
+        if name is not None and (not name.strip() or any(c.isspace() or not c.isprintable() for c in name)):
+            raise ConfigError(
+                f"--served-model-name must be a non-empty name without spaces, got {name!r}; "
+                "e.g. --served-model-name my-model-short, or leave it unset for '<model>-short'.",
+                param="--served-model-name",
+            )
+        key = self.api_key
+        if key is not None and (not key.strip() or any(c.isspace() or not c.isprintable() for c in key)):
+            raise ConfigError(
+                "--api-key (SHORTGPT_SERVE_API_KEY) is empty or holds spaces or control characters; pass a key "
+                "clients can send in an Authorization header, or leave it unset to serve without one.",
+                param="--api-key",
+            )
+        for arg in self.vllm_args:
+            flag = arg.split("=", 1)[0]
+            if flag in OWN_VLLM_FLAGS:
+                raise ConfigError(
+                    f"{flag} among the vLLM arguments (after --) would bypass shortgpt-serve's own setting; "
+                    f"pass {OWN_VLLM_FLAGS[flag]} instead.",
+                    param=flag,
+                )
+
+
+@dataclass(frozen=True)
+class BenchmarkConfig:
+    mode: str = _help(
+        "Side-by-side benchmark of the full and the shortened model on the same engine at startup: reuse "
+        "(measure what the cache lacks), measure (always), off.",
+        default="reuse",
+    )
+    concurrency: tuple[int, ...] = _help("Requests kept in flight, one workload per level.", default=(1, 16))
+    requests: int = _help("Requests per level; 0: max(8, 4 x concurrency).", default=0)
+    prompt_tokens: int = _help("Prompt length of each request, in tokens (fixed seeded token ids).", default=128)
+    output_tokens: int = _help("Output tokens of each request (end of sequence ignored).", default=64)
+    seed: int = _help("Seed of the prompts.", default=0)
+
+    def validate(self) -> None:
+        if self.mode not in COMPARE_MODES:
+            raise ConfigError(
+                f"--compare must be one of {', '.join(COMPARE_MODES)}, got {self.mode!r}.", param="--compare"
+            )
+        if not self.concurrency or any(c <= 0 for c in self.concurrency):
+            raise ConfigError(
+                f"--compare-concurrency must list positive integers, e.g. 1,16; got {list(self.concurrency)}.",
+                param="--compare-concurrency",
+            )
+        if self.requests < 0:
+            raise ConfigError(f"benchmark.requests must be >= 0, got {self.requests}.", param="benchmark.requests")
+        _positive("benchmark.prompt_tokens", self.prompt_tokens, "benchmark.prompt_tokens")
+        _positive("benchmark.output_tokens", self.output_tokens, "benchmark.output_tokens")
+
+    def requests_at(self, concurrency: int) -> int:
+        return self.requests or max(8, 4 * concurrency)
 
 
 @dataclass(frozen=True)
@@ -219,18 +306,34 @@ class Config:
         default=None,
     )
     overwrite: bool = _help("Replace an existing --output folder.", default=False)
+    allow_pickle_weights: bool = _help(
+        "Accept a model folder whose only weights are pickle files (.bin): they are converted once to safetensors "
+        "in the cache, read with torch.load(weights_only=True). Pickle can run code when loaded; weights_only "
+        "narrows that risk but does not remove it, and this flag accepts it. Off: such folders are refused.",
+        default=False,
+    )
+    trust_remote_code: bool = _help(
+        "Run the Python code a model folder ships (an 'auto_map' in its config), in transformers and in vLLM. "
+        "Only for models you trust. Off: such models are refused.",
+        default=False,
+    )
     calibration: CalibrationConfig = field(default_factory=CalibrationConfig)
     profile: ProfileConfig = field(default_factory=ProfileConfig)
     selection: SelectionConfig = field(default_factory=SelectionConfig)
     quality: QualityConfig = field(default_factory=QualityConfig)
     serve: ServeConfig = field(default_factory=ServeConfig)
+    benchmark: BenchmarkConfig = field(default_factory=BenchmarkConfig)
 
     def validate(self) -> Config:
+        _not_blank(self.model, "--model", "pass a model folder, a .gguf file or a hub id, or leave it unset")
+        _not_blank(self.output, "--output", "pass a folder path, or leave it unset to write into the cache")
+        _not_blank(self.cache_dir, "--cache-dir", "pass a folder path, or leave it unset for the default cache")
         self.calibration.validate()
         self.profile.validate()
         self.selection.validate()
         self.quality.validate()
         self.serve.validate()
+        self.benchmark.validate()
         return self
 
     def resolved_cache_dir(self) -> Path:
@@ -240,6 +343,7 @@ class Config:
         data = dataclasses.asdict(self)
         data["serve"]["vllm_args"] = list(self.serve.vllm_args)
         data["quality"]["tasks"] = list(self.quality.tasks)
+        data["benchmark"]["concurrency"] = list(self.benchmark.concurrency)
         return data
 
 
@@ -249,6 +353,7 @@ SECTIONS: dict[str, type] = {
     "selection": SelectionConfig,
     "quality": QualityConfig,
     "serve": ServeConfig,
+    "benchmark": BenchmarkConfig,
 }
 
 
@@ -259,6 +364,11 @@ def default_cache_dir() -> Path:
     xdg = os.environ.get("XDG_CACHE_HOME")
     base = Path(xdg).expanduser() if xdg else Path.home() / ".cache"
     return base / "shortgpt-serve"
+
+
+def _not_blank(value: str | None, flag: str, fix: str) -> None:
+    if value is not None and not value.strip():
+        raise ConfigError(f"{flag} is empty; {fix}.", param=flag)
 
 
 def _positive(key: str, value: int, flag: str) -> None:
@@ -278,6 +388,11 @@ def _coerce(cls: type, key: str, name: str, value: Any) -> Any:
     for typ in allowed:
         origin = typing.get_origin(typ)
         if origin is tuple and isinstance(value, list | tuple):
+            item = typing.get_args(typ)[0]
+            if item is int:
+                if not all(isinstance(v, int) and not isinstance(v, bool) for v in value):
+                    raise ConfigError(f"config key {key!r} must be a list of integers, got {value!r}.", param=key)
+                return tuple(value)
             return tuple(str(v) for v in value)
         if typ is float and isinstance(value, int | float) and not isinstance(value, bool):
             return float(value)

@@ -206,6 +206,39 @@ class LauncherMetrics:
             if label == SHORTENED:
                 self.quality_retained.set(record.get("retained", 1.0) if removed else 1.0)
 
+    def record_benchmark(
+        self, full: dict[str, Any] | None, short: dict[str, Any] | None, predicted_cost: float | None
+    ) -> None:
+        """Fill the side-by-side benchmark gauges from :func:`shortgpt_serve.compare.run_workload` results."""
+        from shortgpt_serve.compare import ratios
+
+        for label, run in ((FULL, full), (SHORTENED, short)):
+            if not run:
+                continue
+            name = run["model_name"]
+            self.bench_timestamp.labels(label, name).set(run["measured_at"])
+            for level, r in run["levels"].items():
+                labels = (label, name, level)
+                self.bench_output_tps.labels(*labels).set(r["output_tokens_per_s"])
+                self.bench_rps.labels(*labels).set(r["requests_per_s"])
+                self.bench_failed.labels(*labels).set(r["failed"])
+                for gauge, key in (
+                    (self.bench_ttft, "ttft_s"),
+                    (self.bench_tpot, "tpot_s"),
+                    (self.bench_itl, "itl_s"),
+                    (self.bench_e2e, "e2e_s"),
+                ):
+                    for q in QUANTILES:
+                        if q in r[key]:
+                            gauge.labels(*labels, q).set(r[key][q])
+        if full and short:
+            for level, row in ratios(full, short, predicted_cost).items():
+                self.speedup.labels(level).set(row["speedup"])
+                self.latency_saving.labels(level).set(row["latency_saving"])
+                self.measured_cost.labels(level).set(row["measured_cost"])
+                if "efficiency" in row:
+                    self.speedup_efficiency.labels(level).set(row["efficiency"])
+
     def record_build(self, engine: str, engine_version: str, source_model: str, served_model_name: str) -> None:
         self.build_info.labels(__version__, engine, engine_version, source_model, served_model_name).set(1)
 

