@@ -76,6 +76,17 @@ def _handle_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
     return wrapper
 
 
+TRUST_OPTION: tuple[str, Callable[[Any], Any]] = (
+    "trust_remote_code",
+    click.option(
+        "--trust-remote-code",
+        is_flag=True,
+        default=None,
+        show_envvar=True,
+        envvar="SHORTGPT_SERVE_TRUST_REMOTE_CODE",
+        help=_doc(Config, "trust_remote_code"),
+    ),
+)
 # Options shared by the commands, each with the config key it sets. Defaults live in the config classes.
 PIPELINE_OPTIONS: list[tuple[str, Callable[[Any], Any]]] = [
     (
@@ -125,6 +136,18 @@ PIPELINE_OPTIONS: list[tuple[str, Callable[[Any], Any]]] = [
             "--cache-dir", show_envvar=True, envvar="SHORTGPT_SERVE_CACHE_DIR", help=_doc(Config, "cache_dir")
         ),
     ),
+    (
+        "allow_pickle_weights",
+        click.option(
+            "--allow-pickle-weights",
+            is_flag=True,
+            default=None,
+            show_envvar=True,
+            envvar="SHORTGPT_SERVE_ALLOW_PICKLE_WEIGHTS",
+            help=_doc(Config, "allow_pickle_weights"),
+        ),
+    ),
+    TRUST_OPTION,
 ]
 SERVE_OPTIONS: list[tuple[str, Callable[[Any], Any]]] = [
     ("host", click.option("--host", show_envvar=True, envvar="SHORTGPT_SERVE_HOST", help=_doc(ServeConfig, "host"))),
@@ -205,6 +228,8 @@ KEYS = {
     "output": "output",
     "overwrite": "overwrite",
     "cache_dir": "cache_dir",
+    "allow_pickle_weights": "allow_pickle_weights",
+    "trust_remote_code": "trust_remote_code",
     "host": "serve.host",
     "port": "serve.port",
     "served_model_name": "serve.served_model_name",
@@ -296,12 +321,12 @@ def run_command(config_path: str | None, vllm_args: tuple[str, ...], **flags: An
 @_handle_errors
 def profile_command(config_path: str | None, json_path: str | None, **flags: Any) -> None:
     """Measure every layer's Block Influence on calibration text and print the table."""
-    from shortgpt_serve.models import resolve_model
-    from shortgpt_serve.pipeline import read_calibration, run_profile
+    from shortgpt_serve.pipeline import check_paths, read_calibration, resolve_source, run_profile
 
     config = build_config(config_path, flags)
+    check_paths(config)
     docs = read_calibration(config)
-    source = resolve_model(config.model, config.resolved_cache_dir())
+    source = resolve_source(config)
     profile = run_profile(config, source, docs)
     click.echo(profile.table())
     click.echo(f"\n{profile.num_tokens} tokens of {profile.calibration_source}, {profile.seconds:.1f} s.")
@@ -327,12 +352,14 @@ def prune_command(config_path: str | None, **flags: Any) -> None:
 @click.argument("checkpoint", type=click.Path(file_okay=False, path_type=Path))
 @CONFIG_OPTION
 @_apply(SERVE_OPTIONS)
+@_apply([TRUST_OPTION])
 @click.argument("vllm_args", nargs=-1, type=click.UNPROCESSED)
 @_handle_errors
 def serve_command(checkpoint: Path, config_path: str | None, vllm_args: tuple[str, ...], **flags: Any) -> None:
     """Serve a checkpoint written by `prune` on vLLM, with the launcher's metrics."""
     from shortgpt_serve.checkpoint import verify_checkpoint
     from shortgpt_serve.errors import CheckpointError
+    from shortgpt_serve.models import check_remote_code, read_config
     from shortgpt_serve.serve import check_port_free
 
     if not checkpoint.is_dir():
@@ -342,6 +369,7 @@ def serve_command(checkpoint: Path, config_path: str | None, vllm_args: tuple[st
     if config.serve.metrics_port:
         check_port_free(config.serve.host, config.serve.metrics_port, "--metrics-port")
     provenance = verify_checkpoint(checkpoint)
+    check_remote_code(checkpoint, read_config(checkpoint), config.trust_remote_code)
     name = config.serve.served_model_name or provenance.get("served_model_name") or f"{checkpoint.name}"
     _serve(checkpoint, config, name, provenance, _full_model_of(provenance, config))
 
@@ -458,6 +486,7 @@ def _serve(
             on_ready=ready,
             on_health=lambda up: metrics.engine_up.set(1 if up else 0),
             on_restart=lambda code: metrics.engine_restarts.inc(),
+            trust_remote_code=config.trust_remote_code,
         )
     finally:
         if server is not None:

