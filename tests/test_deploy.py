@@ -96,6 +96,18 @@ def dashboard_exprs() -> list[str]:
     return [t["expr"] for p in dashboard_panels() for t in p["targets"]]
 
 
+def docs_queries() -> list[str]:
+    """The PromQL examples of docs/deploy.md: ```promql blocks, one query per paragraph, comments dropped."""
+    text = (REPO / "docs" / "deploy.md").read_text()
+    queries = []
+    for block in re.findall(r"```promql\n(.*?)```", text, re.S):
+        for paragraph in block.split("\n\n"):
+            lines = [line for line in paragraph.splitlines() if line.strip() and not line.lstrip().startswith("#")]
+            if lines:
+                queries.append(" ".join(line.strip() for line in lines))
+    return queries
+
+
 def alert_rules() -> list[dict[str, Any]]:
     groups = yaml.safe_load((PROM / "alerts.yml").read_text())["groups"]
     return [r for g in groups for r in g["rules"]]
@@ -468,6 +480,11 @@ def with_bool(expr: str) -> str:
     return "".join(out)
 
 
+def test_docs_queries_are_found() -> None:
+    queries = docs_queries()
+    assert len(queries) >= 3 and any("group_left" in q and "label_replace" in q for q in queries), queries
+
+
 def test_with_bool() -> None:
     assert with_bool('up{job=~"a|b"} == 0 and x >= 1') == 'up{job=~"a|b"} == bool 0 and x >= bool 1'
     assert with_bool("a > on(job) group_left() (b * 1.1)") == "a > bool on(job) group_left() (b * 1.1)"
@@ -569,6 +586,7 @@ def test_prometheus_evaluates_every_dashboard_and_alert_query(server: Any, clien
     variables = {"model_name": NAME, "launcher": re.escape(launcher), "__rate_interval": "1m"}
     queries = {f"dashboard: {e}": substitute(e, variables) for e in dashboard_exprs()}
     queries |= {f"alert {r['alert']}: {r['expr']}": with_bool(r["expr"]) for r in alert_rules()}
+    queries |= {f"docs/deploy.md: {q}": q for q in docs_queries()}
     empty, nan = [], []
     for label, query in queries.items():
         result = api(prometheus, "query", query=query)["result"]
