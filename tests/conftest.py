@@ -115,6 +115,23 @@ def make_tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Callable[..., P
     return make
 
 
+def save_tiny_llama(folder: Path, *, max_shard_size: int | None = None, pickle_weights: bool = False) -> Path:
+    """A tiny random Llama (weights seeded, as `make_tiny_model` makes it) with its tokenizer, saved in ``folder``
+    for a test that changes it. ``pickle_weights``: as pytorch_model.bin (torch.save of the state dict)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(tiny_config("llama"))
+    model.save_pretrained(folder, **({"max_shard_size": max_shard_size} if max_shard_size else {}))
+    if pickle_weights:
+        for f in folder.glob("model*.safetensors*"):
+            f.unlink()
+        torch.save(model.state_dict(), folder / "pytorch_model.bin")
+    build_tiny_tokenizer(folder)
+    return folder
+
+
 @pytest.fixture
 def tiny_llama(make_tiny_model: Callable[..., Path]) -> Path:
     return make_tiny_model("llama")

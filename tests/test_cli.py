@@ -2,16 +2,17 @@
 
 from __future__ import annotations
 
+import importlib
 import json
 import socket
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 from click.testing import CliRunner, Result
 
 from shortgpt_serve.cli import cli
-from tests.conftest import CORPUS, free_port
+from tests.conftest import CORPUS, free_port, save_tiny_llama
 
 
 def invoke(args: list[str], **kwargs: object) -> Result:
@@ -36,20 +37,24 @@ def written(root: Path) -> list[str]:
     return sorted(str(p.relative_to(root)) for p in root.rglob("*")) if root.exists() else []
 
 
-@pytest.fixture
-def busy_port() -> Iterator[int]:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        s.listen(1)
-        yield s.getsockname()[1]
+# Sockets held open while a battery case runs (ports in use); closed after each case.
+LISTENING: list[socket.socket] = []
 
 
-def model_folder(tmp_path: Path, arch: str, model_type: str, weights: str | None = None) -> str:
+def port_in_use() -> str:
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    s.listen(1)
+    LISTENING.append(s)
+    return str(s.getsockname()[1])
+
+
+def model_folder(tmp_path: Path, arch: str, model_type: str, weights: str | None = None, **config: object) -> str:
     """A folder with just a config.json (and optionally a weights file of junk): enough for the checks that fail."""
     d = tmp_path / model_type
     d.mkdir()
     (d / "config.json").write_text(
-        json.dumps({"architectures": [arch], "model_type": model_type, "num_hidden_layers": 2})
+        json.dumps({"architectures": [arch], "model_type": model_type, "num_hidden_layers": 2, **config})
     )
     if weights:
         (d / weights).write_bytes(b"not loaded")
@@ -68,37 +73,127 @@ def pickle_only(tmp_path: Path) -> str:
     return model_folder(tmp_path, "LlamaForCausalLM", "llama", weights="pytorch_model.bin")
 
 
+class RunsCode:
+    """Pickled, it calls Path.touch(marker) when loaded by anything that runs pickled code."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self) -> tuple[object, tuple[Path]]:
+        return (Path.touch, (self.marker,))
+
+
+def pickle_running_code(tmp_path: Path) -> str:
+    """Pickle weights that would create a file beside them if loaded unsafely; the battery checks none appears."""
+    import torch
+
+    d = Path(pickle_only(tmp_path))
+    torch.save({"model.embed_tokens.weight": RunsCode(tmp_path / "code-ran")}, d / "pytorch_model.bin")
+    return str(d)
+
+
+def custom_code(tmp_path: Path) -> str:
+    auto_map = {"AutoModelForCausalLM": "modeling_custom.CustomForCausalLM"}
+    return model_folder(tmp_path, "LlamaForCausalLM", "llama", weights="model.safetensors", auto_map=auto_map)
+
+
+def custom_tokenizer_code(tmp_path: Path) -> str:
+    d = Path(model_folder(tmp_path, "LlamaForCausalLM", "llama", weights="model.safetensors"))
+    (d / "tokenizer_config.json").write_text(json.dumps({"auto_map": {"AutoTokenizer": ["tok.CustomTokenizer", None]}}))
+    return str(d)
+
+
 def not_gguf(tmp_path: Path) -> str:
     f = tmp_path / "weights.txt"
     f.write_text("x")
     return str(f)
 
 
-def bad_yaml(tmp_path: Path) -> list[str]:
+def a_file(tmp_path: Path) -> str:
+    f = tmp_path / "a-file"
+    f.write_text("x")
+    return str(f)
+
+
+def a_folder(tmp_path: Path) -> str:
+    """A folder of the user's that is not a checkpoint."""
+    d = tmp_path / "notes"
+    d.mkdir()
+    (d / "keep.txt").write_text("mine")
+    return str(d)
+
+
+def yaml_file(tmp_path: Path, text: str) -> list[str]:
     f = tmp_path / "c.yaml"
-    f.write_text("selection:\n  budgt: 0.7\n")
+    f.write_text(text)
     return ["--config", str(f)]
 
 
-# (arguments, expected exit code, expected text in the error line)
+def tiny_model(tmp_path: Path, **kwargs: object) -> Path:
+    return save_tiny_llama(tmp_path / "model", **kwargs)  # type: ignore[arg-type]
+
+
+def damaged_weights(tmp_path: Path, how: str) -> list[str]:
+    weights = tiny_model(tmp_path) / "model.safetensors"
+    data = weights.read_bytes()
+    weights.write_bytes(data[: len(data) // 2] if how == "truncated" else b"\x00" * 64)
+    return ["--model", str(weights.parent)]
+
+
+def missing_shard(tmp_path: Path) -> list[str]:
+    model = tiny_model(tmp_path, max_shard_size=60_000)
+    sorted(model.glob("model-*.safetensors"))[-1].unlink()
+    return ["--model", str(model)]
+
+
+def layer_count_mismatch(tmp_path: Path) -> list[str]:
+    model = tiny_model(tmp_path)
+    cfg = json.loads((model / "config.json").read_text())
+    (model / "config.json").write_text(json.dumps({**cfg, "num_hidden_layers": 4}))
+    return ["--model", str(model)]
+
+
+def short_calibration(tmp_path: Path) -> list[str]:
+    text = tmp_path / "short.txt"
+    text.write_text("Only a few words here.")
+    model = tiny_model(tmp_path)
+    return ["--model", str(model), "--calibration", str(text), "--seq-len", "64", "--calibration-tokens", "256"]
+
+
+def bad_jsonl(tmp_path: Path) -> list[str]:
+    data = tmp_path / "cal.jsonl"
+    data.write_text('{"text": "fine"}\n{"body": "no text field"}\n')
+    return ["--calibration", str(data)]
+
+
+def inside_model(tmp_path: Path) -> list[str]:
+    model = model_folder(tmp_path, "LlamaForCausalLM", "llama")
+    return ["--model", model, "--output", f"{model}/short"]
+
+
+def holds_model(tmp_path: Path) -> list[str]:
+    (tmp_path / "models").mkdir()
+    model = model_folder(tmp_path / "models", "LlamaForCausalLM", "llama")
+    return ["--model", model, "--output", str(tmp_path / "models"), "--overwrite"]
+
+
+# (name, arguments, expected exit code, expected text in the error line). Exit code 2: a bad setting (flag,
+# environment or YAML); 1: anything else. Every case fails before any model work and writes nothing.
 BAD_INPUTS: list[tuple[str, Callable[[Path], list[str]], int, str]] = [
+    # settings
     ("budget zero", lambda t: ["--budget", "0"], 2, "--budget must be in (0, 1]"),
     ("budget above one", lambda t: ["--budget", "1.5"], 2, "--budget must be in (0, 1]"),
     ("budget negative", lambda t: ["--budget", "-0.3"], 2, "--budget must be in (0, 1]"),
-    ("model path missing", lambda t: ["--model", str(t / "nope")], 1, "no such file or folder"),
-    ("model not a causal LM", lambda t: ["--model", not_causal(t)], 1, "is not a causal language model"),
-    (
-        "unsupported architecture",
-        lambda t: ["--model", unsupported(t)],
-        1,
-        "supported model types: gemma2, gemma3_text, granite, llama",
-    ),
-    ("pickle weights only", lambda t: ["--model", pickle_only(t)], 1, "only pickle weights"),
-    ("hub id while offline", lambda t: ["--model", "no-such-org/no-such-model"], 1, "could not download it"),
-    ("model file not gguf", lambda t: ["--model", not_gguf(t)], 1, "is a file but not a .gguf"),
-    ("unknown config key", bad_yaml, 2, "unknown config key 'selection.budgt'"),
-    ("missing config file", lambda t: ["--config", str(t / "none.yaml")], 2, "does not exist"),
     ("calibration tokens below seq len", lambda t: ["--calibration-tokens", "10"], 2, "below --seq-len"),
+    (
+        "calibration tokens negative",
+        lambda t: ["--calibration-tokens", "-1"],
+        2,
+        "--calibration-tokens must be a positive",
+    ),
+    ("seq len negative", lambda t: ["--seq-len", "-4"], 2, "--seq-len must be a positive integer"),
+    ("batch size zero", lambda t: ["--batch-size", "0"], 2, "--batch-size must be a positive integer"),
+    ("device unknown", lambda t: ["--device", "cuda:x"], 2, "profile.device must be auto, cpu, cuda or cuda:N"),
     ("min quality zero", lambda t: ["--min-quality", "0"], 2, "--min-quality must be in (0, 1]"),
     ("min quality above one", lambda t: ["--min-quality", "1.2"], 2, "--min-quality must be in (0, 1]"),
     (
@@ -109,10 +204,102 @@ BAD_INPUTS: list[tuple[str, Callable[[Path], list[str]], int, str]] = [
     ),
     ("unknown task", lambda t: ["--tasks", "arc_easy,nope"], 1, "--tasks: unknown task 'nope'; known tasks: arc_easy"),
     ("too few items", lambda t: ["--eval-limit", "3"], 2, "--eval-limit must be at least 10"),
+    ("eval limit negative", lambda t: ["--eval-limit", "-5"], 2, "--eval-limit must be at least 10"),
     ("empty task list", lambda t: ["--tasks", " , "], 2, "--tasks is empty"),
+    ("model empty", lambda t: ["--model", ""], 2, "--model is empty"),
+    ("calibration empty", lambda t: ["--calibration", " "], 2, "--calibration is empty"),
+    # serving settings
     ("port out of range", lambda t: ["--port", "70000"], 2, "--port must be a TCP port"),
     ("same port twice", lambda t: ["--port", "8123", "--metrics-port", "8123"], 2, "must differ from --port"),
+    ("port in use", lambda t: ["--port", port_in_use()], 1, "pass another --port"),
+    (
+        "metrics port in use",
+        lambda t: ["--port", str(free_port()), "--metrics-port", port_in_use()],
+        1,
+        "pass another --metrics-port",
+    ),
+    ("host empty", lambda t: ["--host", ""], 2, "--host must be an address without spaces"),
+    ("host with a space", lambda t: ["--host", "127.0.0.1 "], 2, "--host must be an address without spaces"),
+    ("served name empty", lambda t: ["--served-model-name", ""], 2, "--served-model-name must be a non-empty name"),
+    ("served name with spaces", lambda t: ["--served-model-name", "my model"], 2, "name without spaces"),
+    ("api key empty", lambda t: ["--api-key", ""], 2, "--api-key (SHORTGPT_SERVE_API_KEY) is empty"),
+    ("api key after --", lambda t: ["--", "--api-key", "sk-1"], 2, "pass --api-key or SHORTGPT_SERVE_API_KEY"),
+    ("host after --", lambda t: ["--", "--host=0.0.0.0"], 2, "--host among the vLLM arguments (after --)"),
+    ("trust remote code after --", lambda t: ["--", "--trust-remote-code"], 2, "pass --trust-remote-code instead"),
+    # YAML
+    (
+        "unknown config key",
+        lambda t: yaml_file(t, "selection:\n  budgt: 0.7\n"),
+        2,
+        "unknown config key 'selection.budgt'",
+    ),
+    ("missing config file", lambda t: ["--config", str(t / "none.yaml")], 2, "does not exist"),
+    ("config not YAML", lambda t: yaml_file(t, "serve: [\n"), 2, "is not valid YAML at line"),
+    ("config not a mapping", lambda t: yaml_file(t, "- budget\n- 0.7\n"), 2, "must hold a mapping of settings"),
+    (
+        "config section not a mapping",
+        lambda t: yaml_file(t, "serve: 8000\n"),
+        2,
+        "config key 'serve' must be a mapping",
+    ),
+    ("config wrong type", lambda t: yaml_file(t, "serve:\n  port: eighty\n"), 2, "'serve.port' must be int"),
+    ("config bool for int", lambda t: yaml_file(t, "quality:\n  limit: true\n"), 2, "'quality.limit' must be int"),
+    ("config timeout not finite", lambda t: yaml_file(t, "serve:\n  health_timeout: .nan\n"), 2, "must be finite"),
+    (
+        "config empty value",
+        lambda t: yaml_file(t, "selection:\n  budget:\n"),
+        2,
+        "'selection.budget' must not be empty",
+    ),
+    # paths
+    ("model path missing", lambda t: ["--model", str(t / "nope")], 1, "no such file or folder"),
+    ("model file not gguf", lambda t: ["--model", not_gguf(t)], 1, "is a file but not a .gguf"),
+    ("output is a file", lambda t: ["--output", a_file(t)], 2, "is a file; pass a folder path for the checkpoint"),
+    (
+        "output is the model folder",
+        lambda t: ["--model", (m := model_folder(t, "LlamaForCausalLM", "llama")), "--output", m, "--overwrite"],
+        2,
+        "is the model folder",
+    ),
+    ("output inside the model folder", inside_model, 2, "is inside the model folder"),
+    ("output holds the model", holds_model, 2, "holds the model"),
+    ("overwrite a folder not written by us", lambda t: ["--output", a_folder(t), "--overwrite"], 2, "no shortgpt.json"),
+    ("cache dir is a file", lambda t: ["--cache-dir", a_file(t)], 2, "is a file; pass a folder (it is created"),
     ("missing calibration file", lambda t: ["--calibration", str(t / "none.txt")], 1, "no such file or folder"),
+    # models
+    ("model not a causal LM", lambda t: ["--model", not_causal(t)], 1, "is not a causal language model"),
+    (
+        "unsupported architecture",
+        lambda t: ["--model", unsupported(t)],
+        1,
+        "supported model types: gemma2, gemma3_text, granite, llama",
+    ),
+    ("pickle weights only", lambda t: ["--model", pickle_only(t)], 1, "only pickle weights (.bin/.pt), which can run"),
+    ("pickle weights name the flag", lambda t: ["--model", pickle_only(t)], 1, "pass --allow-pickle-weights"),
+    (
+        "pickle weights unreadable",
+        lambda t: ["--model", pickle_only(t), "--allow-pickle-weights"],
+        1,
+        "cannot read the pickle weights",
+    ),
+    (
+        "pickle weights that run code",
+        lambda t: ["--model", pickle_running_code(t), "--allow-pickle-weights"],
+        1,
+        "with torch.load(weights_only=True) (UnpicklingError)",
+    ),
+    ("model ships code", lambda t: ["--model", custom_code(t)], 1, "('auto_map' in config.json)"),
+    ("model code names the flag", lambda t: ["--model", custom_code(t)], 1, "pass --trust-remote-code if you trust"),
+    ("tokenizer ships code", lambda t: ["--model", custom_tokenizer_code(t)], 1, "'auto_map' in tokenizer_config.json"),
+    ("hub id while offline", lambda t: ["--model", "no-such-org/no-such-model"], 1, "could not download it"),
+    # weights
+    ("weights truncated", lambda t: damaged_weights(t, "truncated"), 1, "the checkpoint is damaged"),
+    ("weights garbage", lambda t: damaged_weights(t, "garbage"), 1, "model.safetensors is not a readable safetensors"),
+    ("index names a missing shard", missing_shard, 1, "names missing shard(s) model-0000"),
+    ("config and weights disagree", layer_count_mismatch, 1, "config and the weights disagree"),
+    # data
+    ("calibration shorter than a sequence", short_calibration, 1, "shorter than one sequence of --seq-len 64"),
+    ("calibration jsonl without text", bad_jsonl, 1, "cal.jsonl:2 has no string 'text' field"),
 ]
 
 
@@ -122,12 +309,16 @@ def test_bad_input_battery(
 ) -> None:
     inputs = tmp_path / "inputs"
     inputs.mkdir()
-    given = args(inputs)
-    before = written(inputs)
-    cache_before = written(isolated_env)
-    ports = [] if "--port" in given else ["--port", str(free_port()), "--metrics-port", "0"]
-    argv = [*given, *ports, "--output", str(tmp_path / "out")]
-    result = invoke(argv)
+    try:
+        given = args(inputs)
+        before = written(inputs)
+        cache_before = written(isolated_env)
+        ports = [] if "--port" in given else ["--port", str(free_port()), "--metrics-port", "0"]
+        output = [] if "--output" in given else ["--output", str(tmp_path / "out")]
+        result = invoke([*ports, *output, *given])  # given last: it may end with `-- vLLM arguments`
+    finally:
+        while LISTENING:
+            LISTENING.pop().close()
     assert result.exit_code == code, result.output
     assert text in error_line(result)
     assert not (tmp_path / "out").exists()
@@ -135,57 +326,16 @@ def test_bad_input_battery(
     assert written(isolated_env) == cache_before
 
 
-def test_port_in_use_fails_before_any_work(busy_port: int, tmp_path: Path, isolated_env: Path) -> None:
-    result = invoke(["--budget", "0.75", "--port", str(busy_port), "--output", str(tmp_path / "out")])
-    assert result.exit_code == 1
-    line = error_line(result)
-    assert f"--port {busy_port} on 127.0.0.1 is already in use" in line and "pass another --port" in line
-    assert written(isolated_env) == []  # no model conversion, no profiling happened
-
-
-def test_metrics_port_in_use(busy_port: int, tmp_path: Path) -> None:
-    result = invoke(["--port", str(free_port()), "--metrics-port", str(busy_port)])
-    assert result.exit_code == 1
-    assert f"--metrics-port {busy_port} on 127.0.0.1 is already in use" in error_line(result)
-
-
-def test_calibration_shorter_than_one_sequence(tiny_llama: Path, tmp_path: Path) -> None:
-    text = tmp_path / "short.txt"
-    text.write_text("Only a few words here.")
-    result = invoke(
-        [
-            "prune",
-            "--model",
-            str(tiny_llama),
-            "--calibration",
-            str(text),
-            "--seq-len",
-            "64",
-            "--calibration-tokens",
-            "256",
-            "--output",
-            str(tmp_path / "out"),
-        ]
-    )
-    assert result.exit_code == 1
-    assert "shorter than one sequence of --seq-len 64" in error_line(result)
-    assert not (tmp_path / "out").exists()
-
-
-def test_bad_jsonl_calibration(tiny_llama: Path, tmp_path: Path) -> None:
-    data = tmp_path / "cal.jsonl"
-    data.write_text('{"text": "fine"}\n{"body": "no text field"}\n')
-    result = invoke(["profile", "--model", str(tiny_llama), "--calibration", str(data)])
-    assert result.exit_code == 1
-    assert "cal.jsonl:2 has no string 'text' field" in error_line(result)
-
-
 def test_prune_on_tiny_model_end_to_end(tiny_llama: Path, tmp_path: Path) -> None:
     text = tmp_path / "cal.txt"
     text.write_text("\n\n".join([CORPUS] * 4))
     out = tmp_path / "short"
+    settings = tmp_path / "settings.yaml"
+    settings.write_text(f"serve:\n  api_key: {SECRET}\n")
     args = [
         "prune",
+        "--config",
+        str(settings),
         "--model",
         str(tiny_llama),
         "--calibration",
@@ -209,9 +359,120 @@ def test_prune_on_tiny_model_end_to_end(tiny_llama: Path, tmp_path: Path) -> Non
     assert record["calibration"]["num_tokens"] > 0
     assert f"Checkpoint: {out}" in result.output
     assert "removed" in result.output  # the BI table marks the removed layers
+    # The API key in the settings is written nowhere: not in the output, the provenance, the report or the card.
+    assert SECRET not in result.output
+    assert all(SECRET.encode() not in f.read_bytes() for f in out.iterdir())
     # Same output again without --overwrite: refused, the folder is kept.
     again = invoke(args)
     assert again.exit_code == 1 and "already exists" in error_line(again)
+    # --overwrite replaces a checkpoint written by shortgpt-serve.
+    assert invoke([*args, "--overwrite"]).exit_code == 0
+    assert json.loads((out / "shortgpt.json").read_text())["created"] >= record["created"]
+
+
+SECRET = "sk-never-written-4711"
+
+
+@pytest.fixture
+def checkpoint_with_code(tiny_llama: Path, tmp_path: Path) -> Path:
+    """A shortened checkpoint whose config names the model's own code (auto_map)."""
+    import shutil
+
+    from shortgpt_serve.checkpoint import write_checkpoint
+    from shortgpt_serve.models import resolve_model
+
+    src = tmp_path / "custom"
+    shutil.copytree(tiny_llama, src)
+    cfg = json.loads((src / "config.json").read_text())
+    (src / "config.json").write_text(json.dumps({**cfg, "auto_map": {"AutoModelForCausalLM": "m.CustomForCausalLM"}}))
+    source = resolve_model(str(src), tmp_path / "cache", trust_remote_code=True)
+    return write_checkpoint(source, [2], tmp_path / "short-custom")
+
+
+@pytest.fixture
+def engine_calls(monkeypatch: pytest.MonkeyPatch) -> list[dict[str, object]]:
+    """Stub the engine start: record its arguments and fail with one line, so `serve` stops there."""
+    from shortgpt_serve.errors import ServeError
+
+    calls: list[dict[str, object]] = []
+
+    def start_engine(model_dir: Path, cfg: object, name: str, *, trust_remote_code: bool = False) -> None:
+        calls.append({"model_dir": model_dir, "trust_remote_code": trust_remote_code})
+        raise ServeError("engine not started in this test")
+
+    # The package exports a function named `serve`, so the module is looked up by name.
+    monkeypatch.setattr(importlib.import_module("shortgpt_serve.serve"), "start_engine", start_engine)
+    return calls
+
+
+def test_serve_runs_model_code_only_when_trusted(
+    checkpoint_with_code: Path, engine_calls: list[dict[str, object]]
+) -> None:
+    args = ["serve", str(checkpoint_with_code), "--port", str(free_port()), "--metrics-port", "0", "--compare", "off"]
+    refused = invoke(args)
+    assert refused.exit_code == 1
+    assert "('auto_map' in config.json)" in error_line(refused) and "pass --trust-remote-code" in error_line(refused)
+    assert engine_calls == []
+    by_flag = invoke([*args, "--trust-remote-code"])
+    by_env = invoke(args, env={"SHORTGPT_SERVE_TRUST_REMOTE_CODE": "1"})
+    for result in (by_flag, by_env):
+        assert "engine not started in this test" in error_line(result)
+    assert [c["trust_remote_code"] for c in engine_calls] == [True, True]
+
+
+@pytest.mark.parametrize(
+    ("host", "api_key", "warned"), [("0.0.0.0", None, True), ("0.0.0.0", SECRET, False), ("127.0.0.1", None, False)]
+)
+def test_network_bind_without_api_key_warns(
+    tiny_llama: Path,
+    tmp_path: Path,
+    engine_calls: list[dict[str, object]],
+    host: str,
+    api_key: str | None,
+    warned: bool,
+) -> None:
+    from shortgpt_serve.checkpoint import write_checkpoint
+    from shortgpt_serve.models import resolve_model
+
+    out = write_checkpoint(resolve_model(str(tiny_llama), tmp_path / "cache"), [2], tmp_path / "short")
+    port = free_port()
+    key = ["--api-key", api_key] if api_key else []
+    result = invoke(
+        ["serve", str(out), "--host", host, "--port", str(port), "--metrics-port", "0", "--compare", "off", *key]
+    )
+    assert "engine not started in this test" in error_line(result) and len(engine_calls) == 1
+    warnings = [line for line in result.output.splitlines() if "reachable from the network" in line]
+    expected = (
+        f"[shortgpt-serve] --host {host} is reachable from the network and no --api-key is set: anyone who reaches "
+        f"port {port} can use the model"
+    )
+    assert warnings == ([expected] if warned else [])
+    assert SECRET not in result.output
+
+
+def test_pickle_weights_allowed_by_flag_or_environment(tmp_path: Path) -> None:
+    src = save_tiny_llama(tmp_path / "pickled", pickle_weights=True)
+    text = tmp_path / "cal.txt"
+    text.write_text(CORPUS * 4)
+    args = [
+        "profile",
+        "--model",
+        str(src),
+        "--calibration",
+        str(text),
+        "--seq-len",
+        "32",
+        "--calibration-tokens",
+        "256",
+    ]
+    refused = invoke(args)
+    assert refused.exit_code == 1 and "pass --allow-pickle-weights" in error_line(refused)
+    by_flag = invoke([*args, "--allow-pickle-weights", "--json", str(tmp_path / "flag.json")])
+    by_env = invoke([*args, "--json", str(tmp_path / "env.json")], env={"SHORTGPT_SERVE_ALLOW_PICKLE_WEIGHTS": "1"})
+    assert by_flag.exit_code == 0, by_flag.output
+    assert by_env.exit_code == 0, by_env.output
+    flag_bi = json.loads((tmp_path / "flag.json").read_text())["bi"]
+    assert len(flag_bi) == 6 and flag_bi == json.loads((tmp_path / "env.json").read_text())["bi"]
 
 
 def test_profile_writes_json(tiny_llama: Path, tmp_path: Path) -> None:
@@ -285,43 +546,3 @@ def test_verify_command(tiny_llama: Path, tmp_path: Path) -> None:
     (out / "shortgpt.json").unlink()
     assert "not written by shortgpt-serve" in error_line(invoke(["verify", str(out)]))
     assert "is not a folder" in error_line(invoke(["verify", str(tmp_path / "nope")]))
-
-
-@pytest.mark.parametrize("damage", ["truncated", "garbage"])
-def test_damaged_weights(tiny_llama: Path, tmp_path: Path, damage: str) -> None:
-    import shutil
-
-    src = tmp_path / "model"
-    shutil.copytree(tiny_llama, src)
-    weights = src / "model.safetensors"
-    data = weights.read_bytes()
-    weights.write_bytes(data[: len(data) // 2] if damage == "truncated" else b"\x00" * 64)
-    result = invoke(["prune", "--model", str(src), "--no-quality", "--output", str(tmp_path / "out")])
-    assert result.exit_code == 1
-    assert "model.safetensors" in error_line(result) and "damaged" in error_line(result)
-    assert not (tmp_path / "out").exists()
-
-
-def test_index_naming_missing_shard(make_tiny_model: Callable[..., Path], tmp_path: Path) -> None:
-    import shutil
-
-    src = tmp_path / "model"
-    shutil.copytree(make_tiny_model("llama", max_shard_size=60_000), src)
-    shard = sorted(src.glob("model-*.safetensors"))[-1]
-    shard.unlink()
-    result = invoke(["prune", "--model", str(src), "--no-quality", "--output", str(tmp_path / "out")])
-    assert result.exit_code == 1
-    assert f"names missing shard(s) {shard.name}" in error_line(result)
-
-
-def test_config_layer_count_disagrees_with_weights(tiny_llama: Path, tmp_path: Path) -> None:
-    import shutil
-
-    src = tmp_path / "model"
-    shutil.copytree(tiny_llama, src)
-    cfg = json.loads((src / "config.json").read_text())
-    cfg["num_hidden_layers"] = 4
-    (src / "config.json").write_text(json.dumps(cfg))
-    result = invoke(["prune", "--model", str(src), "--no-quality", "--output", str(tmp_path / "out")])
-    assert result.exit_code == 1
-    assert "config and the weights disagree" in error_line(result)
