@@ -184,9 +184,12 @@ class Engine:
         )
 
     def stop(self, timeout: float) -> int:
-        """SIGTERM the engine's process group, SIGKILL it after ``timeout`` seconds; returns its exit code."""
+        """SIGTERM the engine's server, SIGKILL its whole process group after ``timeout`` seconds; returns its exit
+        code. The server shuts its own engine workers down in order; signalling them all at once would make it log
+        a dead-engine error on every stop."""
         if self.process.poll() is None:
-            self._signal_group(signal.SIGTERM)
+            with contextlib.suppress(ProcessLookupError):
+                self.process.send_signal(signal.SIGTERM)
             try:
                 self.process.wait(timeout)
             except subprocess.TimeoutExpired:
