@@ -2,19 +2,22 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import datetime as dt
 import functools
 import logging
 import signal
 import sys
 import threading
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import click
 
-from shortgpt_serve import __version__
+from shortgpt_serve import __version__, cache
 from shortgpt_serve.config import (
     COMPARE_MODES,
     BenchmarkConfig,
@@ -309,9 +312,10 @@ def run_command(config_path: str | None, vllm_args: tuple[str, ...], **flags: An
     check_port_free(config.serve.host, config.serve.port, "--port")
     if config.serve.metrics_port:
         check_port_free(config.serve.host, config.serve.metrics_port, "--metrics-port")
-    prepared = prepare(config)
-    _print_choice(prepared)
-    _serve(prepared.checkpoint, config, prepared.served_model_name, prepared.provenance, prepared.source.path)
+    with contextlib.ExitStack() as in_use:  # `cache clear` leaves the served checkpoint alone while this runs
+        prepared = prepare(config, in_use=in_use)
+        _print_choice(prepared)
+        _serve(prepared.checkpoint, config, prepared.served_model_name, prepared.provenance, prepared.source.path)
 
 
 @cli.command(name="profile")
@@ -368,10 +372,17 @@ def serve_command(checkpoint: Path, config_path: str | None, vllm_args: tuple[st
     check_port_free(config.serve.host, config.serve.port, "--port")
     if config.serve.metrics_port:
         check_port_free(config.serve.host, config.serve.metrics_port, "--metrics-port")
-    provenance = verify_checkpoint(checkpoint)
-    check_remote_code(checkpoint, read_config(checkpoint), config.trust_remote_code)
-    name = config.serve.served_model_name or provenance.get("served_model_name") or f"{checkpoint.name}"
-    _serve(checkpoint, config, name, provenance, _full_model_of(provenance, config))
+    with contextlib.ExitStack() as in_use:
+        cache_dir = config.resolved_cache_dir()
+        entry = cache.entry_of(cache_dir, checkpoint)
+        if entry is not None:  # a checkpoint in the cache: kept from `cache clear`, verified against the hash memo
+            in_use.enter_context(cache.in_use(cache_dir, *entry))
+            provenance = verify_checkpoint(checkpoint, cache.FileHashes(cache_dir).sha256)
+        else:
+            provenance = verify_checkpoint(checkpoint)
+        check_remote_code(checkpoint, read_config(checkpoint), config.trust_remote_code)
+        name = config.serve.served_model_name or provenance.get("served_model_name") or f"{checkpoint.name}"
+        _serve(checkpoint, config, name, provenance, _full_model_of(provenance, config))
 
 
 @cli.command(name="verify")
@@ -404,6 +415,115 @@ def show_config_command(config_path: str | None, vllm_args: tuple[str, ...], **f
     if config.serve.api_key:
         config = dataclasses.replace(config, serve=dataclasses.replace(config.serve, api_key="<set>"))
     click.echo(dump_config(config), nl=False)
+
+
+# --- cache ------------------------------------------------------------------------------------------------------
+
+CACHE_DIR_OPTION = click.option(
+    "--cache-dir", show_envvar=True, envvar="SHORTGPT_SERVE_CACHE_DIR", help=_doc(Config, "cache_dir")
+)
+
+
+@cli.group(name="cache")
+def cache_group() -> None:
+    """List or clear the cache: converted models, profiles, full-model scores, checkpoints and benchmarks.
+
+    Each entry is keyed by what determines it and verified before reuse; see the README's "Cache" section.
+    """
+
+
+def _human(size: int) -> str:
+    value = float(size)
+    for unit in ("B", "KB", "MB", "GB"):
+        if value < 1000 or unit == "GB":
+            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
+        value /= 1000
+    raise AssertionError("unreachable")
+
+
+def _when(ts: float | None) -> str:
+    return dt.datetime.fromtimestamp(ts).strftime("%Y-%m-%d %H:%M") if ts else "-"
+
+
+def _left_table(header: list[str], rows: list[list[str]]) -> str:
+    widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(header)]
+    lines = ["  ".join(v.ljust(w) for v, w in zip(line, widths, strict=True)).rstrip() for line in [header, *rows]]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+@cache_group.command(name="list")
+@CONFIG_OPTION
+@CACHE_DIR_OPTION
+@click.option(
+    "--verify", is_flag=True, help="Read every byte of every entry against its manifest (slow on big models)."
+)
+@_handle_errors
+def cache_list(config_path: str | None, cache_dir: str | None, verify: bool) -> None:
+    """Show the cache's entries: kind, key, size, last use and what each one is."""
+    root = build_config(config_path, {"cache_dir": cache_dir}).resolved_cache_dir()
+    found = cache.entries(root)
+    if not found:
+        click.echo(f"The cache {root} is empty.")
+        return
+    header = ["KIND", "KEY", "SIZE", "LAST USED", "WHAT"] + (["STATUS"] if verify else [])
+    rows = []
+    damaged = 0
+    for e in found:
+        busy = cache.held(root, e.kind, e.name) if e.kind in cache.KINDS and not e.leftover else None
+        row = [e.kind, e.key, _human(e.size), _when(e.when), e.what + (f" [{busy}]" if busy else "")]
+        if verify:
+            problem = cache.verify(root, e)
+            damaged += problem is not None
+            row.append("ok" if problem is None else f"DAMAGED: {problem}")
+        rows.append(row)
+    click.echo(f"Cache: {root}")
+    click.echo(_left_table(header, rows))
+    total = sum(e.size for e in found)
+    click.echo(f"{len(found)} item(s), {_human(total)} in all.")
+    if damaged:
+        raise click.ClickException(
+            f"{damaged} damaged item(s); the next run rebuilds them, or `shortgpt-serve cache clear` removes them."
+        )
+
+
+@cache_group.command(name="clear")
+@CONFIG_OPTION
+@CACHE_DIR_OPTION
+@click.option(
+    "--kind",
+    "kinds",
+    multiple=True,
+    type=click.Choice([*cache.KINDS, cache.HASHES]),
+    help="Only entries of this kind (repeatable). Default: every kind.",
+)
+@click.option("--older-than", type=float, metavar="DAYS", help="Only entries last used more than DAYS days ago.")
+@click.option("--yes", "-y", is_flag=True, help="Remove without asking.")
+@_handle_errors
+def cache_clear(
+    config_path: str | None, cache_dir: str | None, kinds: tuple[str, ...], older_than: float | None, yes: bool
+) -> None:
+    """Remove cache entries; an entry a running shortgpt-serve is writing or serving is kept."""
+    root = build_config(config_path, {"cache_dir": cache_dir}).resolved_cache_dir()
+    if older_than is not None and not older_than >= 0:
+        raise BadSetting(f"--older-than must be a number of days >= 0, got {older_than}.")
+    age = None if older_than is None else older_than * 86400
+    chosen = cache.select(cache.entries(root), set(kinds) or None, age, time.time())
+    if not chosen:
+        click.echo(f"Nothing to clear in {root}.")
+        return
+    if not yes:
+        click.confirm(f"Remove {len(chosen)} item(s), {_human(sum(e.size for e in chosen))}, from {root}?", abort=True)
+    result = cache.clear(root, chosen)
+    for e in result.removed:
+        click.echo(f"Removed {e.kind}/{e.name} ({_human(e.size)})")
+    click.echo(f"Freed {_human(result.freed)} in {root}.")
+    if result.kept:
+        for e, why in result.kept:
+            click.echo(f"Kept {e.kind}/{e.name}: {why}")
+        raise click.ClickException(
+            f"{len(result.kept)} item(s) in use by a running shortgpt-serve were kept; stop it and clear again."
+        )
 
 
 def _print_choice(prepared: Any) -> None:
@@ -444,7 +564,7 @@ def _serve(
     metrics = LauncherMetrics()
     metrics.record_checkpoint(provenance)
     dist, version = engine_dist()
-    metrics.record_build(dist, version, provenance["source"]["origin"], name)
+    metrics.record_build(dist, version, provenance, name)
     server = start_metrics_server(metrics, cfg.host, cfg.metrics_port) if cfg.metrics_port else None
     comparison = None
     if config.benchmark.mode != "off":

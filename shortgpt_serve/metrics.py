@@ -167,8 +167,17 @@ class LauncherMetrics:
         )
         self.build_info = Gauge(
             "shortgpt_build_info",
-            "Always 1; labels name the tool, engine and models.",
-            ["version", "engine", "engine_version", "source_model", "served_model_name"],
+            "Always 1; labels name the tool, the engine and the models: the source model and the first 12 hex "
+            "digits of its content hash, the served name and the checkpoint's content hash.",
+            [
+                "version",
+                "engine",
+                "engine_version",
+                "source_model",
+                "source_sha256",
+                "served_model_name",
+                "checkpoint_sha256",
+            ],
             registry=r,
         )
 
@@ -239,8 +248,21 @@ class LauncherMetrics:
                 if "efficiency" in row:
                     self.speedup_efficiency.labels(level).set(row["efficiency"])
 
-    def record_build(self, engine: str, engine_version: str, source_model: str, served_model_name: str) -> None:
-        self.build_info.labels(__version__, engine, engine_version, source_model, served_model_name).set(1)
+    def record_build(
+        self, engine: str, engine_version: str, provenance: dict[str, Any], served_model_name: str
+    ) -> None:
+        from shortgpt_serve.compare import checkpoint_digest
+
+        src = provenance["source"]
+        self.build_info.labels(
+            __version__,
+            engine,
+            engine_version,
+            src["origin"],
+            str(src.get("sha256", ""))[:12],
+            served_model_name,
+            checkpoint_digest(provenance)[:12],
+        ).set(1)
 
 
 def start_metrics_server(metrics: LauncherMetrics, host: str, port: int) -> Any:
