@@ -419,6 +419,12 @@ def dockerfile_instructions() -> list[tuple[str, str]]:
     return out
 
 
+def healthcheck_command() -> list[str]:
+    (healthcheck,) = [v for k, v in dockerfile_instructions() if k == "HEALTHCHECK"]
+    command: list[str] = json.loads(healthcheck.split(" CMD ", 1)[1])
+    return command
+
+
 def test_dockerfile_copies_real_files_and_runs_the_console_script() -> None:
     import tomllib
 
@@ -441,7 +447,7 @@ def test_dockerfile_copies_real_files_and_runs_the_console_script() -> None:
     defaults = serve_defaults()
     assert values["EXPOSE"].split() == [str(defaults.port), str(defaults.metrics_port)]
     assert json.loads(values["VOLUME"]) == ["/cache"]
-    assert "/health" in values["HEALTHCHECK"]
+    assert healthcheck_command()[0] == "/app/.venv/bin/python"
     env = dict(re.findall(r"(SHORTGPT_SERVE_\w+)=(\S+)", " ".join(v for k, v in instructions if k == "ENV")))
     assert set(env) <= cli_envvars(), set(env) - cli_envvars()
     assert env["SHORTGPT_SERVE_HOST"] == "0.0.0.0" and env["SHORTGPT_SERVE_CACHE_DIR"] == "/cache"
@@ -504,6 +510,16 @@ def api(base: str, path: str, **params: str) -> Any:
         body = json.loads(r.read())
     assert body["status"] == "success", body
     return body["data"]
+
+
+@pytest.mark.slow
+def test_dockerfile_healthcheck_probes_the_real_server(server: Any) -> None:
+    """The image's HEALTHCHECK command, run here against the real server's port: 0 when up, 1 on a closed port."""
+    command = [sys.executable, *healthcheck_command()[1:]]
+    ok = run(command, env={"SHORTGPT_SERVE_PORT": str(server.port)})
+    assert ok.returncode == 0, ok.stderr
+    closed = run(command, env={"SHORTGPT_SERVE_PORT": str(free_port())})
+    assert closed.returncode != 0
 
 
 @pytest.fixture
