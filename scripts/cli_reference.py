@@ -9,6 +9,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
+import click
 from click.testing import CliRunner
 
 from shortgpt_serve.cli import cli
@@ -19,7 +20,12 @@ OUT = Path(__file__).resolve().parents[1] / "docs" / "cli.md"
 def render() -> str:
     runner = CliRunner()
     parts = ["# CLI reference", "", "Generated from `--help` by `scripts/cli_reference.py`; do not edit by hand.", ""]
-    for args in ([], *([name] for name in cli.commands)):
+    commands: list[list[str]] = [[]]
+    for name, command in cli.commands.items():
+        commands.append([name])
+        if isinstance(command, click.Group):  # e.g. `cache list`, `cache clear`
+            commands += [[name, sub] for sub in command.commands]
+    for args in commands:
         title = " ".join(["shortgpt-serve", *args])
         text = runner.invoke(cli, [*args, "--help"], prog_name="shortgpt-serve", terminal_width=100).output
         parts += [f"## `{title}`", "", "```", text.rstrip(), "```", ""]

@@ -10,6 +10,7 @@ from __future__ import annotations
 import datetime as dt
 import json
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -95,17 +96,23 @@ def _write_weights(source: ModelSource, removed: list[int], out: Path) -> dict[s
     return hashes
 
 
+def side_files(src: Path) -> list[Path]:
+    """The source folder's files copied into the checkpoint as they are: tokenizer, templates, generation config."""
+    return [
+        f
+        for f in sorted(src.iterdir())
+        if f.is_file()
+        and f.name not in NOT_COPIED
+        and not f.name.endswith(NOT_COPIED_SUFFIXES)
+        and not f.name.startswith(".")
+    ]
+
+
 def _copy_side_files(src: Path, out: Path) -> list[str]:
     copied = []
-    for f in sorted(src.iterdir()):
-        if (
-            f.is_file()
-            and f.name not in NOT_COPIED
-            and not f.name.endswith(NOT_COPIED_SUFFIXES)
-            and not f.name.startswith(".")
-        ):
-            shutil.copy2(f, out / f.name)
-            copied.append(f.name)
+    for f in side_files(src):
+        shutil.copy2(f, out / f.name)
+        copied.append(f.name)
     return copied
 
 
@@ -166,10 +173,12 @@ def write_checkpoint(
     provenance: dict[str, Any] | None = None,
     extra_files: dict[str, bytes] | None = None,
     overwrite: bool = False,
+    seal: Callable[[Path], None] | None = None,
 ) -> Path:
     """Write ``source`` without the ``removed`` layers to ``output`` (a folder that must not exist unless
     ``overwrite``). ``provenance`` adds to the record written beside the weights; ``extra_files`` (name -> bytes,
-    e.g. the report) are written into the folder too and listed with their hashes."""
+    e.g. the report) are written into the folder too and listed with their hashes. ``seal(folder)`` runs on the
+    complete temp folder just before it is renamed into place (the cache writes its manifest there)."""
     removed = check_removed(list(removed), source.num_layers)
     if output.exists() and not overwrite:
         raise CheckpointError(f"output folder {output} already exists; pass --overwrite or choose another --output.")
@@ -208,6 +217,8 @@ def write_checkpoint(
                 f.name: hashes.get(f.name) or sha256_file(f) for f in sorted(tmp.iterdir()) if f.is_file()
             }
             (tmp / PROVENANCE_NAME).write_text(json.dumps(record, indent=2) + "\n")
+            if seal is not None:
+                seal(tmp)
     except OSError as exc:
         raise CheckpointError(
             f"cannot write {output} ({exc.strerror or exc}); check free space and permissions."
@@ -219,11 +230,19 @@ def read_provenance(folder: Path) -> dict[str, Any]:
     path = folder / PROVENANCE_NAME
     if not path.is_file():
         raise CheckpointError(f"{folder} has no {PROVENANCE_NAME}; it was not written by shortgpt-serve.")
-    return json.loads(path.read_text())
+    try:
+        record = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise CheckpointError(f"{path} is not readable JSON ({exc}); the checkpoint is damaged, rewrite it.") from exc
+    if not isinstance(record, dict):
+        raise CheckpointError(f"{path} does not hold a JSON object; the checkpoint is damaged, rewrite it.")
+    return record
 
 
-def verify_checkpoint(folder: Path) -> dict[str, Any]:
-    """Check every file listed in the provenance record against its sha256; returns the record."""
+def verify_checkpoint(folder: Path, hasher: Callable[[Path], str] = sha256_file) -> dict[str, Any]:
+    """Check every file listed in the provenance record against its sha256; returns the record.
+
+    ``hasher``: how a file's sha256 is found (the cache passes its memo, so unchanged files are not read again)."""
     record = read_provenance(folder)
     files = record.get("files")
     if not isinstance(files, dict) or not files:
@@ -232,6 +251,6 @@ def verify_checkpoint(folder: Path) -> dict[str, Any]:
         path = folder / name
         if not path.is_file():
             raise CheckpointError(f"{path} is missing; the checkpoint is incomplete, rewrite it.")
-        if sha256_file(path) != digest:
+        if hasher(path) != digest:
             raise CheckpointError(f"{path} does not match its recorded sha256; the checkpoint is damaged, rewrite it.")
     return record

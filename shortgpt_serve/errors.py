@@ -43,3 +43,7 @@ class QualityError(ShortGPTError):
 
 class BudgetError(ShortGPTError):
     """The latency budget and the accuracy floor cannot both be met and the user asked for strictness."""
+
+
+class CacheError(ShortGPTError):
+    """The cache folder cannot be written (full, read-only, or not a folder)."""

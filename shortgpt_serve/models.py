@@ -10,7 +10,6 @@ explicitly.
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import importlib.util
 import json
@@ -18,15 +17,16 @@ import logging
 import pickle
 import re
 import shutil
-import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from shortgpt_serve.cache import FileHashes, folder_entry
 from shortgpt_serve.config import DEFAULT_MODEL_NAME
 from shortgpt_serve.errors import ModelError
 from shortgpt_serve.families import Family, family_for
+from shortgpt_serve.fsutil import sha256_file
 
 if TYPE_CHECKING:
     import torch
@@ -67,20 +67,12 @@ class ModelSource:
         return int(self.config["num_hidden_layers"])
 
 
-def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
-
-
-def folder_hash(path: Path, weights: str = "*.safetensors") -> str:
-    """sha256 over config.json and the weight files, by name and content."""
+def folder_hash(path: Path, weights: str = "*.safetensors", hasher: Callable[[Path], str] = sha256_file) -> str:
+    """sha256 over config.json and the weight files, by name and content (``hasher``: each file's sha256)."""
     h = hashlib.sha256()
     for f in sorted([path / "config.json", *path.glob(weights)]):
         h.update(f.name.encode())
-        h.update(sha256_file(f).encode())
+        h.update(hasher(f).encode())
     return h.hexdigest()
 
 
@@ -158,7 +150,13 @@ def check_remote_code(folder: Path, config: dict[str, Any], trust_remote_code: b
 
 
 def _source(
-    path: Path, name: str, origin: str, sha: str | None = None, *, trust_remote_code: bool = False
+    path: Path,
+    name: str,
+    origin: str,
+    sha: str | None = None,
+    *,
+    trust_remote_code: bool = False,
+    hasher: Callable[[Path], str] = sha256_file,
 ) -> ModelSource:
     from shortgpt_serve.weights import check_layer_count, check_readable, weight_map
 
@@ -172,7 +170,7 @@ def _source(
     if sha is None:
         # Converted folders are identified by the file they came from; others by their own files.
         record = path / SOURCE_RECORD
-        sha = json.loads(record.read_text())["sha256"] if record.is_file() else folder_hash(path)
+        sha = json.loads(record.read_text())["sha256"] if record.is_file() else folder_hash(path, hasher=hasher)
     return ModelSource(
         path=path,
         name=name,
@@ -185,9 +183,17 @@ def _source(
 
 
 def resolve_model(
-    spec: str | None, cache_dir: Path, *, allow_pickle_weights: bool = False, trust_remote_code: bool = False
+    spec: str | None,
+    cache_dir: Path,
+    *,
+    allow_pickle_weights: bool = False,
+    trust_remote_code: bool = False,
+    hashes: FileHashes | None = None,
 ) -> ModelSource:
     """Turn ``--model`` into a local safetensors folder, converting or downloading once into ``cache_dir``.
+
+    ``hashes``: the memo of file hashes to use (default: the cache's), e.g. a deferred one the caller saves once
+    the run has passed its input checks.
 
     ``allow_pickle_weights``: convert a folder of .bin weights (else refused). ``trust_remote_code``: accept and
     run a model's own code (else a model with ``auto_map`` is refused).
@@ -220,10 +226,16 @@ def resolve_model(
             check_remote_code(folder, config, trust_remote_code)
             converted = convert_pickle(folder, cache_dir, folder.name, trust_remote_code=trust_remote_code)
             return _source(converted, folder.name, str(folder), trust_remote_code=trust_remote_code)
-        return _source(folder, folder.name, str(folder), trust_remote_code=trust_remote_code)
+        # The memo of file hashes spares re-reading gigabytes of unchanged weights at every start.
+        hasher = (hashes or FileHashes(cache_dir)).sha256
+        return _source(folder, folder.name, str(folder), trust_remote_code=trust_remote_code, hasher=hasher)
     if HUB_ID.match(spec) and not spec.startswith((".", "~")):
         return _source(
-            download(spec, cache_dir), spec.split("/")[-1], f"hub:{spec}", trust_remote_code=trust_remote_code
+            download(spec, cache_dir),
+            spec.split("/")[-1],
+            f"hub:{spec}",
+            trust_remote_code=trust_remote_code,
+            hasher=(hashes or FileHashes(cache_dir)).sha256,
         )
     raise ModelError(
         f"--model {spec}: no such file or folder; pass an existing model folder, a .gguf file or a hub id (owner/name)."
@@ -247,10 +259,11 @@ def download(repo_id: str, cache_dir: Path) -> Path:
 
 def convert_gguf(gguf: Path, cache_dir: Path, name: str) -> Path:
     """Convert a GGUF file once to a bf16 safetensors folder in the cache; later calls reuse it."""
-    sha = sha256_file(gguf)
+    sha = FileHashes(cache_dir).sha256(gguf)
     record = {"gguf": str(gguf), "sha256": sha, "name": name}
     return _convert_once(
-        cache_dir / "models" / f"{name}-{sha[:12]}",
+        cache_dir,
+        "gguf",
         gguf.name,
         record,
         lambda tmp: _write_gguf_as_safetensors(gguf, tmp),
@@ -263,41 +276,36 @@ def convert_pickle(folder: Path, cache_dir: Path, name: str, *, trust_remote_cod
     The weights are read with ``torch.load(weights_only=True)`` (tensors and plain containers, no arbitrary
     objects); the caller has accepted the risk that remains.
     """
-    sha = folder_hash(folder, "*.bin")
+    hashes = FileHashes(cache_dir, deferred=True)  # remembered only once the weights proved readable
+    sha = folder_hash(folder, "*.bin", hasher=hashes.sha256)
     record = {"pickle_folder": str(folder), "sha256": sha, "name": name}
-    return _convert_once(
-        cache_dir / "models" / f"{name}-{sha[:12]}",
+    converted = _convert_once(
+        cache_dir,
+        "pickle",
         folder.name,
         record,
         lambda tmp: _write_pickle_as_safetensors(folder, tmp, trust_remote_code),
     )
+    hashes.save()
+    return converted
 
 
-def _convert_once(target: Path, what: str, record: dict[str, Any], write: Callable[[Path], None]) -> Path:
-    """Write a converted model folder under a temp name and rename it into place; a folder that exists is whole."""
-    if (target / SOURCE_RECORD).is_file():
-        return target
-    created = [d for d in (target.parent, *target.parent.parents) if not d.exists()]
-    target.parent.mkdir(parents=True, exist_ok=True)
-    log.info("Converting %s to safetensors in %s (once)", what, target)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
-    try:
+def _convert_once(cache_dir: Path, fmt: str, what: str, record: dict[str, Any], write: Callable[[Path], None]) -> Path:
+    """A cache entry (``models``) keyed by the source's content: converted once, under the entry's lock, into a
+    temp folder renamed into place; a verified one is reused, a damaged one rebuilt."""
+
+    def build(tmp: Path) -> None:
+        log.info("Converting %s to safetensors in %s (once)", what, cache_dir / "models")
         write(tmp)
         (tmp / SOURCE_RECORD).write_text(json.dumps(record, indent=2) + "\n")
-        try:
-            tmp.rename(target)
-        except OSError:
-            if not (target / SOURCE_RECORD).is_file():
-                raise
-            # Another launcher finished the same conversion first; theirs is as good as ours.
-            shutil.rmtree(tmp, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        for d in created:  # deepest first, each only if still empty: leave the cache as it was
-            with contextlib.suppress(OSError):
-                d.rmdir()
-        raise
-    return target
+
+    key = {"format": fmt, "sha256": record["sha256"], "name": record["name"]}
+    hashes = FileHashes(cache_dir)
+    description = f"{record['name']} converted from {what}"
+    path, _ = folder_entry(
+        cache_dir, "models", key, label=record["name"], build=build, description=description, hasher=hashes
+    )
+    return path
 
 
 def _write_pickle_as_safetensors(src: Path, out: Path, trust_remote_code: bool) -> None:

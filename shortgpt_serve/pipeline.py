@@ -12,19 +12,20 @@ import json
 import logging
 import time
 from collections.abc import Callable
+from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from shortgpt_serve import __version__
+from shortgpt_serve import cache
 from shortgpt_serve.calibration import CalibrationSet, Documents, load_documents, pack
-from shortgpt_serve.checkpoint import PROVENANCE_NAME, verify_checkpoint, write_checkpoint
+from shortgpt_serve.checkpoint import PROVENANCE_NAME, side_files, write_checkpoint
 from shortgpt_serve.config import Config
 from shortgpt_serve.errors import CheckpointError, ConfigError, QualityError
-from shortgpt_serve.fsutil import atomic_write_text
-from shortgpt_serve.models import ModelSource, load_model, load_tokenizer, resolve_dtype, resolve_model
+from shortgpt_serve.models import ModelSource, load_model, load_tokenizer, resolve_device, resolve_dtype, resolve_model
 from shortgpt_serve.profile import LayerProfile, angular_distances, profile_model
 from shortgpt_serve.selection import (
+    Candidate,
     CostModel,
     Evaluator,
     Selection,
@@ -58,13 +59,14 @@ def served_name(config: Config, source: ModelSource) -> str:
     return config.serve.served_model_name or f"{source.name}-short"
 
 
-def resolve_source(config: Config) -> ModelSource:
+def resolve_source(config: Config, hashes: cache.FileHashes | None = None) -> ModelSource:
     """``--model`` as a local safetensors folder, under the config's pickle and remote-code permissions."""
     return resolve_model(
         config.model,
         config.resolved_cache_dir(),
         allow_pickle_weights=config.allow_pickle_weights,
         trust_remote_code=config.trust_remote_code,
+        hashes=hashes,
     )
 
 
@@ -121,14 +123,39 @@ def calibration_set(config: Config, source: ModelSource, docs: Documents) -> Cal
 
 
 def run_profile(config: Config, source: ModelSource, docs: Documents, progress: bool = True) -> LayerProfile:
-    """Load the model and measure every layer's Block Influence on the calibration documents."""
-    calib = calibration_set(config, source, docs)
-    log.info("Loading %s for profiling", source.origin)
-    model = load_model(source, config.profile.device, config.profile.dtype)
+    """Every layer's Block Influence on the calibration documents: from the cache, or measured and cached."""
+    key = profile_key(config, source, docs, cache.FileHashes(config.resolved_cache_dir()))
+    loaded = Loaded(config, source, docs)
     try:
-        return _profile(config, source, model, calib, progress)
+        return cached_profile(
+            config, source, key, lambda: _profile(config, source, loaded.model(), loaded.calib(), progress)
+        )[0]
     finally:
-        del model
+        loaded.close()
+
+
+class Loaded:
+    """The calibration set and the model, built when first needed: a cached profile needs neither."""
+
+    def __init__(self, config: Config, source: ModelSource, docs: Documents) -> None:
+        self.config, self.source, self.docs = config, source, docs
+        self._calib: CalibrationSet | None = None
+        self._model: PreTrainedModel | None = None
+
+    def calib(self) -> CalibrationSet:
+        if self._calib is None:
+            self._calib = calibration_set(self.config, self.source, self.docs)
+        return self._calib
+
+    def model(self) -> PreTrainedModel:
+        if self._model is None:
+            self.calib()  # fails on unusable text before the model is loaded
+            log.info("Loading %s", self.source.origin)
+            self._model = load_model(self.source, self.config.profile.device, self.config.profile.dtype)
+        return self._model
+
+    def close(self) -> None:
+        self._model = None
         gc.collect()
 
 
@@ -193,6 +220,81 @@ def iterative_bi_order(
     return order
 
 
+# --- cache keys: each stage's result is keyed by what determines it -----------------------------------------------
+
+
+def model_key(source: ModelSource, hashes: cache.FileHashes) -> dict[str, Any]:
+    """The model as results depend on it: config and weights (``source.sha256``) and the files copied beside them
+    (tokenizer, chat template, generation config), whose content changes calibration tokens and scores."""
+    return {"sha256": source.sha256, "files": {f.name: hashes.sha256(f) for f in side_files(source.path)}}
+
+
+def _device_and_dtype(config: Config, dtype: str) -> tuple[str, str]:
+    device = resolve_device(config.profile.device)
+    return device.split(":")[0], resolve_dtype(dtype, device)
+
+
+def profile_key(config: Config, source: ModelSource, docs: Documents, hashes: cache.FileHashes) -> dict[str, Any]:
+    """What a BI profile depends on (not the batch size: it changes only the order of float sums)."""
+    cal = config.calibration
+    device, dtype = _device_and_dtype(config, config.profile.dtype)
+    return {
+        "model": model_key(source, hashes),
+        "calibration": {
+            "source": docs.source,
+            "documents_sha256": docs.sha256,
+            "num_tokens": cal.num_tokens,
+            "seq_len": cal.seq_len,
+        },
+        "device": device,
+        "dtype": dtype,
+        "angular": config.selection.criterion == "angular",
+    }
+
+
+def quality_key(config: Config, source: ModelSource, heldout: list[str], hashes: cache.FileHashes) -> dict[str, Any]:
+    """What the full model's scores depend on: the model, the task sample, the dtype and the held-out text."""
+    q = config.quality
+    device, dtype = _device_and_dtype(config, q.dtype)
+    return {
+        "model": model_key(source, hashes),
+        "tasks": list(q.tasks),
+        "limit": q.limit,
+        "seed": q.seed,
+        "device": device,
+        "dtype": dtype,
+        "perplexity": {
+            "tokens": q.perplexity_tokens,
+            "heldout_sha256": hashlib.sha256("\0".join(heldout).encode()).hexdigest(),
+            "seq_len": config.calibration.seq_len,
+        },
+    }
+
+
+def checkpoint_key(config: Config, profile: dict[str, Any], quality: dict[str, Any] | None) -> dict[str, Any]:
+    """What the chosen depth and the written checkpoint depend on: the profile's inputs, every selection setting
+    (criterion, latency budget, accuracy floor, strictness, kept ends, cost context) and the quality settings."""
+    return {"profile": profile, "selection": dataclasses.asdict(config.selection), "quality": quality}
+
+
+def cached_profile(
+    config: Config, source: ModelSource, key: dict[str, Any], compute: Callable[[], LayerProfile]
+) -> tuple[LayerProfile, bool]:
+    """The profile for ``key`` from the cache, or ``compute()``d once (another launcher computing it is awaited)."""
+
+    def describe(d: Any) -> str:
+        return (
+            f"{source.name}: BI of {len(d['bi'])} layers on {d['num_tokens']} tokens of "
+            f"{Path(d['calibration_source']).name}"
+        )
+
+    cache_dir = config.resolved_cache_dir()
+    data, reused = cache.cached_json(cache_dir, "profiles", key, lambda: dataclasses.asdict(compute()), describe)
+    if reused:
+        log.info("Profile reused from the cache (profiles/%s)", cache.entry_name("profiles", key))
+    return LayerProfile(**data), reused
+
+
 # --- quality ---------------------------------------------------------------------------------------------------
 
 
@@ -241,7 +343,9 @@ class QualityMeter:
         model: PreTrainedModel,
         tokenizer: PreTrainedTokenizerBase,
         heldout: list[str],
+        key: dict[str, Any] | None = None,
     ) -> None:
+        """``key``: the full model's scores' cache key (default: ``quality_key`` of these settings)."""
         from shortgpt_serve.quality import load_items
 
         q = config.quality
@@ -253,12 +357,7 @@ class QualityMeter:
         self.evaluations = 0
         self.full_scores: dict[str, Any] = {}
         self.full: dict[str, Any] = {}
-
-    def _cache_key(self) -> str:
-        q = self.config.quality
-        held = hashlib.sha256("\0".join(self.heldout).encode()).hexdigest()
-        payload = [self.source.sha256, list(q.tasks), q.limit, q.seed, q.dtype, q.perplexity_tokens, held, __version__]
-        return hashlib.sha256(json.dumps(payload).encode()).hexdigest()[:16]
+        self.key = key or quality_key(config, source, heldout, cache.FileHashes(config.resolved_cache_dir()))
 
     def _measure(self) -> tuple[dict[str, Any], float | None]:
         from shortgpt_serve.quality import perplexity, score_items
@@ -281,22 +380,21 @@ class QualityMeter:
         """The full model's scores, from the cache when the same model, data and settings were measured before."""
         from shortgpt_serve.quality import TaskScore
 
-        path = self.config.resolved_cache_dir() / "quality" / f"full-{self._cache_key()}.json"
-        if path.is_file():
-            try:
-                data = json.loads(path.read_text())
-                self.full_scores = {t: TaskScore(**s) for t, s in data["scores"].items()}
-                self.full = _quality_record(self.full_scores, None, data["perplexity"])
-                log.info("Full-model scores reused from %s", path)
-                return self.full
-            except (json.JSONDecodeError, KeyError, TypeError) as exc:
-                log.warning("Ignoring unreadable cached scores %s (%s)", path, exc)
-        log.info("Scoring the full model on %s", ", ".join(self.config.quality.tasks))
-        scores, ppl = self._measure()
-        self.full_scores = scores
-        self.full = _quality_record(scores, None, ppl)
-        payload = {"scores": {t: dataclasses.asdict(s) for t, s in scores.items()}, "perplexity": ppl}
-        atomic_write_text(path, json.dumps(payload, indent=2) + "\n")
+        def measure() -> dict[str, Any]:
+            log.info("Scoring the full model on %s", ", ".join(self.config.quality.tasks))
+            scores, ppl = self._measure()
+            return {"scores": {t: dataclasses.asdict(s) for t, s in scores.items()}, "perplexity": ppl}
+
+        def describe(d: Any) -> str:
+            tasks = ", ".join(f"{t} {s['acc']:.3f}" for t, s in d["scores"].items())
+            return f"{self.source.name}: full-model scores (acc) {tasks}"
+
+        cache_dir = self.config.resolved_cache_dir()
+        data, reused = cache.cached_json(cache_dir, "quality", self.key, measure, describe)
+        if reused:
+            log.info("Full-model scores reused from the cache (quality/%s)", cache.entry_name("quality", self.key))
+        self.full_scores = {t: TaskScore(**s) for t, s in data["scores"].items()}
+        self.full = _quality_record(self.full_scores, None, data["perplexity"])
         return self.full
 
     def full_record(self) -> dict[str, Any]:
@@ -327,30 +425,13 @@ class QualityMeter:
 # --- the whole chain -------------------------------------------------------------------------------------------
 
 
-def default_output(config: Config, source: ModelSource, profile: LayerProfile, selection: Selection) -> Path:
-    key = hashlib.sha256(
-        json.dumps(
-            [
-                source.sha256,
-                selection.removed,
-                profile.calibration_sha256,
-                profile.num_tokens,
-                selection.budget,
-                selection.min_quality,
-                selection.criterion,
-                dataclasses.asdict(config.quality) if config.quality.enabled else None,
-                __version__,
-            ]
-        ).encode()
-    ).hexdigest()[:12]
-    n_kept = selection.num_layers - len(selection.removed)
-    return config.resolved_cache_dir() / "checkpoints" / f"{source.name}-{n_kept}of{selection.num_layers}-{key}"
+def prepare(config: Config, progress: bool = True, in_use: ExitStack | None = None) -> Prepared:
+    """Profile, choose the depth (latency budget and accuracy floor) and write (or reuse) the checkpoint.
 
-
-def prepare(config: Config, progress: bool = True) -> Prepared:
-    """Profile, choose the depth (latency budget and accuracy floor) and write (or reuse) the checkpoint."""
-    from shortgpt_serve.report import build_json, describe_candidates, report_files, short_summary
-
+    Without ``--output`` the checkpoint is a cache entry keyed by every input: a verified one is reused without
+    loading the model, and concurrent launchers compute it once. ``in_use``: the entry is marked in use (so
+    ``cache clear`` leaves it alone) until this stack closes.
+    """
     check_paths(config)
     if config.output and Path(config.output).expanduser().exists() and not config.overwrite:
         raise CheckpointError(
@@ -358,15 +439,73 @@ def prepare(config: Config, progress: bool = True) -> Prepared:
         )
     check_quality_inputs(config)
     docs = read_calibration(config)  # cheap, and fails before any model work if the text is unusable
-    source = resolve_source(config)
+    cache_dir = config.resolved_cache_dir()
+    hashes = cache.FileHashes(cache_dir, deferred=True)
+    source = resolve_source(config, hashes)
+    loaded = Loaded(config, source, docs)
+    loaded.calib()  # fails on text too short for one sequence before anything is written
+    pkey = profile_key(config, source, docs, hashes)
+    qkey = quality_key(config, source, docs.heldout, hashes) if config.quality.enabled else None
+    hashes.save()
+    if config.output:
+        return _build(config, source, loaded, pkey, qkey, Path(config.output).expanduser(), None, progress)
+    ckey = checkpoint_key(config, pkey, qkey)
+    name = cache.entry_name("checkpoints", ckey, label=source.name)
+    output = cache_dir / "checkpoints" / name
+    want = cache.digest(cache.full_key("checkpoints", ckey))
+    with cache.lock(cache_dir, "checkpoints", name):
+        if cache.usable(cache_dir, "checkpoints", name, want, hashes.sha256):
+            prepared = _reused(config, source, output)
+        else:
+            prepared = _build(config, source, loaded, pkey, qkey, output, ckey, progress)
+        if in_use is not None:
+            in_use.enter_context(cache.in_use(cache_dir, "checkpoints", name))
+    return prepared
+
+
+def _reused(config: Config, source: ModelSource, output: Path) -> Prepared:
+    """A verified cached checkpoint, with the profile and the selection that chose it (kept in its manifest)."""
+    stored = cache.manifest_data(output)
+    sel = stored["selection"]
+    selection = Selection(**{**sel, "candidates": [Candidate(**c) for c in sel["candidates"]]})
+    profile = LayerProfile(**stored["profile"])
+    provenance = json.loads((output / PROVENANCE_NAME).read_text())
+    log.info("Reusing the verified checkpoint %s", output)
+    return Prepared(
+        source, profile, selection, output, served_name(config, source), provenance, True, stored["summary"]
+    )
+
+
+def describe_checkpoint(source: ModelSource, selection: Selection) -> str:
+    kept = selection.num_layers - len(selection.removed)
+    text = f"{source.name}: {kept} of {selection.num_layers} layers, removed {selection.removed}"
+    text += f"; {selection.criterion}, budget {selection.budget}"
+    return text + (f", floor {selection.min_quality}" if selection.quality_met is not None else ", no quality floor")
+
+
+def _build(
+    config: Config,
+    source: ModelSource,
+    loaded: Loaded,
+    pkey: dict[str, Any],
+    qkey: dict[str, Any] | None,
+    output: Path,
+    ckey: dict[str, Any] | None,
+    progress: bool,
+) -> Prepared:
+    """Profile (or reuse the cached profile), search the depth and write the checkpoint to ``output``;
+    ``ckey``: the checkpoint's cache key when ``output`` is its cache entry."""
+    from shortgpt_serve.report import build_json, describe_candidates, report_files, short_summary
+
     timings: dict[str, float] = {}
-    calib = calibration_set(config, source, docs)
-    log.info("Loading %s", source.origin)
-    model = load_model(source, config.profile.device, config.profile.dtype)
+    docs = loaded.docs
     try:
         t0 = time.perf_counter()
-        profile = _profile(config, source, model, calib, progress)
-        timings["profile"] = time.perf_counter() - t0
+        profile, profile_reused = cached_profile(
+            config, source, pkey, lambda: _profile(config, source, loaded.model(), loaded.calib(), progress)
+        )
+        if not profile_reused:
+            timings["profile"] = time.perf_counter() - t0
         sel = config.selection
         cost = CostModel.from_checkpoint(
             source.path, source.config, source.family.layers_module, sel.cost_context_tokens
@@ -377,7 +516,13 @@ def prepare(config: Config, progress: bool = True) -> Prepared:
             plan = plan_angular(profile.angular, sel.keep_first, sel.keep_last)
         elif sel.criterion == "iterative-bi":
             order = iterative_bi_order(
-                model, source, calib, profile.bi, config, lambda o: cost.cost_ratio(o) <= sel.budget, progress
+                loaded.model(),
+                source,
+                loaded.calib(),
+                profile.bi,
+                config,
+                lambda o: cost.cost_ratio(o) <= sel.budget,
+                progress,
             )
             plan = plan_from_order(order)
             timings["iterative profiling"] = time.perf_counter() - t0
@@ -390,9 +535,10 @@ def prepare(config: Config, progress: bool = True) -> Prepared:
             t0 = time.perf_counter()
             import torch
 
+            model = loaded.model()
             device = str(next(model.parameters()).device)
             model.to(getattr(torch, resolve_dtype(config.quality.dtype, device)))
-            meter = QualityMeter(config, source, model, load_tokenizer(source), docs.heldout)
+            meter = QualityMeter(config, source, model, load_tokenizer(source), docs.heldout, key=qkey)
             meter.measure_full()
             full = meter.full_record()
             timings["full-model scores"] = time.perf_counter() - t0
@@ -417,8 +563,7 @@ def prepare(config: Config, progress: bool = True) -> Prepared:
         if meter is not None:
             timings["search"] = time.perf_counter() - t0
     finally:
-        del model
-        gc.collect()
+        loaded.close()
     name = served_name(config, source)
     src_info = {"name": source.name, "origin": source.origin, "sha256": source.sha256, "num_layers": source.num_layers}
     settings = {k: v for k, v in config.to_dict().items() if k != "serve"}
@@ -452,24 +597,29 @@ def prepare(config: Config, progress: bool = True) -> Prepared:
         },
         "quality": {"full": full, "shortened": selection.quality} if full else None,
     }
-    output = Path(config.output).expanduser() if config.output else default_output(config, source, profile, selection)
-    reused = False
-    if config.output is None and (output / PROVENANCE_NAME).is_file():
-        try:
-            verify_checkpoint(output)
-            reused = True
-            log.info("Reusing the verified checkpoint %s", output)
-        except CheckpointError as exc:
-            log.warning("Rewriting %s: %s", output, exc)
-    if not reused:
-        log.info("Writing the shortened checkpoint to %s", output)
+    seal = None
+    if ckey is not None:
+        stored = {"profile": dataclasses.asdict(profile), "selection": selection.to_dict(), "summary": summary}
+        text = describe_checkpoint(source, selection)
+
+        def seal(folder: Path) -> None:
+            cache.write_manifest(folder, "checkpoints", ckey, text, data=stored)
+
+    log.info("Writing the shortened checkpoint to %s", output)
+    try:
         write_checkpoint(
             source,
             selection.removed,
             output,
             provenance=record,
             extra_files=report_files(report, tasks if full else [], profile, selection),
-            overwrite=config.overwrite or config.output is None,
+            overwrite=config.overwrite or ckey is not None,
+            seal=seal,
         )
+    except CheckpointError as exc:
+        cause = exc.__cause__
+        if ckey is not None and isinstance(cause, OSError) and cause.errno in cache.WRITE_ERRNOS:
+            raise cache.write_error(config.resolved_cache_dir(), cause) from exc
+        raise
     provenance = json.loads((output / PROVENANCE_NAME).read_text())
-    return Prepared(source, profile, selection, output, name, provenance, reused, summary)
+    return Prepared(source, profile, selection, output, name, provenance, False, summary)
