@@ -26,10 +26,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from shortgpt_serve import __version__
+from shortgpt_serve import __version__, cache
 from shortgpt_serve.config import BenchmarkConfig, ServeConfig
-from shortgpt_serve.errors import ServeError
-from shortgpt_serve.fsutil import atomic_write_text
+from shortgpt_serve.errors import CacheError, ServeError
 
 log = logging.getLogger(__name__)
 
@@ -290,15 +289,15 @@ def engine_settings(dist: str, version: str, cfg: ServeConfig) -> dict[str, Any]
     return {"engine": dist, "engine_version": version, "vllm_args": list(cfg.vllm_args), "env": env}
 
 
-def result_key(model_sha256: str, settings: dict[str, Any], workload: Workload) -> str:
-    record = {
+def result_key(model_sha256: str, settings: dict[str, Any], workload: Workload) -> dict[str, Any]:
+    """What a result depends on; the cache keys the entry by its canonical sha256 and keeps it for `cache list`."""
+    return {
         "tool": __version__,
         "model": model_sha256,
         "settings": settings,
         "machine": machine_description(),
         "workload": dataclasses.asdict(workload),
     }
-    return hashlib.sha256(json.dumps(record, sort_keys=True).encode()).hexdigest()[:24]
 
 
 def checkpoint_digest(provenance: dict[str, Any]) -> str:
@@ -308,31 +307,30 @@ def checkpoint_digest(provenance: dict[str, Any]) -> str:
 
 
 class ResultCache:
-    """Benchmark results as JSON files under ``<cache>/benchmarks``, written whole (temp file, then rename)."""
+    """Benchmark results as ``benchmarks`` entries of the cache: verified on read (a damaged one is removed and
+    measured again), written whole under the entry's lock."""
 
     def __init__(self, cache_dir: Path) -> None:
-        self.folder = cache_dir / "benchmarks"
+        self.cache_dir = cache_dir
 
-    def load(self, key: str) -> dict[str, Any] | None:
-        path = self.folder / f"{key}.json"
+    def load(self, key: dict[str, Any]) -> dict[str, Any] | None:
         try:
-            data = json.loads(path.read_text())
-        except FileNotFoundError:
+            data = cache.load_json(self.cache_dir, "benchmarks", key)
+        except CacheError as exc:
+            log.warning("Benchmark results cannot be read from the cache: %s", exc.message)
             return None
-        except (OSError, ValueError) as exc:
-            log.warning("Ignoring unreadable benchmark result %s (%s); measuring again", path, exc)
-            return None
-        if not isinstance(data, dict) or "levels" not in data:
-            log.warning("Ignoring malformed benchmark result %s; measuring again", path)
+        if data is not None and "levels" not in data:
+            log.warning("Ignoring a malformed benchmark result in %s; measuring again", self.cache_dir / "benchmarks")
             return None
         return data
 
-    def store(self, key: str, data: dict[str, Any]) -> None:
+    def store(self, key: dict[str, Any], data: dict[str, Any]) -> None:
+        levels = ", ".join(data.get("levels", {}))
+        describe = f"{data.get('model_name')}: served benchmark at concurrency {levels}"
         try:
-            self.folder.mkdir(parents=True, exist_ok=True)
-            atomic_write_text(self.folder / f"{key}.json", json.dumps(data, indent=2))
-        except OSError as exc:
-            log.warning("Could not cache the benchmark result in %s (%s); it will be measured again", self.folder, exc)
+            cache.store_json(self.cache_dir, "benchmarks", key, data, describe=describe)
+        except CacheError as exc:
+            log.warning("Could not cache the benchmark result (%s); it will be measured again", exc.message)
 
 
 # -- comparison ----------------------------------------------------------------------------------------------------
@@ -412,8 +410,8 @@ class Comparison:
     serve_cfg: ServeConfig
     cache: ResultCache
     workload: Workload
-    full_key: str
-    short_key: str
+    full_key: dict[str, Any]
+    short_key: dict[str, Any]
     full_name: str
     served_name: str
     predicted_cost: float | None
@@ -447,7 +445,7 @@ class Comparison:
             predicted_cost=(provenance.get("selection") or {}).get("cost_ratio"),
         )
 
-    def _cached(self, key: str, what: str) -> dict[str, Any] | None:
+    def _cached(self, key: dict[str, Any], what: str) -> dict[str, Any] | None:
         if self.mode != "reuse":
             return None
         found = self.cache.load(key)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import json
 from pathlib import Path
 
 import pytest
@@ -126,14 +125,16 @@ def test_result_keys_change_with_what_determines_them() -> None:
 
 def test_result_cache_round_trip_and_damaged_entries(tmp_path: Path) -> None:
     cache = ResultCache(tmp_path)
-    assert cache.load("k") is None
-    cache.store("k", run(1.0, 1.0))
-    assert cache.load("k") == run(1.0, 1.0)
-    (tmp_path / "benchmarks" / "k.json").write_text('{"levels": ')  # cut short
-    assert cache.load("k") is None
-    (tmp_path / "benchmarks" / "k.json").write_text(json.dumps({"other": 1}))
-    assert cache.load("k") is None
-    assert not [p for p in (tmp_path / "benchmarks").iterdir() if p.name != "k.json"]  # no temp files left
+    key = {"model": "abc", "workload": {"concurrency": [1]}}
+    assert cache.load(key) is None
+    cache.store(key, run(1.0, 1.0))
+    assert cache.load(key) == run(1.0, 1.0)
+    [entry] = (tmp_path / "benchmarks").iterdir()
+    (entry / "data.json").write_text('{"levels": ')  # cut short: removed, measured again
+    assert cache.load(key) is None and not entry.exists()
+    cache.store(key, {"other": 1})
+    assert cache.load(key) is None
+    assert not [p for p in (tmp_path / "benchmarks").iterdir() if p.name.startswith(".")]  # no temp files left
 
 
 @pytest.mark.parametrize(
