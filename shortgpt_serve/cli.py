@@ -543,7 +543,12 @@ def _full_model_of(provenance: dict[str, Any], config: Config) -> Path | None:
     origin = str(src.get("origin", ""))
     spec = None if origin.startswith("embedded default") else origin.removeprefix("hub:")
     try:
-        source = resolve_model(spec, config.resolved_cache_dir())
+        source = resolve_model(
+            spec,
+            config.resolved_cache_dir(),
+            allow_pickle_weights=config.allow_pickle_weights,
+            trust_remote_code=config.trust_remote_code,
+        )
     except ShortGPTError as exc:
         log.info("The full model (%s) is not available for the comparison: %s", origin, exc.message)
         return None
@@ -596,7 +601,7 @@ def _serve(
         if comparison is not None:
             with stop_on_signals() as stop:
                 try:
-                    comparison.measure_full(full_model_dir, stop)
+                    comparison.measure_full(full_model_dir, stop, trust_remote_code=config.trust_remote_code)
                 except Stopped:
                     return
         serve(

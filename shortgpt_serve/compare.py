@@ -382,7 +382,13 @@ def table(full: dict[str, Any], short: dict[str, Any], predicted_cost: float | N
 
 
 def measure_model(
-    model_dir: Path, cfg: ServeConfig, model_name: str, workload: Workload, stop: threading.Event | None = None
+    model_dir: Path,
+    cfg: ServeConfig,
+    model_name: str,
+    workload: Workload,
+    stop: threading.Event | None = None,
+    *,
+    trust_remote_code: bool = False,
 ) -> dict[str, Any]:
     """Start an engine on ``model_dir`` on a private loopback port, run ``workload``, stop it.
 
@@ -392,7 +398,7 @@ def measure_model(
 
     private = dataclasses.replace(cfg, host="127.0.0.1", port=free_loopback_port(), api_key=None)
     log.info("Benchmark: starting a private engine for %s on port %d", model_name, private.port)
-    engine = start_engine(model_dir, private, model_name)
+    engine = start_engine(model_dir, private, model_name, trust_remote_code=trust_remote_code)
     try:
         engine.wait_ready(cfg.health_timeout, stop)
         if stop is not None and stop.is_set():
@@ -458,7 +464,7 @@ class Comparison:
             )
         return found
 
-    def measure_full(self, model_dir: Path | None, stop: threading.Event) -> None:
+    def measure_full(self, model_dir: Path | None, stop: threading.Event, *, trust_remote_code: bool = False) -> None:
         """The full model's results: from the cache, or measured on a private engine before serving starts."""
         self.full = self._cached(self.full_key, "full")
         if self.full is not None:
@@ -467,7 +473,9 @@ class Comparison:
             log.warning("Benchmark: the full model is not available here; serving without the comparison")
             return
         log.info("Benchmark: measuring the full model first (%s; %s)", self.workload.describe(), HOW)
-        self.full = measure_model(model_dir, self.serve_cfg, self.full_name, self.workload, stop)
+        self.full = measure_model(
+            model_dir, self.serve_cfg, self.full_name, self.workload, stop, trust_remote_code=trust_remote_code
+        )
         self.full["how"] = HOW
         self.cache.store(self.full_key, self.full)
 
