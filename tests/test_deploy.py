@@ -15,6 +15,7 @@ import shutil
 import subprocess
 import sys
 import time
+import urllib.error
 import urllib.parse
 import urllib.request
 from collections.abc import Iterator
@@ -506,8 +507,11 @@ def substitute(expr: str, variables: dict[str, str]) -> str:
 
 def api(base: str, path: str, **params: str) -> Any:
     url = f"{base}/api/v1/{path}" + (f"?{urllib.parse.urlencode(params)}" if params else "")
-    with urllib.request.urlopen(url, timeout=10) as r:
-        body = json.loads(r.read())
+    try:
+        with urllib.request.urlopen(url, timeout=10) as r:
+            body = json.loads(r.read())
+    except urllib.error.HTTPError as e:  # a query Prometheus cannot parse or evaluate: say which and why
+        pytest.fail(f"{path} {params}: HTTP {e.code}: {e.read().decode(errors='replace')}")
     assert body["status"] == "success", body
     return body["data"]
 
@@ -599,7 +603,9 @@ def test_prometheus_evaluates_every_dashboard_and_alert_query(server: Any, clien
     assert launcher in api(
         prometheus, "label/instance/values", **{"match[]": f'shortgpt_build_info{{served_model_name="{NAME}"}}'}
     )
-    variables = {"model_name": NAME, "launcher": re.escape(launcher), "__rate_interval": "1m"}
+    # As Grafana writes a regex variable into a PromQL string: regex-escaped, backslashes doubled.
+    launcher_regex = re.escape(launcher).replace("\\", "\\\\")
+    variables = {"model_name": NAME, "launcher": launcher_regex, "__rate_interval": "1m"}
     queries = {f"dashboard: {e}": substitute(e, variables) for e in dashboard_exprs()}
     queries |= {f"alert {r['alert']}: {r['expr']}": with_bool(r["expr"]) for r in alert_rules()}
     queries |= {f"docs/deploy.md: {q}": q for q in docs_queries()}
