@@ -19,7 +19,6 @@ import click
 
 from shortgpt_serve import __version__, cache
 from shortgpt_serve.config import (
-    COMPARE_MODES,
     BenchmarkConfig,
     CalibrationConfig,
     Config,
@@ -189,7 +188,6 @@ SERVE_OPTIONS: list[tuple[str, Callable[[Any], Any]]] = [
         "compare",
         click.option(
             "--compare",
-            type=click.Choice(COMPARE_MODES),
             show_envvar=True,
             envvar="SHORTGPT_SERVE_COMPARE",
             help=_doc(BenchmarkConfig, "mode"),

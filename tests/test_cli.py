@@ -212,6 +212,17 @@ BAD_INPUTS: list[tuple[str, Callable[[Path], list[str]], int, str]] = [
     ("port out of range", lambda t: ["--port", "70000"], 2, "--port must be a TCP port"),
     ("same port twice", lambda t: ["--port", "8123", "--metrics-port", "8123"], 2, "must differ from --port"),
     ("port in use", lambda t: ["--port", port_in_use()], 1, "pass another --port"),
+    ("unknown compare mode", lambda t: ["--compare", "sometimes"], 2, "--compare must be one of reuse, measure, off"),
+    ("compare levels not numbers", lambda t: ["--compare-concurrency", "1,x"], 2, "--compare-concurrency must list"),
+    ("compare level zero", lambda t: ["--compare-concurrency", "0,16"], 2, "--compare-concurrency must list"),
+    ("negative restarts", lambda t: ["--max-restarts", "-1"], 2, "--max-restarts must be >= 0"),
+    ("compare mode in YAML", lambda t: yaml_file(t, "benchmark:\n  mode: always\n"), 2, "--compare must be one of"),
+    (
+        "compare levels in YAML",
+        lambda t: yaml_file(t, "benchmark:\n  concurrency: [1, two]\n"),
+        2,
+        "config key 'benchmark.concurrency' must be a list of integers",
+    ),
     (
         "metrics port in use",
         lambda t: ["--port", str(free_port()), "--metrics-port", port_in_use()],
