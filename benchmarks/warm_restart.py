@@ -5,8 +5,9 @@
 First runs the launcher once until it serves, so the cache holds the converted model, the profile, the full
 model's scores, the checkpoint and the side-by-side benchmark. Then, `--repeats` rounds in alternation: start the
 launcher again (a warm restart: everything reused after its integrity is checked) and time it until /health
-answers; start vLLM's OpenAI server by itself on the same checkpoint, with the environment and arguments the
-launcher gives it, and time it until /health answers. Each is stopped with SIGTERM before the next starts.
+answers and the launcher has announced the endpoint; start vLLM's OpenAI server by itself on the same checkpoint,
+with the environment and arguments the launcher gives it, and time it until /health answers. Each is stopped
+with SIGTERM before the next starts.
 Target: warm restart <= plain boot + 5 s. Results are appended to benchmarks/results/warm_restart.md.
 """
 
@@ -18,6 +19,7 @@ import signal
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.request
 from pathlib import Path
@@ -27,14 +29,15 @@ from _record import record
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def wait_health(proc: subprocess.Popen[bytes], port: int, timeout: float = 900) -> float:
+def wait_health(proc: subprocess.Popen[bytes], port: int, timeout: float = 900, log: Path | None = None) -> float:
+    """Seconds until /health answers 200 and, for the launcher (``log``), until it has announced the endpoint."""
     start = time.monotonic()
     while time.monotonic() - start < timeout:
         if proc.poll() is not None:
             raise SystemExit(f"process exited with {proc.returncode} before serving")
         try:
             with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2) as r:
-                if r.status == 200:
+                if r.status == 200 and (log is None or "\nServing " in log.read_text(errors="replace")):
                     return time.monotonic() - start
         except OSError:
             pass
@@ -60,7 +63,7 @@ def free_port() -> int:
 def launcher(extra: list[str], log: Path) -> tuple[subprocess.Popen[bytes], int]:
     port = free_port()
     cmd = [str(ROOT / ".venv/bin/shortgpt-serve"), "--budget", "0.75", "--port", str(port), "--metrics-port", "0"]
-    with open(log, "ab") as f:
+    with open(log, "wb") as f:
         proc = subprocess.Popen([*cmd, *extra], stdout=f, stderr=subprocess.STDOUT)
     return proc, port
 
@@ -73,7 +76,7 @@ def plain_vllm(checkpoint: Path, name: str, log: Path) -> tuple[subprocess.Popen
     cmd = vllm_command(checkpoint, ServeConfig(port=port), name, engine_dist()[0])
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     env.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")  # what the launcher sets on vLLM-CPU
-    with open(log, "ab") as f:
+    with open(log, "wb") as f:
         proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, env=env)
     return proc, port
 
@@ -84,22 +87,21 @@ def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--repeats", type=int, default=3)
     args = p.parse_args(argv[: argv.index("--")] if "--" in argv else argv)
-    log = Path("/tmp/warm_restart.log")
-    log.write_text("")
-
-    proc, port = launcher(extra, log)
-    first = wait_health(proc, port, timeout=3600)
+    log = Path(tempfile.mkdtemp(prefix="warm-restart-"))
+    first_log = log / "first.log"
+    proc, port = launcher(extra, first_log)
+    first = wait_health(proc, port, timeout=3600, log=first_log)
     stop(proc)
-    text = log.read_text()
+    text = first_log.read_text()
     checkpoint = Path(next(line for line in text.splitlines() if line.startswith("Checkpoint: ")).split(": ", 1)[1])
     name = next(line for line in text.splitlines() if line.startswith("Serving ")).split()[1]
 
     warm, plain = [], []
-    for _ in range(args.repeats):
-        proc, port = launcher(extra, log)
-        warm.append(wait_health(proc, port))
+    for i in range(args.repeats):
+        proc, port = launcher(extra, log / f"warm-{i}.log")
+        warm.append(wait_health(proc, port, log=log / f"warm-{i}.log"))
         stop(proc)
-        proc, port = plain_vllm(checkpoint, name, log)
+        proc, port = plain_vllm(checkpoint, name, log / f"plain-{i}.log")
         plain.append(wait_health(proc, port))
         stop(proc)
     w, b = statistics.median(warm), statistics.median(plain)

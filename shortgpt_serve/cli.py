@@ -570,22 +570,13 @@ def _serve(
     metrics.record_build(dist, version, provenance, name)
     server = start_metrics_server(metrics, cfg.host, cfg.metrics_port) if cfg.metrics_port else None
     comparison = None
+    trusted = config.trust_remote_code
     if config.benchmark.mode != "off":
         comparison = Comparison.plan(
             config.benchmark, cfg, config.resolved_cache_dir(), checkpoint, provenance, name, (dist, version)
         )
 
     def ready(engine: Engine, stop: threading.Event) -> None:
-        if comparison is not None:
-            try:
-                comparison.measure_shortened(engine.base_url, stop)
-            except Stopped:
-                return
-            except ShortGPTError as exc:
-                log.error("Benchmark of the shortened model failed, serving without it: %s", exc.message)
-            if comparison.full and comparison.short:
-                click.echo(f"\nFull vs shortened on {dist} {version}, same settings:\n{comparison.table()}\n", err=True)
-            metrics.record_benchmark(comparison.full, comparison.short, comparison.predicted_cost)
         where = f"{engine.base_url}/v1"
         extra = f"; launcher metrics at {local_url(cfg.host, cfg.metrics_port)}/metrics" if server else ""
         auth = " (API key required)" if cfg.api_key else ""
@@ -598,10 +589,19 @@ def _serve(
     try:
         if comparison is not None:
             with stop_on_signals() as stop:
-                try:
-                    comparison.measure_full(full_model_dir, stop, trust_remote_code=config.trust_remote_code)
-                except Stopped:
-                    return
+                for what, measure in (
+                    ("full", lambda: comparison.measure_full(full_model_dir, stop, trust_remote_code=trusted)),
+                    ("shortened", lambda: comparison.measure_shortened(checkpoint, stop, trust_remote_code=trusted)),
+                ):
+                    try:
+                        measure()
+                    except Stopped:
+                        return
+                    except ShortGPTError as exc:
+                        log.error("Benchmark of the %s model failed; serving without it: %s", what, exc.message)
+            if comparison.full and comparison.short:
+                click.echo(f"\nFull vs shortened on {dist} {version}, same settings:\n{comparison.table()}\n", err=True)
+            metrics.record_benchmark(comparison.full, comparison.short, comparison.predicted_cost)
         serve(
             checkpoint,
             cfg,

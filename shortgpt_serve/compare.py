@@ -479,13 +479,16 @@ class Comparison:
         self.full["how"] = HOW
         self.cache.store(self.full_key, self.full)
 
-    def measure_shortened(self, base_url: str, stop: threading.Event) -> None:
-        """The shortened model's results: from the cache, or measured on the serving engine before it is announced."""
+    def measure_shortened(self, checkpoint: Path, stop: threading.Event, *, trust_remote_code: bool = False) -> None:
+        """The shortened model's results: from the cache, or measured on a private engine like the full model's,
+        before the serving engine starts (so live traffic never mixes with the measurement)."""
         self.short = self._cached(self.short_key, "shortened")
         if self.short is not None:
             return
         log.info("Benchmark: measuring the shortened model (%s)", self.workload.describe())
-        self.short = run_workload(base_url, self.served_name, self.workload, self.serve_cfg.api_key, stop)
+        self.short = measure_model(
+            checkpoint, self.serve_cfg, self.served_name, self.workload, stop, trust_remote_code=trust_remote_code
+        )
         self.short["how"] = HOW
         self.cache.store(self.short_key, self.short)
 
