@@ -163,7 +163,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     lines = [f"## {time.strftime('%Y-%m-%d %H:%M')} — soak, concurrency {args.concurrency}, {args.minutes:g} min", ""]
     lines += [f"- {k}: {v:.2f}" if isinstance(v, float) else f"- {k}: {v}" for k, v in result.items()]
-    lines += [f"- command: `.venv/bin/python loadtests/soak.py {' '.join(argv or sys.argv[1:])}`", ""]
+    given = list(argv or sys.argv[1:])
+    shown = ["KEY" if i and given[i - 1] == "--api-key" else a for i, a in enumerate(given)]  # never record the key
+    lines += [f"- command: `.venv/bin/python loadtests/soak.py {' '.join(shown)}`", ""]
     text = "\n".join(lines)
     print(text)
     if args.record:

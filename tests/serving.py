@@ -22,7 +22,7 @@ import pytest
 
 from tests.conftest import free_port
 
-BOOT_TIMEOUT = 900
+BOOT_TIMEOUT = 1800  # first start: profile, depth search, two private benchmark engines, then the server
 API_KEY = "test-key-123"
 NAME = "SmolLM2-135M-Instruct-short"
 
