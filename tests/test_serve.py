@@ -365,7 +365,8 @@ def test_killed_launcher_leaves_no_engine(server: Launcher, tmp_path: Path) -> N
 
 
 @pytest.mark.slow
-def test_sigterm_while_loading_stops_everything(server: Launcher, tmp_path: Path) -> None:
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+def test_signal_while_loading_stops_everything(server: Launcher, tmp_path: Path, sig: signal.Signals) -> None:
     ckpt = checkpoint_of(server)
     log = tmp_path / "term.log"
     port = free_port()
@@ -373,7 +374,7 @@ def test_sigterm_while_loading_stops_everything(server: Launcher, tmp_path: Path
     wait_for(lambda: len(descendants(proc)) >= 2, 120, proc, log)
     engine = descendants(proc)
     start = time.monotonic()
-    proc.send_signal(signal.SIGTERM)
+    proc.send_signal(sig)
     assert proc.wait(60) == 0
     assert time.monotonic() - start < 10
     time.sleep(1)
