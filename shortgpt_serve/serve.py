@@ -47,6 +47,8 @@ REQUEST_LOG_FLAGS = (
     "--no-enable-log-outputs",
 )
 MAX_BACKOFF_S = 30.0
+LOADING_GRACE_S = 3.0
+"""How long an engine still loading gets after SIGTERM before SIGKILL."""
 HEALTHY_RESET_S = 600.0
 """After this long healthy, the engine's failure count starts again from zero."""
 PR_SET_PDEATHSIG = 1
@@ -160,6 +162,8 @@ class Engine:
 
     process: subprocess.Popen[bytes]
     base_url: str
+    ready: bool = False
+    """True once the server has answered /health."""
 
     @property
     def returncode(self) -> int | None:
@@ -176,6 +180,7 @@ class Engine:
                     f"the vLLM engine exited with code {code} while starting; its log above says why.", code
                 )
             if healthy(self.base_url):
+                self.ready = True
                 return
             time.sleep(1.0)
         raise ServeError(
@@ -184,17 +189,20 @@ class Engine:
         )
 
     def stop(self, timeout: float) -> int:
-        """SIGTERM the engine's server, SIGKILL its whole process group after ``timeout`` seconds; returns its exit
-        code. The server shuts its own engine workers down in order; signalling them all at once would make it log
-        a dead-engine error on every stop."""
+        """SIGTERM the engine's process group, SIGKILL it after ``timeout`` seconds; returns its exit code.
+
+        A server still loading serves no one and does not act on SIGTERM until it has finished starting (over 20 s
+        here), so it gets only ``LOADING_GRACE_S`` before SIGKILL. Whatever happened, the group is SIGKILLed at the
+        end: no worker is left behind.
+        """
         if self.process.poll() is None:
-            with contextlib.suppress(ProcessLookupError):
-                self.process.send_signal(signal.SIGTERM)
+            wait = timeout if self.ready else min(LOADING_GRACE_S, timeout)
+            self._signal_group(signal.SIGTERM)
             try:
-                self.process.wait(timeout)
+                self.process.wait(wait)
             except subprocess.TimeoutExpired:
-                log.warning("vLLM did not stop within %.0f s; killing it", timeout)
-        # Whatever the leader did, leave no worker of its group behind.
+                if self.ready:
+                    log.warning("vLLM did not stop within %.0f s; killing it", wait)
         self._signal_group(signal.SIGKILL)
         return self.process.wait()
 
