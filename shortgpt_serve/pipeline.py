@@ -283,10 +283,9 @@ def cached_profile(
     """The profile for ``key`` from the cache, or ``compute()``d once (another launcher computing it is awaited)."""
 
     def describe(d: Any) -> str:
-        return (
-            f"{source.name}: BI of {len(d['bi'])} layers on {d['num_tokens']} tokens of "
-            f"{Path(d['calibration_source']).name}"
-        )
+        # A file or folder is named by its last part; the bundled text by its own description.
+        text = Path(config.calibration.path).name if config.calibration.path else d["calibration_source"]
+        return f"{source.name}: BI of {len(d['bi'])} layers on {d['num_tokens']} tokens of {text}"
 
     cache_dir = config.resolved_cache_dir()
     data, reused = cache.cached_json(cache_dir, "profiles", key, lambda: dataclasses.asdict(compute()), describe)
