@@ -132,3 +132,13 @@ def client(server: Launcher):  # type: ignore[no-untyped-def]
 def checkpoint_of(server: Launcher) -> Path:
     line = next(line for line in server.output().splitlines() if line.startswith("Checkpoint: "))
     return Path(line.removeprefix("Checkpoint: ").strip())
+
+
+def launcher_metrics(port: int) -> dict[str, float]:
+    """The launcher's ``shortgpt_*`` samples, keyed by name and labels as exposed."""
+    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
+    return {
+        line.rsplit(" ", 1)[0]: float(line.rsplit(" ", 1)[1])
+        for line in text.splitlines()
+        if line.startswith("shortgpt_")
+    }

@@ -18,7 +18,18 @@ from shortgpt_serve.config import ServeConfig
 from shortgpt_serve.errors import ServeError
 from shortgpt_serve.serve import check_port_free, is_loopback, local_url, vllm_command
 from tests.conftest import free_port
-from tests.serving import API_KEY, NAME, Launcher, alive, checkpoint_of, descendants, http_status, launch, wait_for
+from tests.serving import (
+    API_KEY,
+    NAME,
+    Launcher,
+    alive,
+    checkpoint_of,
+    descendants,
+    http_status,
+    launch,
+    launcher_metrics,
+    wait_for,
+)
 
 
 def test_vllm_command_per_dist() -> None:
@@ -142,12 +153,7 @@ def test_api_key_required_but_health_and_metrics_open(server: Launcher) -> None:
 
 @pytest.mark.slow
 def test_launcher_metrics_show_the_shortening(server: Launcher) -> None:
-    text = urllib.request.urlopen(f"http://127.0.0.1:{server.metrics_port}/metrics", timeout=5).read().decode()
-    values = {
-        line.rsplit(" ", 1)[0]: float(line.rsplit(" ", 1)[1])
-        for line in text.splitlines()
-        if line.startswith("shortgpt_")
-    }
+    values = launcher_metrics(server.metrics_port)
     removed = values["shortgpt_layers_removed"]
     assert values['shortgpt_model_layers{model="full"}'] == 30
     assert values['shortgpt_model_layers{model="shortened"}'] == 30 - removed
@@ -174,12 +180,7 @@ def test_launcher_metrics_show_the_shortening(server: Launcher) -> None:
 @pytest.mark.slow
 def test_full_and_shortened_compared_on_the_same_engine(server: Launcher) -> None:
     """At startup the same workload ran on the full model's engine and then on the shortened one's."""
-    text = urllib.request.urlopen(f"http://127.0.0.1:{server.metrics_port}/metrics", timeout=5).read().decode()
-    values = {
-        line.rsplit(" ", 1)[0]: float(line.rsplit(" ", 1)[1])
-        for line in text.splitlines()
-        if line.startswith("shortgpt_")
-    }
+    values = launcher_metrics(server.metrics_port)
     for level in ("1", "16"):
         full = values[
             f'shortgpt_benchmark_output_tokens_per_second{{concurrency="{level}",model="full",'
@@ -280,11 +281,7 @@ def test_engine_death_while_loading_exits_non_zero_without_restarts(server: Laun
 
 
 def metric_value(port: int, name: str) -> float | None:
-    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
-    for line in text.splitlines():
-        if line.startswith(name + " "):
-            return float(line.split()[-1])
-    return None
+    return launcher_metrics(port).get(name)
 
 
 @pytest.mark.slow
