@@ -5,7 +5,7 @@ The pipeline, one module per stage::
     calibration -> profile (Block Influence) -> selection (budget) -> checkpoint (write) -> serve (vLLM) -> metrics
 """
 
-__version__ = "0.1.0"
+from shortgpt_serve.version import __version__
 
 from shortgpt_serve.checkpoint import write_checkpoint
 from shortgpt_serve.profile import LayerProfile, block_influence, profile_layers, profile_model

@@ -39,7 +39,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from shortgpt_serve import __version__
+from shortgpt_serve.version import __version__
 from shortgpt_serve.errors import CacheError
 from shortgpt_serve.fsutil import atomic_dir, atomic_write_text, sha256_file
 

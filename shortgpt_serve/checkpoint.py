@@ -14,7 +14,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from shortgpt_serve import __version__
+from shortgpt_serve.version import __version__
 from shortgpt_serve.errors import CheckpointError, ModelError
 from shortgpt_serve.families import shortened_config
 from shortgpt_serve.fsutil import atomic_dir

@@ -17,7 +17,8 @@ from typing import Any
 
 import click
 
-from shortgpt_serve import __version__, cache
+from shortgpt_serve import cache
+from shortgpt_serve.version import __version__
 from shortgpt_serve.config import (
     BenchmarkConfig,
     CalibrationConfig,

@@ -26,7 +26,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from shortgpt_serve import __version__, cache
+from shortgpt_serve import cache
+from shortgpt_serve.version import __version__
 from shortgpt_serve.config import BenchmarkConfig, ServeConfig
 from shortgpt_serve.errors import CacheError, ServeError
 

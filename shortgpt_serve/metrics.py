@@ -11,7 +11,7 @@ from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge
 
-from shortgpt_serve import __version__
+from shortgpt_serve.version import __version__
 
 MODEL_LABEL = "model"
 FULL = "full"

@@ -415,35 +415,3 @@ def load_model(source: ModelSource, device: str = "cpu", dtype: str = "auto") ->
     model.to(device)  # type: ignore[arg-type]
     model.eval()
     return model
-
-
-def decoder_layers(model: torch.nn.Module, family: Family) -> torch.nn.ModuleList:
-    obj: Any = model
-    for part in family.layers_module.split("."):
-        obj = getattr(obj, part)
-    return obj
-
-
-def remove_layers_in_memory(model: PreTrainedModel, family: Family, removed: list[int]) -> None:
-    """Delete decoder layers from a loaded model in place (the reference a written checkpoint must match)."""
-    import torch
-
-    from shortgpt_serve.families import shortened_config
-
-    layers = decoder_layers(model, family)
-    keep = [layer for i, layer in enumerate(layers) if i not in set(removed)]
-    for new_idx, layer in enumerate(keep):
-        for module in layer.modules():
-            if hasattr(module, "layer_idx"):
-                setattr(module, "layer_idx", new_idx)  # noqa: B010 (a tensor-typed attribute to mypy)
-    parent: Any = model
-    *path, last = family.layers_module.split(".")
-    for part in path:
-        parent = getattr(parent, part)
-    setattr(parent, last, torch.nn.ModuleList(keep))
-    old_cfg = model.config.to_dict()
-    old_cfg.setdefault("num_hidden_layers", len(layers))
-    new_cfg = shortened_config(old_cfg, removed)
-    for key, value in new_cfg.items():
-        if hasattr(model.config, key) and value != old_cfg.get(key):
-            setattr(model.config, key, value)

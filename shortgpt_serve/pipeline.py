@@ -192,7 +192,7 @@ def iterative_bi_order(
     """Remove the lowest-BI layer, re-profile the shortened model, repeat until ``stop(order)``."""
     from shortgpt_serve.calibration import batches
     from shortgpt_serve.profile import profile_layers
-    from shortgpt_serve.quality import skipped_layers
+    from shortgpt_serve.layers import skipped_layers
 
     sel = config.selection
     allowed = set(removable(source.num_layers, sel.keep_first, sel.keep_last))
@@ -403,7 +403,8 @@ class QualityMeter:
         return {**self.full, "retained": 1.0, "raw_ratio": 1.0, "no_signal": list(r.no_signal)}
 
     def __call__(self, removed: list[int]) -> dict[str, Any]:
-        from shortgpt_serve.quality import quality_retained, skipped_layers
+        from shortgpt_serve.layers import skipped_layers
+        from shortgpt_serve.quality import quality_retained
 
         log.info("Scoring %d layers removed: %s", len(removed), removed)
         with skipped_layers(self.model, self.source.family, removed):

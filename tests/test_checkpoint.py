@@ -15,7 +15,8 @@ from shortgpt_serve.checkpoint import (
 )
 from shortgpt_serve.errors import CheckpointError, ModelError
 from shortgpt_serve.families import FAMILIES
-from shortgpt_serve.models import remove_layers_in_memory, resolve_model
+from shortgpt_serve.layers import remove_layers_in_memory
+from shortgpt_serve.models import resolve_model
 from shortgpt_serve.weights import weight_map
 
 

@@ -11,9 +11,9 @@ import pytest
 import torch
 
 from shortgpt_serve import quality
-from shortgpt_serve.errors import QualityError
+from shortgpt_serve.errors import ModelError, QualityError
 from shortgpt_serve.families import FAMILIES
-from shortgpt_serve.models import decoder_layers, remove_layers_in_memory
+from shortgpt_serve.layers import decoder_layers, remove_layers_in_memory, skipped_layers
 from shortgpt_serve.quality import (
     DEFAULT_TASKS,
     TASKS,
@@ -28,7 +28,6 @@ from shortgpt_serve.quality import (
     quality_retained,
     score_items,
     signal_margin,
-    skipped_layers,
 )
 from tests.conftest import CORPUS, tiny_config
 
@@ -349,7 +348,7 @@ def test_skipped_layers_matches_removal_and_restores(make_tiny_model: Callable[.
         assert len(decoder_layers(net, family)) == 4
         raise RuntimeError("boom")
     assert_restored()
-    with pytest.raises(QualityError, match="do not exist"), skipped_layers(net, family, [6]):
+    with pytest.raises(ModelError, match="do not exist"), skipped_layers(net, family, [6]):
         pass
     assert_restored()
 

@@ -10,7 +10,8 @@ from safetensors import safe_open
 
 from shortgpt_serve.checkpoint import write_checkpoint
 from shortgpt_serve.families import FAMILIES
-from shortgpt_serve.models import remove_layers_in_memory, resolve_model
+from shortgpt_serve.layers import remove_layers_in_memory
+from shortgpt_serve.models import resolve_model
 
 
 def test_w8a8_checkpoint_is_shortened_as_it_is(w8a8_model: Path, tmp_path: Path) -> None:
