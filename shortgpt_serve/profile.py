@@ -2,27 +2,32 @@
 
     BI_i = 1 - mean over real tokens t of cos(x_{i,t}, x_{i+1,t})
 
-where x_i is the hidden state entering decoder layer i and x_{i+1} the one leaving it. Forward hooks read each
-layer's own input and output (the last layer's output is taken before the final norm), cosines are computed
-row-wise per token in float32 and summed as the forward pass goes: no token-by-token matrices and no stored
-activations.
+where x_i is the hidden state entering decoder layer i and x_{i+1} the one leaving it. An observer on the pass
+engine (:mod:`shortgpt_serve.passes`) reads each layer's own input and output (the last layer's output is taken
+before the final norm); cosines are computed row-wise per token in float32 and summed as the pass goes: no
+token-by-token matrices and no stored activations.
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
+import logging
+import math
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
+
+from shortgpt_serve.passes import Batch, PassEngine, Route
 
 if TYPE_CHECKING:
     import torch
     from transformers import PreTrainedModel
 
     from shortgpt_serve.families import Family
+
+log = logging.getLogger(__name__)
 
 
 def block_influence_sums(h_in: torch.Tensor, h_out: torch.Tensor, mask: torch.Tensor | None) -> tuple[float, int]:
@@ -94,93 +99,66 @@ class LayerProfile:
         return "\n".join(lines)
 
 
-@contextlib.contextmanager
-def layer_hooks(layers: Iterable[torch.nn.Module], make_hook: Callable[[int], Callable[..., None]]) -> Iterator[None]:
-    """Forward hooks (with kwargs) on each decoder layer for the duration of the block, removed even on error."""
-    handles = [layer.register_forward_hook(make_hook(i), with_kwargs=True) for i, layer in enumerate(layers)]
-    try:
-        yield
-    finally:
-        for h in handles:
-            h.remove()
+class BlockInfluence:
+    """Observer: per layer, the sum over real tokens of cos(input, output) and the tokens summed."""
+
+    def __init__(self, num_layers: int) -> None:
+        self.sums = [0.0] * num_layers
+        self.counts = [0] * num_layers
+
+    def __call__(self, layer: int, batch: int, h_in: torch.Tensor, h_out: torch.Tensor, mask: torch.Tensor) -> None:
+        s, c = block_influence_sums(h_in, h_out, mask)
+        self.sums[layer] += s
+        self.counts[layer] += c
+
+    def bi(self) -> list[float]:
+        """BI of every observed layer; +inf for a layer the route skipped (never a removal candidate again)."""
+        return [1.0 - s / c if c else math.inf for s, c in zip(self.sums, self.counts, strict=True)]
+
+
+def _as_batches(batches: Iterable[tuple[torch.Tensor, torch.Tensor]]) -> list[Batch]:
+    return [Batch(ids, mask) for ids, mask in batches]
+
+
+def block_influences(engine: PassEngine, batches: Sequence[Batch], skip: Iterable[int] = ()) -> tuple[list[float], int]:
+    """(BI per layer, real tokens counted) in one pass; layers in ``skip`` are skipped and get +inf."""
+    observer = BlockInfluence(engine.num_layers)
+    engine.run(batches, [Route(frozenset(skip), observers=[observer])])
+    tokens = sum(int(b.attention_mask.sum()) for b in batches)
+    if tokens == 0:
+        raise ValueError("no calibration tokens were profiled")
+    return observer.bi(), tokens
 
 
 def profile_layers(
-    model: PreTrainedModel,
-    family: Family,
+    model: PreTrainedModel | PassEngine,
+    family: Family | None,
     batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
     *,
-    total_batches: int | None = None,
     progress: bool = True,
-    on_batch: Callable[[int], None] | None = None,
 ) -> tuple[list[float], int]:
-    """Run the model over calibration batches and return (BI per layer, tokens counted).
-
-    ``batches`` yields (input_ids, attention_mask) on the model's device.
-    """
-    import torch
-    from tqdm.auto import tqdm
-
-    from shortgpt_serve.layers import decoder_layers
-
-    layers = decoder_layers(model, family)
-    sums = [0.0] * len(layers)
-    counts = [0] * len(layers)
-    current: dict[str, torch.Tensor] = {}
-
-    def make_hook(idx: int) -> Callable[..., None]:
-        def hook(module: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any) -> None:
-            h_in = args[0] if args else kwargs["hidden_states"]
-            h_out = output[0] if isinstance(output, tuple | list) else output
-            s, c = block_influence_sums(h_in, h_out, current["mask"])
-            sums[idx] += s
-            counts[idx] += c
-
-        return hook
-
-    tokens = 0
-    with (
-        layer_hooks(layers, make_hook),
-        torch.inference_mode(),
-        tqdm(total=total_batches, desc="Profiling Block Influence", unit="batch", disable=not progress) as bar,
-    ):
-        for ids, mask in batches:
-            current["mask"] = mask
-            model(input_ids=ids, attention_mask=mask, use_cache=False)
-            n = int(mask.sum())
-            tokens += n
-            bar.update(1)
-            bar.set_postfix(tokens=tokens)
-            if on_batch is not None:
-                on_batch(n)
-    if tokens == 0:
-        raise ValueError("no calibration tokens were profiled")
-    return [1.0 - s / c for s, c in zip(sums, counts, strict=True)], tokens
+    """Run the model over calibration batches ((input_ids, attention_mask) pairs) and return (BI per layer,
+    tokens counted)."""
+    engine = model if isinstance(model, PassEngine) else PassEngine(model, family) if family else PassEngine.of(model)
+    log.debug("Profiling Block Influence of %d layers", engine.num_layers)
+    return block_influences(engine, _as_batches(batches))
 
 
 def profile_model(
-    model: PreTrainedModel,
-    family: Family,
+    engine: PassEngine,
     calibration: Any,
     *,
     batch_size: int,
     model_sha256: str = "",
-    progress: bool = True,
+    angular: bool = False,
 ) -> LayerProfile:
-    """Profile a loaded model on a :class:`~shortgpt_serve.calibration.CalibrationSet`."""
+    """Profile a model on a :class:`~shortgpt_serve.calibration.CalibrationSet` (and its angular distances)."""
     from shortgpt_serve.calibration import batches
 
-    device = next(model.parameters()).device
-    pad = getattr(model.config, "pad_token_id", None) or 0
-    n_batches = -(-len(calibration.sequences) // batch_size)
+    pad = getattr(engine.model.config, "pad_token_id", None) or 0
     start = time.perf_counter()
-    bi, tokens = profile_layers(
-        model,
-        family,
-        batches(calibration.sequences, batch_size, int(pad), str(device)),
-        total_batches=n_batches,
-        progress=progress,
-    )
+    chunks = _as_batches(batches(calibration.sequences, batch_size, int(pad)))
+    bi, tokens = block_influences(engine, chunks)
     return LayerProfile(
         bi=bi,
         num_tokens=tokens,
@@ -190,62 +168,75 @@ def profile_model(
         calibration_sha256=calibration.documents_sha256,
         model_sha256=model_sha256,
         seconds=round(time.perf_counter() - start, 3),
+        angular=angular_distances(engine, chunks) if angular else None,
     )
 
 
+class _Boundaries:
+    """Observer: the normalised real-token states at every layer boundary of one batch."""
+
+    def __init__(self, num_layers: int) -> None:
+        self.num_layers = num_layers
+        self.states: dict[int, torch.Tensor] = {}
+
+    def __call__(self, layer: int, batch: int, h_in: torch.Tensor, h_out: torch.Tensor, mask: torch.Tensor) -> None:
+        import torch
+
+        keep = mask.bool()
+        self.states[layer] = torch.nn.functional.normalize(h_in[keep].float(), dim=-1)
+        if layer == self.num_layers - 1:
+            self.states[layer + 1] = torch.nn.functional.normalize(h_out[keep].float(), dim=-1)
+
+
 def angular_distances(
-    model: PreTrainedModel,
-    family: Family,
-    batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
-    *,
-    total_batches: int | None = None,
-    progress: bool = True,
+    model: PreTrainedModel | PassEngine,
+    batches: Sequence[Batch] | Iterable[tuple[torch.Tensor, torch.Tensor]],
 ) -> list[list[float]]:
     """Mean angular distance ``arccos(cos(x_i, x_j)) / pi`` between every pair of layer boundaries i < j.
 
     Boundary i is the hidden state entering layer i (boundary L: leaving the last layer, before the final norm).
     Gromov et al. remove the block of n layers starting where ``d[l][l + n]`` is smallest. They average over
     each sequence's final token; we average over every real token, which gives far more samples per pair.
-    Costs one forward pass; boundary states of one batch are held at a time.
+    Every pair needs both boundaries at once, so this runs one pass per batch and holds one batch's boundary
+    states at a time.
     """
     import torch
-    from tqdm.auto import tqdm
 
-    from shortgpt_serve.layers import decoder_layers
-
-    layers = decoder_layers(model, family)
-    n = len(layers)
-    states: dict[int, torch.Tensor] = {}
-    current: dict[str, torch.Tensor] = {}
-
-    def make_hook(idx: int) -> Callable[..., None]:
-        def hook(module: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any) -> None:
-            keep = current["mask"].bool()
-            h_in = args[0] if args else kwargs["hidden_states"]
-            states[idx] = torch.nn.functional.normalize(h_in[keep].float(), dim=-1)
-            if idx == n - 1:
-                h_out = output[0] if isinstance(output, tuple | list) else output
-                states[n] = torch.nn.functional.normalize(h_out[keep].float(), dim=-1)
-
-        return hook
-
+    engine = model if isinstance(model, PassEngine) else PassEngine.of(model)
+    n = engine.num_layers
+    chunks = [b if isinstance(b, Batch) else Batch(*b) for b in batches]
     sums = torch.zeros(n + 1, n + 1, dtype=torch.float64)
     count = 0
-    with (
-        layer_hooks(layers, make_hook),
-        torch.inference_mode(),
-        tqdm(total=total_batches, desc="Profiling angular distances", unit="batch", disable=not progress) as bar,
-    ):
-        for ids, mask in batches:
-            current["mask"] = mask
-            model(input_ids=ids, attention_mask=mask, use_cache=False)
-            stacked = torch.stack([states[i] for i in range(n + 1)])  # [n+1, tokens, hidden]
-            cos = torch.einsum("ith,jth->ijt", stacked, stacked).clamp(-1.0, 1.0)
-            sums += (torch.arccos(cos) / torch.pi).sum(-1, dtype=torch.float64).cpu()
-            count += stacked.shape[1]
-            states.clear()
-            bar.update(1)
+    for chunk in chunks:
+        seen = _Boundaries(n)
+        engine.run([chunk], [Route(observers=[seen])])
+        stacked = torch.stack([seen.states[i] for i in range(n + 1)])  # [n+1, tokens, hidden]
+        cos = torch.einsum("ith,jth->ijt", stacked, stacked).clamp(-1.0, 1.0)
+        sums += (torch.arccos(cos) / torch.pi).sum(-1, dtype=torch.float64).cpu()
+        count += stacked.shape[1]
     if count == 0:
         raise ValueError("no calibration tokens were profiled")
     result: list[list[float]] = (sums / count).tolist()
     return result
+
+
+def iterative_bi_order(
+    engine: PassEngine,
+    batches: Sequence[Batch],
+    first_bi: list[float],
+    allowed: Iterable[int],
+    stop: Callable[[list[int]], bool],
+) -> list[int]:
+    """Remove the lowest-BI layer, re-profile the shortened model (those layers skipped), repeat until
+    ``stop(order)`` or nothing is left to remove."""
+    left = set(allowed)
+    order: list[int] = []
+    bi = first_bi
+    while left - set(order) and not stop(order):
+        pick = min(left - set(order), key=lambda i: (bi[i], i))
+        order.append(pick)
+        if stop(order) or not left - set(order):
+            break
+        log.info("iterative-bi: removed %s; re-profiling %d layers", sorted(order), engine.num_layers - len(order))
+        bi, _ = block_influences(engine, batches, skip=order)
+    return order

@@ -56,12 +56,49 @@ def test_bi_matches_reference_on_padded_batches(tiny_llama: Path) -> None:
     assert max(expected) - min(expected) > 1e-3
 
 
-def test_hooks_are_removed_after_profiling(tiny_llama: Path) -> None:
+def test_profiling_leaves_the_model_as_it_was(tiny_llama: Path) -> None:
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(tiny_llama).eval()
+    layers = list(model.model.layers)
+    ids = torch.tensor([[1, 2, 3, 4]])
+    with torch.no_grad():
+        before = model(input_ids=ids).logits
     profile_layers(model, FAMILIES["llama"], batches([[1, 2, 3, 4]], 1, 0), progress=False)
+    assert list(model.model.layers) == layers and type(model.model.layers[0]).__name__ == "LlamaDecoderLayer"
     assert all(not layer._forward_hooks for layer in model.model.layers)
+    with torch.no_grad():
+        assert torch.equal(model(input_ids=ids).logits, before)
+
+
+def test_iterative_bi_reprofiles_the_shortened_model(tiny_llama: Path) -> None:
+    """Each step's BI is the BI of the model with the removed layers deleted (the in-memory reference)."""
+    from transformers import AutoModelForCausalLM
+
+    from shortgpt_serve.layers import skipped_layers
+    from shortgpt_serve.passes import Batch, PassEngine
+    from shortgpt_serve.profile import block_influences, iterative_bi_order
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama, dtype=torch.float32).eval()
+    g = torch.Generator().manual_seed(4)
+    sequences = [torch.randint(0, 300, (n,), generator=g).tolist() for n in (21, 13, 30)]
+    chunks = [Batch(ids, mask) for ids, mask in batches(sequences, 2, pad_id=0)]
+    engine = PassEngine(model, FAMILIES["llama"])
+    first, _ = block_influences(engine, chunks)
+    order = iterative_bi_order(engine, chunks, first, range(1, 5), lambda o: len(o) >= 3)
+    assert len(order) == 3 and len(set(order)) == 3 and set(order) <= {1, 2, 3, 4}
+    assert order[0] == min(range(1, 5), key=lambda i: (first[i], i))
+    # Replay by hand: delete the layers chosen so far, profile the smaller model, pick its lowest kept layer.
+    for step in (1, 2):
+        kept = [i for i in range(6) if i not in order[:step]]
+        with skipped_layers(model, FAMILIES["llama"], order[:step]):
+            short = reference_bi(model, sequences)
+        ours, _ = block_influences(engine, chunks, skip=order[:step])
+        for new, old in enumerate(kept):
+            assert ours[old] == pytest.approx(short[new], abs=1e-4)
+        assert all(math.isinf(ours[i]) for i in order[:step])
+        candidates = [i for i in range(1, 5) if i not in order[:step]]
+        assert order[step] == min(candidates, key=lambda i: (ours[i], i))
 
 
 def test_block_influence_definition() -> None:
@@ -105,7 +142,7 @@ def test_angular_distances_match_reference(tiny_llama: Path) -> None:
     model = AutoModelForCausalLM.from_pretrained(tiny_llama, dtype=torch.float32).eval()
     g = torch.Generator().manual_seed(2)
     sequences = [torch.randint(0, 300, (n,), generator=g).tolist() for n in (11, 4, 19)]
-    ours = angular_distances(model, FAMILIES["llama"], batches(sequences, 2, pad_id=0), progress=False)
+    ours = angular_distances(model, batches(sequences, 2, pad_id=0))
     n = model.config.num_hidden_layers
     sums = [[0.0] * (n + 1) for _ in range(n + 1)]
     norm, model.model.norm = model.model.norm, torch.nn.Identity()

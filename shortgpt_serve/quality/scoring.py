@@ -1,0 +1,247 @@
+"""Multiple-choice scoring by log-likelihood, on the pass engine, for several candidates in one pass.
+
+Each choice is scored the way lm-evaluation-harness scores it: the summed log-probability of the continuation's
+tokens given the context picks the answer (``acc``), or that sum divided by the continuation's length in UTF-8
+bytes (``acc_norm``). Requests are encoded once, sorted by length (longest first, so memory trouble shows at
+once) and right-padded into batches; one pass of the engine scores them for the full model and every candidate
+skip-set together, and only the continuation positions' logits are computed and log-softmaxed (float32).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from shortgpt_serve.calibration import batches
+from shortgpt_serve.errors import QualityError
+from shortgpt_serve.passes import Batch, PassEngine, Route
+from shortgpt_serve.quality.tasks import TASKS, Item, Request
+
+if TYPE_CHECKING:
+    import torch
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+LogLikelihood = tuple[float, int]
+"""(sum of the continuation tokens' log-probabilities given the context, their number)."""
+
+
+def special_prefix(tokenizer: PreTrainedTokenizerBase) -> list[int]:
+    """What the tokenizer puts before any text: [bos] for Llama-style tokenizers, nothing for others."""
+    return list(tokenizer("").input_ids)
+
+
+def encode_request(
+    tokenizer: PreTrainedTokenizerBase, request: Request, prefix: list[int] | None = None
+) -> tuple[list[int], int]:
+    """(token ids of prefix + context + continuation, number of continuation tokens at the end).
+
+    Like lm-eval: whitespace ending the context moves onto the continuation (``"Answer: "`` + ``"B"`` is scored
+    as ``"Answer:"`` + ``" B"``, how the text tokenizes in running prose), and the pair is encoded together, the
+    continuation being what follows the context's tokens. Text is encoded without special tokens and the
+    tokenizer's own prefix is put once at the start, so tokenizers that add BOS on every call get one BOS.
+    """
+    if prefix is None:
+        prefix = special_prefix(tokenizer)
+    context, continuation = request.context, request.continuation
+    n_space = len(context) - len(context.rstrip())
+    if n_space:
+        context, continuation = context[:-n_space], context[-n_space:] + continuation
+    if not continuation:
+        return list(prefix), 0
+
+    def enc(text: str) -> list[int]:
+        return list(tokenizer(text, add_special_tokens=False).input_ids) if text else []
+
+    ctx = enc(context)
+    whole = enc(context + continuation)
+    cont = whole[len(ctx) :]
+    if whole[: len(ctx)] != ctx or not cont:
+        # A token merged across the boundary: keep the context as it encodes alone, encode the rest separately.
+        cont = enc(continuation)
+    head = prefix + ctx
+    if not head:
+        # Nothing to condition on (empty context, no BOS): the end-of-text token is the conditioning token.
+        cond = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else tokenizer.bos_token_id
+        if cond is None:
+            raise QualityError("the tokenizer has no BOS or EOS token to condition an empty context on.")
+        head = [int(cond)]
+    return head + cont, len(cont)
+
+
+def _truncate(ids: list[int], n_cont: int, prefix: list[int], max_len: int | None) -> tuple[list[int], int]:
+    """Cut from the left so at most ``max_len`` tokens are fed (the last token is only a target).
+
+    The special prefix stays first, since models trained with BOS drift without it; continuation tokens that no
+    longer fit are not scored.
+    """
+    if max_len is None or len(ids) <= max_len + 1:
+        return ids, n_cont
+    keep = prefix if ids[: len(prefix)] == prefix and len(prefix) < max_len else []
+    ids = keep + ids[len(keep) :][-(max_len + 1 - len(keep)) :]
+    return ids, min(n_cont, len(ids) - 1)
+
+
+def pad_id(tokenizer: PreTrainedTokenizerBase) -> int:
+    # Pad positions come after every real token (right padding), so their id never influences a score.
+    for value in (tokenizer.pad_token_id, tokenizer.eos_token_id, tokenizer.bos_token_id):
+        if value is not None:
+            return int(value)
+    return 0
+
+def max_positions(model: PreTrainedModel) -> int | None:
+    value = getattr(model.config, "max_position_embeddings", None)
+    return value if isinstance(value, int) and value > 1 else None
+
+
+@dataclass(frozen=True)
+class RequestBatches:
+    """Requests encoded and batched once, to be scored along any number of routes."""
+
+    encoded: list[tuple[list[int], int]]
+    groups: list[list[int]]
+    """The request indices in each batch."""
+    batches: list[Batch]
+
+    @classmethod
+    def build(
+        cls,
+        tokenizer: PreTrainedTokenizerBase,
+        requests: Sequence[Request],
+        batch_size: int,
+        max_len: int | None,
+    ) -> RequestBatches:
+        if batch_size < 1:
+            raise QualityError(f"the batch size must be at least 1 (got {batch_size}).", param="batch_size")
+        prefix = special_prefix(tokenizer)
+        encoded = [_truncate(*encode_request(tokenizer, r, prefix), prefix, max_len) for r in requests]
+        todo = sorted((i for i, (_, n) in enumerate(encoded) if n > 0), key=lambda i: (-len(encoded[i][0]), i))
+        pad = pad_id(tokenizer)
+        groups = [todo[i : i + batch_size] for i in range(0, len(todo), batch_size)]
+        out = []
+        for group in groups:
+            inputs = [encoded[i][0][:-1] for i in group]
+            ids, mask = next(batches(inputs, len(inputs), pad))
+            # Continuation row r is predicted at input positions [len - n, len); only those logits are needed.
+            first = min(len(x) - encoded[i][1] for x, i in zip(inputs, group, strict=True))
+            out.append(Batch(ids, mask, logits_to_keep=ids.shape[1] - first))
+        return cls(encoded, groups, out)
+
+    def reader(self, results: list[LogLikelihood]) -> Callable[[int, torch.Tensor], None]:
+        """Fills ``results`` (one per request; requests with nothing to score stay (0.0, 0)) from each batch's
+        logits."""
+        import torch
+
+        def read(b: int, logits: torch.Tensor) -> None:
+            group = self.groups[b]
+            width = self.batches[b].input_ids.shape[1]
+            offset = width - logits.shape[1]
+            for row, i in enumerate(group):
+                seq, n = self.encoded[i]
+                start = len(seq) - 1 - n - offset
+                logprobs = logits[row, start : start + n].float().log_softmax(-1)
+                target = torch.tensor(seq[-n:], device=logprobs.device)
+                picked = logprobs.gather(-1, target[:, None])[:, 0]
+                results[i] = (float(picked.double().sum()), n)
+
+        return read
+
+
+def loglikelihoods_along(
+    engine: PassEngine,
+    tokenizer: PreTrainedTokenizerBase,
+    requests: Sequence[Request],
+    skips: Iterable[Iterable[int]],
+    *,
+    batch_size: int = 16,
+) -> list[list[LogLikelihood]]:
+    """Each request's :data:`LogLikelihood` with each skip-set's layers skipped, all in one pass."""
+    prepared = RequestBatches.build(tokenizer, requests, batch_size, max_positions(engine.model))
+    results: list[list[LogLikelihood]] = []
+    routes = []
+    for skip in skips:
+        results.append([(0.0, 0)] * len(requests))
+        routes.append(Route(frozenset(skip), on_logits=prepared.reader(results[-1])))
+    engine.run(prepared.batches, routes)
+    return results
+
+
+def loglikelihoods(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    requests: Sequence[Request],
+    *,
+    batch_size: int = 16,
+    skip: Iterable[int] = (),
+) -> list[LogLikelihood]:
+    """For each request, (sum of the continuation tokens' log-probabilities given the context, their number)."""
+    return loglikelihoods_along(PassEngine.of(model), tokenizer, requests, [skip], batch_size=batch_size)[0]
+
+
+@dataclass(frozen=True)
+class TaskScore:
+    task: str
+    acc: float
+    acc_norm: float
+    n: int
+    chance: float
+    """Expected accuracy of guessing on these items (the mean of 1/choices; ARC has a few 3- and 5-way items)."""
+
+    @property
+    def primary_metric(self) -> str:
+        spec = TASKS.get(self.task)
+        return spec.primary if spec else "acc"
+
+    @property
+    def score(self) -> float:
+        """The task's primary metric."""
+        return float(getattr(self, self.primary_metric))
+
+
+def _argmax(values: Sequence[float]) -> int:
+    # First index of the maximum, like numpy.argmax: ties go to the lowest index.
+    best = 0
+    for i, v in enumerate(values):
+        if v > values[best]:
+            best = i
+    return best
+
+
+def check_items(items: Sequence[Item]) -> None:
+    for item in items:
+        if not item.requests or not 0 <= item.gold < len(item.requests):
+            raise QualityError(f"a {item.task} item has gold {item.gold} for {len(item.requests)} choices.")
+
+
+def task_scores(items: Sequence[Item], lls: Sequence[LogLikelihood]) -> dict[str, TaskScore]:
+    """acc and acc_norm per task from every item's choices' log-likelihoods (flattened in item order)."""
+    tallies: dict[str, list[float]] = {}  # task -> [acc hits, acc_norm hits, n, sum of 1/choices]
+    pos = 0
+    for item in items:
+        scores = [ll for ll, _ in lls[pos : pos + len(item.requests)]]
+        # lm-eval's acc_norm: log-likelihood per byte of the scored text, which removes the bias to short choices.
+        nbytes = [max(1, len(r.continuation.encode("utf-8"))) for r in item.requests]
+        pos += len(item.requests)
+        t = tallies.setdefault(item.task, [0.0, 0.0, 0.0, 0.0])
+        t[0] += _argmax(scores) == item.gold
+        t[1] += _argmax([s / b for s, b in zip(scores, nbytes, strict=True)]) == item.gold
+        t[2] += 1
+        t[3] += 1.0 / len(item.requests)
+    return {
+        task: TaskScore(task, acc=t[0] / t[2], acc_norm=t[1] / t[2], n=int(t[2]), chance=t[3] / t[2])
+        for task, t in tallies.items()
+    }
+
+
+def score_items(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    items: Sequence[Item],
+    *,
+    batch_size: int = 16,
+    skip: Iterable[int] = (),
+) -> dict[str, TaskScore]:
+    """acc and acc_norm per task over ``items`` (all requests of all items are batched together)."""
+    check_items(items)
+    flat = [r for item in items for r in item.requests]
+    return task_scores(items, loglikelihoods(model, tokenizer, flat, batch_size=batch_size, skip=skip))

@@ -1,0 +1,112 @@
+"""One run's model work: the calibration set, the loaded model and its pass engine, built when first needed.
+
+A cached profile, cached full-model scores and a cached checkpoint need neither the model nor the calibration
+tokens, so a warm start loads nothing. :func:`cached_profile` is the profile stage behind the cache.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import gc
+import logging
+from collections.abc import Callable
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from shortgpt_serve import cache
+from shortgpt_serve.calibration import CalibrationSet, Documents, batches
+from shortgpt_serve.config import Config
+from shortgpt_serve.inputs import calibration_set
+from shortgpt_serve.loading import load_model, resolve_dtype
+from shortgpt_serve.models import ModelSource
+from shortgpt_serve.passes import Batch, PassEngine
+from shortgpt_serve.profile import LayerProfile, profile_model
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
+
+log = logging.getLogger(__name__)
+
+
+class ModelSession:
+    """The calibration set, the model and its engine for one run, each built when first asked for."""
+
+    def __init__(self, config: Config, source: ModelSource, docs: Documents) -> None:
+        self.config, self.source, self.docs = config, source, docs
+        self._calib: CalibrationSet | None = None
+        self._model: PreTrainedModel | None = None
+        self._engine: PassEngine | None = None
+
+    def calib(self) -> CalibrationSet:
+        if self._calib is None:
+            self._calib = calibration_set(self.config, self.source, self.docs)
+        return self._calib
+
+    def model(self) -> PreTrainedModel:
+        if self._model is None:
+            self.calib()  # fails on unusable text before the model is loaded
+            log.info("Loading %s", self.source.origin)
+            self._model = load_model(self.source, self.config.profile.device, self.config.profile.dtype)
+        return self._model
+
+    def engine(self, dtype: str | None = None) -> PassEngine:
+        """The pass engine over the model, in ``dtype`` (a config dtype; default: the profiling dtype)."""
+        import torch
+
+        model = self.model()
+        if dtype is not None:
+            device = str(next(model.parameters()).device)
+            model.to(getattr(torch, resolve_dtype(dtype, device)))
+        if self._engine is None:
+            self._engine = PassEngine(model, self.source.family)
+        return self._engine
+
+    def calibration_batches(self) -> list[Batch]:
+        pad = int(getattr(self.model().config, "pad_token_id", None) or 0)
+        return [Batch(ids, mask) for ids, mask in batches(self.calib().sequences, self.config.profile.batch_size, pad)]
+
+    def close(self) -> None:
+        self._engine = None
+        self._model = None
+        gc.collect()
+
+
+def measure_profile(session: ModelSession) -> LayerProfile:
+    """Block Influence of every layer (and angular distances for the angular criterion) on the calibration set."""
+    config = session.config
+    return profile_model(
+        session.engine(),
+        session.calib(),
+        batch_size=config.profile.batch_size,
+        model_sha256=session.source.sha256,
+        angular=config.selection.criterion == "angular",
+    )
+
+
+def cached_profile(
+    config: Config, source: ModelSource, key: dict[str, Any], compute: Callable[[], LayerProfile]
+) -> tuple[LayerProfile, bool]:
+    """The profile for ``key`` from the cache, or ``compute()``d once (another launcher computing it is awaited)."""
+
+    def describe(d: Any) -> str:
+        # A file or folder is named by its last part; the bundled text by its own description.
+        text = Path(config.calibration.path).name if config.calibration.path else d["calibration_source"]
+        return f"{source.name}: BI of {len(d['bi'])} layers on {d['num_tokens']} tokens of {text}"
+
+    cache_dir = config.resolved_cache_dir()
+    data, reused = cache.cached_json(cache_dir, "profiles", key, lambda: dataclasses.asdict(compute()), describe)
+    if reused:
+        log.info("Profile reused from the cache (profiles/%s)", cache.entry_name("profiles", key))
+    return LayerProfile(**data), reused
+
+
+def run_profile(config: Config, source: ModelSource, docs: Documents) -> LayerProfile:
+    """Every layer's Block Influence on the calibration documents: from the cache, or measured and cached."""
+    from shortgpt_serve.keys import profile_key
+
+    key = profile_key(config, source, docs, cache.FileHashes(config.resolved_cache_dir()))
+    session = ModelSession(config, source, docs)
+    try:
+        return cached_profile(config, source, key, lambda: measure_profile(session))[0]
+    finally:
+        session.close()
