@@ -27,29 +27,35 @@ def main() -> None:
 
     import dataclasses
 
-    import torch
-
+    from shortgpt_serve.cache import FileHashes
     from shortgpt_serve.config import Config, QualityConfig
-    from shortgpt_serve.models import load_model, load_tokenizer, resolve_model
-    from shortgpt_serve.pipeline import QualityMeter, _profile, calibration_set, iterative_bi_order, read_calibration
+    from shortgpt_serve.inputs import read_calibration
+    from shortgpt_serve.keys import quality_key
+    from shortgpt_serve.loading import load_tokenizer
+    from shortgpt_serve.models import resolve_model
+    from shortgpt_serve.profile import iterative_bi_order
+    from shortgpt_serve.quality.meter import QualityMeter
     from shortgpt_serve.selection import plan_angular, plan_bi, removable
+    from shortgpt_serve.session import ModelSession, measure_profile
 
     config = Config(quality=QualityConfig(limit=args.eval_limit)).validate()
     config = dataclasses.replace(config, selection=dataclasses.replace(config.selection, criterion="angular"))
     start = time.perf_counter()
     docs = read_calibration(config)
     source = resolve_model(None, config.resolved_cache_dir())
-    calib = calibration_set(config, source, docs)
-    model = load_model(source, "cpu", "float32")
-    profile = _profile(config, source, model, calib, progress=False)
+    session = ModelSession(config, source, docs)
+    profile = measure_profile(session)
     max_n = max(args.depths)
-    order = iterative_bi_order(model, source, calib, profile.bi, config, lambda o: len(o) >= max_n, progress=False)
-    model.to(torch.bfloat16)  # type: ignore[arg-type]
-    meter = QualityMeter(config, source, model, load_tokenizer(source), docs.heldout)
+    allowed = removable(source.num_layers)
+    order = iterative_bi_order(
+        session.engine(), session.calibration_batches(), profile.bi, allowed, lambda o: len(o) >= max_n
+    )
+    engine = session.engine(config.quality.dtype)
+    key = quality_key(config, source, docs.heldout, FileHashes(config.resolved_cache_dir()))
+    meter = QualityMeter(config, source, engine, load_tokenizer(source), docs.heldout, key=key)
     meter.measure_full()
     full = meter.full_record()
 
-    allowed = removable(source.num_layers)
     bi_plan = plan_bi(profile.bi)
     assert profile.angular is not None
     angular_plan = plan_angular(profile.angular)
@@ -63,11 +69,10 @@ def main() -> None:
         }
         for seed in range(args.seeds):
             plans[f"random (seed {seed})"] = sorted(random.Random(seed).sample(allowed, n))
-        results = {}
-        for name, removed in plans.items():
-            q = meter(removed)
-            results[name] = q
-            rows.append((n, name, removed, q))
+        # Every plan at this depth in one pass of the engine.
+        results = dict(zip(plans, meter.evaluate_many(list(plans.values())), strict=True))
+        for name, q in results.items():
+            rows.append((n, name, plans[name], q))
         rand = [results[k]["retained"] for k in results if k.startswith("random")]
         rows.append(
             (

@@ -71,7 +71,7 @@ def main() -> None:
             runs[name].append(measure_model(prep.checkpoint, serve_cfg, prep.served_model_name, workload))
 
     def median(name: str, level: str, key: str) -> float:
-        return statistics.median(r["levels"][level][key] for r in runs[name])
+        return statistics.median(getattr(r.levels[level], key) for r in runs[name])
 
     lines = [
         f"## {time.strftime('%Y-%m-%d %H:%M')} — budget {args.budget}, {args.repeats} rounds, {workload.describe()}",
@@ -101,7 +101,7 @@ def main() -> None:
     spread = []
     for name in runs:
         for level in map(str, workload.concurrency):
-            values = [r["levels"][level]["output_tokens_per_s"] for r in runs[name]]
+            values = [r.levels[level].output_tokens_per_s for r in runs[name]]
             spread.append(f"{name} c{level}: " + ", ".join(f"{v:.1f}" for v in values))
     lines += ["", "Per-round output tokens/s: " + "; ".join(spread) + ".", ""]
     record("served_speedup", lines)

@@ -130,13 +130,13 @@ def targets_from_checkpoint(checkpoint: Path) -> list[Target]:
     from shortgpt_serve.models import resolve_model
 
     record = verify_checkpoint(checkpoint)
-    src = record["source"]
-    origin = str(src["origin"])
+    src = record.source
+    origin = str(src.origin)
     spec = None if origin.startswith("embedded default") else origin.removeprefix("hub:")
     cache = Path(os.environ.get("SHORTGPT_SERVE_CACHE_DIR") or Path.home() / ".cache" / "shortgpt-serve")
     full = resolve_model(spec, cache)
-    name = record.get("served_model_name") or f"{src['name']}-short"
-    return [Target("full", None, src["name"], full.path), Target("shortened", None, name, checkpoint)]
+    name = record.served_model_name or f"{src.name}-short"
+    return [Target("full", None, src.name, full.path), Target("shortened", None, name, checkpoint)]
 
 
 def run_target(target: Target, tokenizer: str, args: argparse.Namespace, out: Path) -> dict[str, dict[str, Any]]:

@@ -7,18 +7,18 @@ written under a temp name and renamed into place when complete.
 
 from __future__ import annotations
 
-import datetime as dt
+import dataclasses
 import json
 import shutil
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
-from shortgpt_serve.version import __version__
+from shortgpt_serve.convert import SOURCE_RECORD
 from shortgpt_serve.errors import CheckpointError, ModelError
 from shortgpt_serve.families import shortened_config
-from shortgpt_serve.fsutil import atomic_dir
-from shortgpt_serve.models import SOURCE_RECORD, ModelSource, sha256_file
+from shortgpt_serve.fsutil import atomic_dir, check_output_free, sha256_file
+from shortgpt_serve.models import ModelSource
+from shortgpt_serve.provenance import Provenance, build_provenance
 from shortgpt_serve.weights import INDEX_NAME, copy_tensors, layer_pattern, read_header, weight_map
 
 PROVENANCE_NAME = "shortgpt.json"
@@ -116,44 +116,43 @@ def _copy_side_files(src: Path, out: Path) -> list[str]:
     return copied
 
 
-def model_card(provenance: dict[str, Any]) -> str:
-    src = provenance["source"]
-    removed = provenance["removed_layers"]
-    n_full = src["num_layers"]
-    sel = provenance.get("selection", {})
+def model_card(provenance: Provenance) -> str:
+    src = provenance.source
+    removed = list(provenance.removed_layers)
+    n_full = src.num_layers
+    sel = provenance.selection
+    cal = provenance.calibration
     lines = [
         "---",
         "tags: [shortgpt, layer-pruning, shortgpt-serve]",
-        f"base_model_origin: {json.dumps(src['origin'])}",
+        f"base_model_origin: {json.dumps(src.origin)}",
         "---",
         "",
-        f"# {provenance['served_model_name'] or src['name']}: {src['name']} shortened to "
-        f"{n_full - len(removed)} of {n_full} layers",
+        f"# {provenance.served_model_name or src.name}: {src.name} shortened to "
+        f"{provenance.num_kept} of {n_full} layers",
         "",
-        f"Written by shortgpt-serve {provenance['tool_version']} on {provenance['created']}.",
+        f"Written by shortgpt-serve {provenance.tool_version} on {provenance.created}.",
         "",
         "Decoder layers with the lowest Block Influence (ShortGPT, Men et al. 2024: one minus the mean cosine between "
         "a layer's input and output hidden states over calibration text) were removed; the rest are unchanged.",
         "",
-        f"- Source: {src['origin']} (sha256 {src['sha256'][:16]}...)",
+        f"- Source: {src.origin} (sha256 {src.sha256[:16]}...)",
         f"- Removed layers (original indices): {removed}",
-        f"- Calibration: {provenance['calibration'].get('source')} "
-        f"({provenance['calibration'].get('num_tokens')} tokens)",
+        f"- Calibration: {cal.source} ({cal.num_tokens} tokens)",
     ]
-    if sel:
+    if sel is not None:
         lines += [
-            f"- Latency budget: {sel.get('budget')}; predicted cost: {sel.get('cost_ratio')} of the full model",
-            f"- Parameters: {sel.get('params_short'):,} of {sel.get('params_full'):,}",
+            f"- Latency budget: {sel.budget}; predicted cost: {sel.cost_ratio} of the full model",
+            f"- Parameters: {sel.params_short:,} of {sel.params_full:,}",
         ]
-    quality = provenance.get("quality") or {}
-    short = quality.get("shortened") or (quality.get("full") if not removed else None)
-    if short:
-        tasks = ", ".join(f"{t} {v['score']:.3f} ({v['metric']})" for t, v in short.get("tasks", {}).items())
-        retained = short.get("retained", 1.0)
+    short = provenance.shortened_quality
+    if short is not None:
+        tasks = ", ".join(f"{t} {v.score:.3f} ({v.metric})" for t, v in short.tasks.items())
+        retained = 1.0 if short.retained is None else short.retained
         lines += [
-            f"- Quality retained: {retained:.3f} of the full model's (floor {sel.get('min_quality')}); "
+            f"- Quality retained: {retained:.3f} of the full model's (floor {sel and sel.min_quality}); "
             f"measured 0-shot: {tasks}; see `report.md`",
-            f"- Latency budget met: {sel.get('latency_met')}; accuracy floor met: {sel.get('quality_met')}",
+            f"- Latency budget met: {sel and sel.latency_met}; accuracy floor met: {sel and sel.quality_met}",
         ]
     else:
         lines += ["- Quality: not measured; check this checkpoint on your own tasks before use"]
@@ -170,40 +169,28 @@ def write_checkpoint(
     removed: list[int],
     output: Path,
     *,
-    provenance: dict[str, Any] | None = None,
+    provenance: Provenance | None = None,
     extra_files: dict[str, bytes] | None = None,
     overwrite: bool = False,
     seal: Callable[[Path], None] | None = None,
 ) -> Path:
     """Write ``source`` without the ``removed`` layers to ``output`` (a folder that must not exist unless
-    ``overwrite``). ``provenance`` adds to the record written beside the weights; ``extra_files`` (name -> bytes,
-    e.g. the report) are written into the folder too and listed with their hashes. ``seal(folder)`` runs on the
-    complete temp folder just before it is renamed into place (the cache writes its manifest there)."""
+    ``overwrite``). ``provenance``: the record written beside the weights (default: the bare record of the cut,
+    :func:`~shortgpt_serve.provenance.build_provenance`); the files' sha256 are added to it. ``extra_files``
+    (name -> bytes, e.g. the report) are written into the folder too. ``seal(folder)`` runs on the complete temp
+    folder just before it is renamed into place (the cache writes its manifest there)."""
     removed = check_removed(list(removed), source.num_layers)
-    if output.exists() and not overwrite:
-        raise CheckpointError(f"output folder {output} already exists; pass --overwrite or choose another --output.")
+    check_output_free(output, overwrite=overwrite)
     if output.exists() and not output.is_dir():
         raise CheckpointError(f"output {output} exists and is not a folder; choose another --output.")
     if output.resolve() == source.path.resolve():
         raise CheckpointError("--output is the source model's own folder; choose another folder.")
-    record: dict[str, Any] = {
-        "tool": "shortgpt-serve",
-        "tool_version": __version__,
-        "created": dt.datetime.now(dt.timezone.utc).replace(microsecond=0).isoformat(),
-        "served_model_name": None,
-        "source": {
-            "name": source.name,
-            "origin": source.origin,
-            "sha256": source.sha256,
-            "model_type": source.config.get("model_type"),
-            "architectures": source.config.get("architectures"),
-            "num_layers": source.num_layers,
-        },
-        "removed_layers": removed,
-        "kept_layers": [i for i in range(source.num_layers) if i not in set(removed)],
-        "calibration": {},
-        **(provenance or {}),
-    }
+    record = provenance or build_provenance(source, removed)
+    if list(record.removed_layers) != removed:
+        raise CheckpointError(
+            f"the provenance record lists layers {list(record.removed_layers)} removed, not {removed}; "
+            "build it with the same layers."
+        )
     try:
         with atomic_dir(output, overwrite=overwrite) as tmp:
             hashes = _write_weights(source, removed, tmp)
@@ -213,10 +200,8 @@ def write_checkpoint(
             (tmp / MODEL_CARD_NAME).write_text(model_card(record))
             for name, data in (extra_files or {}).items():
                 (tmp / name).write_bytes(data)
-            record["files"] = {
-                f.name: hashes.get(f.name) or sha256_file(f) for f in sorted(tmp.iterdir()) if f.is_file()
-            }
-            (tmp / PROVENANCE_NAME).write_text(json.dumps(record, indent=2) + "\n")
+            files = {f.name: hashes.get(f.name) or sha256_file(f) for f in sorted(tmp.iterdir()) if f.is_file()}
+            (tmp / PROVENANCE_NAME).write_text(dataclasses.replace(record, files=files).dumps())
             if seal is not None:
                 seal(tmp)
     except OSError as exc:
@@ -226,28 +211,32 @@ def write_checkpoint(
     return output
 
 
-def read_provenance(folder: Path) -> dict[str, Any]:
+def read_provenance(folder: Path) -> Provenance:
     path = folder / PROVENANCE_NAME
     if not path.is_file():
         raise CheckpointError(f"{folder} has no {PROVENANCE_NAME}; it was not written by shortgpt-serve.")
     try:
-        record = json.loads(path.read_text(encoding="utf-8"))
+        data = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError) as exc:
         raise CheckpointError(f"{path} is not readable JSON ({exc}); the checkpoint is damaged, rewrite it.") from exc
-    if not isinstance(record, dict):
+    if not isinstance(data, dict):
         raise CheckpointError(f"{path} does not hold a JSON object; the checkpoint is damaged, rewrite it.")
-    return record
+    try:
+        return Provenance.from_json(data)
+    except (KeyError, TypeError, ValueError, AttributeError) as exc:
+        raise CheckpointError(
+            f"{path} is not a provenance record ({type(exc).__name__}: {exc}); the checkpoint is damaged, rewrite it."
+        ) from exc
 
 
-def verify_checkpoint(folder: Path, hasher: Callable[[Path], str] = sha256_file) -> dict[str, Any]:
+def verify_checkpoint(folder: Path, hasher: Callable[[Path], str] = sha256_file) -> Provenance:
     """Check every file listed in the provenance record against its sha256; returns the record.
 
     ``hasher``: how a file's sha256 is found (the cache passes its memo, so unchanged files are not read again)."""
     record = read_provenance(folder)
-    files = record.get("files")
-    if not isinstance(files, dict) or not files:
+    if not record.files:
         raise CheckpointError(f"{folder}/{PROVENANCE_NAME} lists no files to verify; rewrite the checkpoint.")
-    for name, digest in files.items():
+    for name, digest in record.files.items():
         path = folder / name
         if not path.is_file():
             raise CheckpointError(f"{path} is missing; the checkpoint is incomplete, rewrite it.")

@@ -10,6 +10,14 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+from shortgpt_serve.errors import CheckpointError
+
+
+def check_output_free(output: str | Path, *, overwrite: bool) -> None:
+    """Refuse an ``--output`` folder that already exists unless the user passed ``--overwrite``."""
+    if not overwrite and Path(output).expanduser().exists():
+        raise CheckpointError(f"output folder {output} already exists; pass --overwrite or choose another --output.")
+
 
 def atomic_write_text(path: Path, text: str) -> None:
     """Write ``text`` to a temp file beside ``path``, then rename it over ``path``."""

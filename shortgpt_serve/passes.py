@@ -49,13 +49,17 @@ class Batch:
     attention_mask: torch.Tensor
     logits_to_keep: int = 0
     """Logits wanted for the last N positions only (0: every position)."""
+    allowed: torch.Tensor | None = None
+    """A custom attention pattern ([batch, 1, seq, seq], True where query row may attend key column), for
+    sequences that pack several continuations of one context; None: causal over the real tokens."""
+    position_ids: torch.Tensor | None = None
+    """Positions of the tokens ([batch, seq]) where they are not 0, 1, 2, ... (packed sequences)."""
 
 
 class Observer(Protocol):
     """Sees one layer's input and output for one batch ([batch, seq, hidden]; the mask [batch, seq])."""
 
-    def __call__(self, layer: int, batch: int, h_in: torch.Tensor, h_out: torch.Tensor, mask: torch.Tensor) -> None:
-        ...
+    def __call__(self, layer: int, batch: int, h_in: torch.Tensor, h_out: torch.Tensor, mask: torch.Tensor) -> None: ...
 
 
 LogitsConsumer = Callable[[int, "torch.Tensor"], None]
@@ -169,6 +173,25 @@ class PassEngine:
         module: torch.nn.Module = self._parent(self._base_path)
         return module
 
+    @property
+    def custom_masks(self) -> bool:
+        """Whether the model's attention takes a custom 4D pattern as it takes its own masks (SDPA and eager
+        attention do; the model passes a prepared 4D mask through unchanged)."""
+        return getattr(self.model.config, "_attn_implementation", None) in ("sdpa", "eager")
+
+    def _custom_mask(self, allowed: torch.Tensor) -> torch.Tensor:
+        """``allowed`` in the form the model's attention reads: boolean for SDPA, additive for eager."""
+        import torch
+
+        if not self.custom_masks:
+            raise ModelError("this model's attention implementation takes no custom attention pattern.")
+        if self.model.config._attn_implementation == "sdpa":
+            return allowed
+        dtype = next(self.model.parameters()).dtype
+        return torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill(
+            ~allowed, torch.finfo(dtype).min
+        )
+
     # --- capture ---------------------------------------------------------------------------------------------
 
     def _capture(self, batch: Batch) -> _Captured:
@@ -189,12 +212,13 @@ class PassEngine:
             [_stand_in(layer, sink, i == len(layers) - 1) for i, layer in enumerate(layers)]
         )
         setattr(base, self._layers_attr, stand_ins)
+        kwargs: dict[str, Any] = {"attention_mask": batch.attention_mask.to(self.device)}
+        if batch.allowed is not None:
+            kwargs["attention_mask"] = self._custom_mask(batch.allowed.to(self.device))
+        if batch.position_ids is not None:
+            kwargs["position_ids"] = batch.position_ids.to(self.device)
         try:
-            base(
-                input_ids=batch.input_ids.to(self.device),
-                attention_mask=batch.attention_mask.to(self.device),
-                use_cache=False,
-            )
+            base(input_ids=batch.input_ids.to(self.device), use_cache=False, **kwargs)
         except _Stop:
             pass
         finally:

@@ -9,7 +9,7 @@ safetensors shards, or spread the layers over several GPUs, implement the same t
 from __future__ import annotations
 
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from typing import TYPE_CHECKING, Protocol
 
 from shortgpt_serve.layers import decoder_layers
@@ -25,15 +25,15 @@ class Placement(Protocol):
     device: torch.device
     """Where the pass computes: batches and hidden states live here."""
 
-    def embedding(self) -> Iterator[None]:
+    def embedding(self) -> AbstractContextManager[None]:
         """While held: everything the base model runs before its decoder layers is usable on ``device``."""
         ...
 
-    def layer(self, index: int) -> Iterator[torch.nn.Module]:
+    def layer(self, index: int) -> AbstractContextManager[torch.nn.Module]:
         """While held: decoder layer ``index``, ready on ``device``."""
         ...
 
-    def head(self) -> Iterator[torch.nn.Module]:
+    def head(self) -> AbstractContextManager[torch.nn.Module]:
         """While held: the final norm (returned) and the LM head are usable on ``device``."""
         ...
 

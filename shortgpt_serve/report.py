@@ -12,6 +12,7 @@ from typing import Any
 
 from shortgpt_serve.profile import LayerProfile
 from shortgpt_serve.selection import Candidate, Selection
+from shortgpt_serve.tables import markdown_table, text_table
 
 REPORT_MD = "report.md"
 REPORT_JSON = "report.json"
@@ -32,6 +33,10 @@ def _num(value: Any, fmt: str = ".3f") -> str:
     if value is None or (isinstance(value, float) and math.isnan(value)):
         return "—"
     return format(value, fmt)
+
+
+def _met(met: bool | None) -> str:
+    return "yes" if met else "**no**"
 
 
 def candidate_rows(selection: Selection, full: dict[str, Any] | None, tasks: list[str]) -> list[list[str]]:
@@ -61,20 +66,6 @@ def candidate_rows(selection: Selection, full: dict[str, Any] | None, tasks: lis
 
 def table_header(tasks: list[str]) -> list[str]:
     return ["removed", "layers", "params", "cost", *tasks, "ppl", "retained", "raw ratio"]
-
-
-def text_table(header: list[str], rows: list[list[str]]) -> str:
-    widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h) for i, h in enumerate(header)]
-    lines = ["  ".join(h.rjust(w) for h, w in zip(header, widths, strict=True))]
-    lines.append("  ".join("-" * w for w in widths))
-    lines += ["  ".join(v.rjust(w) for v, w in zip(r, widths, strict=True)) for r in rows]
-    return "\n".join(lines)
-
-
-def markdown_table(header: list[str], rows: list[list[str]]) -> str:
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    lines += ["| " + " | ".join(r) + " |" for r in rows]
-    return "\n".join(lines)
 
 
 def describe_candidates(selection_rows: list[Candidate], full: dict[str, Any] | None, tasks: list[str]) -> str:
@@ -178,23 +169,27 @@ def build_markdown(report: dict[str, Any], tasks: list[str], selection: Selectio
     budgets = report["budgets"]
     n_full = selection.num_layers
     full = report["full_model"]
+    asked = [
+        [
+            "latency (predicted cost vs full)",
+            f"≤ {budgets['latency']:.2f}",
+            f"{choice['cost_ratio']:.3f}",
+            _met(budgets["latency_met"]),
+        ]
+    ]
+    if budgets["min_quality"] is not None:
+        got = (choice["quality"] or {}).get("retained", 1.0 if choice["n_removed"] == 0 else None)
+        asked.append(["quality retained", f"≥ {budgets['min_quality']:.2f}", _num(got), _met(budgets["quality_met"])])
     lines = [
         f"# Shortening report: {src['name']}, {n_full - choice['n_removed']} of {n_full} layers",
         "",
         f"**Choice.** {choice['reason']}",
         "",
-        "| budget | asked | got | met |",
-        "|---|---|---|---|",
-        f"| latency (predicted cost vs full) | ≤ {budgets['latency']:.2f} | {choice['cost_ratio']:.3f} | "
-        f"{'yes' if budgets['latency_met'] else '**no**'} |",
+        markdown_table(["budget", "asked", "got", "met"], asked),
+        "",
+        "## Candidates",
+        "",
     ]
-    if budgets["min_quality"] is not None:
-        got = (choice["quality"] or {}).get("retained", 1.0 if choice["n_removed"] == 0 else None)
-        lines.append(
-            f"| quality retained | ≥ {budgets['min_quality']:.2f} | {_num(got)} | "
-            f"{'yes' if budgets['quality_met'] else '**no**'} |"
-        )
-    lines += ["", "## Candidates", ""]
     if full is not None:
         lines += [markdown_table(table_header(tasks), candidate_rows(selection, full, tasks)), ""]
         lines += [RETAINED_DEFINITION, ""]

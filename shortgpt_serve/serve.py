@@ -123,6 +123,13 @@ def check_port_free(host: str, port: int, flag: str = "--port") -> None:
             ) from exc
 
 
+def check_serve_ports(cfg: ServeConfig) -> None:
+    """Both ports the launcher binds, --port and (when on) --metrics-port: fail now, not after minutes of work."""
+    check_port_free(cfg.host, cfg.port, "--port")
+    if cfg.metrics_port:
+        check_port_free(cfg.host, cfg.metrics_port, "--metrics-port")
+
+
 def free_loopback_port() -> int:
     """A TCP port on 127.0.0.1 that is free now (the kernel's choice)."""
     with socket.socket() as s:

@@ -7,9 +7,13 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import hashlib
 import json
+import mmap
 import os
 import re
+import struct
+import threading
 from collections.abc import Iterator
 from math import prod
 from pathlib import Path
@@ -101,40 +105,17 @@ def check_layer_count(names: list[str], prefix: str, num_layers: int, where: str
         )
 
 
-def check_readable(folder: Path, mapping: dict[str, str]) -> None:
-    """Every shard's header parses and its data is as long as the header says (catches truncated files)."""
-    import json
-    import struct
-
-    for shard in sorted(set(mapping.values())):
-        path = folder / shard
-        size = path.stat().st_size
-        try:
-            with open(path, "rb") as f:
-                (header_len,) = struct.unpack("<Q", f.read(8))
-                header = json.loads(f.read(header_len)) if 8 + header_len <= size else None
-        except (struct.error, ValueError, UnicodeDecodeError):
-            header = None
-        if not isinstance(header, dict):
-            raise ModelError(f"{path} is not a readable safetensors file; the checkpoint is damaged.")
-        end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
-        if 8 + header_len + end != size:
-            raise ModelError(
-                f"{path} is {size} bytes but its header describes {8 + header_len + end}; the checkpoint is "
-                "damaged (truncated or padded). Download or copy it again."
-            )
-
-
 def read_header(path: Path) -> tuple[dict[str, Any], int]:
-    """A safetensors file's header (name -> {dtype, shape, data_offsets}, plus __metadata__) and where data starts."""
-    import json
-    import struct
+    """A safetensors file's header (name -> {dtype, shape, data_offsets}, plus __metadata__) and where data starts.
 
+    Raises :class:`ModelError` when the file is too short for its header or the header is not a JSON object.
+    """
+    size = path.stat().st_size
     with open(path, "rb") as f:
         head = f.read(8)
-        if len(head) != 8:
+        header_len = struct.unpack("<Q", head)[0] if len(head) == 8 else None
+        if header_len is None or 8 + header_len > size:  # too short for its own header: truncated or foreign
             raise ModelError(f"{path} is not a readable safetensors file; the checkpoint is damaged.")
-        (header_len,) = struct.unpack("<Q", head)
         try:
             header = json.loads(f.read(header_len))
         except (ValueError, UnicodeDecodeError) as exc:
@@ -142,6 +123,20 @@ def read_header(path: Path) -> tuple[dict[str, Any], int]:
     if not isinstance(header, dict):
         raise ModelError(f"{path} is not a readable safetensors file; the checkpoint is damaged.")
     return header, 8 + header_len
+
+
+def check_readable(folder: Path, mapping: dict[str, str]) -> None:
+    """Every shard's header parses and its data is as long as the header says (catches truncated files)."""
+    for shard in sorted(set(mapping.values())):
+        path = folder / shard
+        header, data_start = read_header(path)
+        size = path.stat().st_size
+        end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
+        if data_start + end != size:
+            raise ModelError(
+                f"{path} is {size} bytes but its header describes {data_start + end}; the checkpoint is "
+                "damaged (truncated or padded). Download or copy it again."
+            )
 
 
 def copy_tensors(
@@ -153,11 +148,6 @@ def copy_tensors(
     whatever the shard's size, and quantized or exotic dtypes pass through untouched. Returns the data bytes
     written and the sha256 of the whole file, hashed as it is written (no second read).
     """
-    import hashlib
-    import json
-    import struct
-    import threading
-
     header, data_start = read_header(src)
     entries = sorted(((header[old], new) for old, new in renames), key=lambda e: e[0]["data_offsets"][0])
     new_header: dict[str, Any] = {}
@@ -209,8 +199,6 @@ def copy_tensors(
 
 @contextlib.contextmanager
 def _mapped(f: BinaryIO) -> Iterator[memoryview]:
-    import mmap
-
     size = os.fstat(f.fileno()).st_size
     if size == 0:
         yield memoryview(b"")

@@ -80,8 +80,9 @@ def test_digest_is_canonical() -> None:
 
 def test_keys_change_exactly_when_their_inputs_change(tiny_llama: Path, calibration: Path, tmp_path: Path) -> None:
     from shortgpt_serve.config import override
+    from shortgpt_serve.inputs import read_calibration
+    from shortgpt_serve.keys import checkpoint_key, profile_key, quality_key
     from shortgpt_serve.models import resolve_model
-    from shortgpt_serve.pipeline import checkpoint_key, profile_key, quality_key, read_calibration
 
     base = override(
         Config(),
@@ -131,7 +132,7 @@ def test_keys_change_exactly_when_their_inputs_change(tiny_llama: Path, calibrat
 
 def test_tool_version_is_part_of_every_key(monkeypatch: pytest.MonkeyPatch) -> None:
     before = cache.entry_name("profiles", {"x": 1})
-    monkeypatch.setattr(cache, "__version__", "999.0")
+    monkeypatch.setattr("shortgpt_serve.cache.keys.__version__", "999.0")  # where the keys read it
     assert cache.entry_name("profiles", {"x": 1}) != before
 
 
@@ -150,7 +151,8 @@ def test_file_hash_memo(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None
     assert fresh.sha256(f) == sha256_file(f) and fresh.bytes_read == 1 << 16
     again = cache.FileHashes(root)
     assert again.sha256(f) == sha256_file(f) and again.bytes_read == 1 << 16
-    monkeypatch.setattr(cache, "RACY_NS", 0)  # as if the file had been written long before it was hashed
+    # As if the file had been written long before it was hashed.
+    monkeypatch.setattr("shortgpt_serve.cache.hashes.RACY_NS", 0)
     warm = cache.FileHashes(root)
     assert warm.sha256(f) == sha256_file(f)
     assert (warm.bytes_read, warm.memo_hits) == (0, 1)  # stat only
@@ -183,10 +185,10 @@ class FakeScores:
 def test_warm_prune_reuses_profile_quality_and_checkpoint(
     tiny_llama: Path, calibration: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from shortgpt_serve import pipeline
+    from shortgpt_serve.quality.meter import QualityMeter
 
     scores = FakeScores()
-    monkeypatch.setattr(pipeline.QualityMeter, "_measure", lambda self: scores(self))
+    monkeypatch.setattr(QualityMeter, "_measure", lambda self, removals: [scores(self) for _ in removals])
     quality = ["--quality", "--tasks", "arc_easy", "--eval-limit", "10"]
     args = [*prune_args(tiny_llama, calibration), *quality]
     cold = invoke(args)

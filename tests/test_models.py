@@ -5,12 +5,13 @@ from __future__ import annotations
 import json
 import shutil
 from pathlib import Path
-from typing import Any
 
 import pytest
 
+from shortgpt_serve.convert import SOURCE_RECORD
 from shortgpt_serve.errors import ModelError
-from shortgpt_serve.models import SOURCE_RECORD, load_model, load_tokenizer, resolve_model
+from shortgpt_serve.loading import load_model
+from shortgpt_serve.models import resolve_model
 from tests.conftest import save_tiny_llama
 
 
@@ -71,36 +72,3 @@ def test_model_code_refused_unless_trusted(tiny_llama: Path, tmp_path: Path) -> 
     trusted = resolve_model(str(src), tmp_path / "cache", trust_remote_code=True)
     assert trusted.trust_remote_code is True
     assert resolve_model(str(tiny_llama), tmp_path / "cache").trust_remote_code is False
-
-
-def test_every_load_passes_trust_remote_code(tiny_llama: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """transformers is never left to decide: each config, tokenizer and model load says trust_remote_code."""
-    import dataclasses
-
-    import transformers
-
-    calls: list[tuple[str, Any]] = []
-
-    def recording(cls: Any) -> Any:
-        original = cls.from_pretrained.__func__
-
-        def from_pretrained(klass: Any, *args: Any, **kwargs: Any) -> Any:
-            calls.append((cls.__name__, kwargs.get("trust_remote_code", "missing")))
-            return original(klass, *args, **{**kwargs, "trust_remote_code": False})
-
-        return classmethod(from_pretrained)
-
-    for cls in (transformers.AutoModelForCausalLM, transformers.AutoTokenizer):
-        monkeypatch.setattr(cls, "from_pretrained", recording(cls))
-    source = resolve_model(str(tiny_llama), tmp_path / "cache")
-    load_tokenizer(source)
-    load_model(source, "cpu", "float32")
-    trusted = dataclasses.replace(source, trust_remote_code=True)
-    load_tokenizer(trusted)
-    load_model(trusted, "cpu", "float32")
-    assert calls == [
-        ("AutoTokenizer", False),
-        ("AutoModelForCausalLM", False),
-        ("AutoTokenizer", True),
-        ("AutoModelForCausalLM", True),
-    ]

@@ -11,7 +11,6 @@ import pytest
 import torch
 
 from shortgpt_serve import passes
-from shortgpt_serve.quality import tasks as quality_tasks
 from shortgpt_serve.errors import ModelError, QualityError
 from shortgpt_serve.families import FAMILIES
 from shortgpt_serve.layers import decoder_layers, remove_layers_in_memory, skipped_layers
@@ -30,6 +29,7 @@ from shortgpt_serve.quality import (
     score_items,
     signal_margin,
 )
+from shortgpt_serve.quality import tasks as quality_tasks
 from tests.conftest import CORPUS, tiny_config
 
 EOT = "<|endoftext|>"
@@ -452,3 +452,58 @@ def test_perplexity_matches_reference(tiny_llama: Path, tokenizer: Any, bos_toke
     assert capped == pytest.approx(reference_perplexity(net, tokenizer, docs, 300, 128), rel=1e-5)
     with pytest.raises(QualityError, match="too short"):
         perplexity(net, tokenizer, ["", "  "])
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Choices of one question packed in one row
+
+
+SHARED = [Request("A journey", " of"), Request("A journey", " of a thousand"), Request("A journey", " miles")]
+
+
+@pytest.mark.parametrize("model_type", sorted(FAMILIES))
+def test_packed_choices_match_the_unbatched_reference(model_type: str, tokenizer: Any, items: list[Item]) -> None:
+    """Every family: requests sharing a context share a row (where the row fits the sliding window), and each
+    log-likelihood equals the float64 reference of that request alone."""
+    from transformers import AutoModelForCausalLM
+
+    from shortgpt_serve.passes import PassEngine
+    from shortgpt_serve.quality.scoring import RequestBatches, loglikelihoods_along
+
+    torch.manual_seed(0)
+    net = AutoModelForCausalLM.from_config(tiny_config(model_type, max_position_embeddings=512)).eval()
+    engine = PassEngine.of(net)
+    requests = [r for item in items for r in item.requests] + SHARED
+    packed = RequestBatches.build(tokenizer, requests, 4, engine)
+    plain = RequestBatches.build(tokenizer, requests, 4)
+    assert any(len(u.requests) > 1 for rows in packed.units for u in rows)  # something was packed
+    assert sum(b.input_ids.numel() for b in packed.batches) < sum(b.input_ids.numel() for b in plain.batches)
+    window = getattr(net.config, "sliding_window", None)
+    for rows, batch in zip(packed.units, packed.batches, strict=True):
+        if any(len(u.requests) > 1 for u in rows):
+            assert batch.allowed is not None
+            assert not window or batch.input_ids.shape[1] <= window
+    (got,) = loglikelihoods_along(engine, tokenizer, requests, [()], batch_size=4)
+    for req, (ll, n) in zip(requests, got, strict=True):
+        assert n == len(enc(tokenizer, req.continuation))
+        assert ll == pytest.approx(reference_request(net, tokenizer, req), abs=1e-4)
+
+
+def test_packing_with_eager_attention_and_skipped_layers(tokenizer: Any, items: list[Item]) -> None:
+    """Eager attention reads the pattern as an additive mask; a skip route gives the shortened model's numbers."""
+    from transformers import AutoModelForCausalLM
+
+    from shortgpt_serve.passes import PassEngine
+    from shortgpt_serve.quality.scoring import loglikelihoods_along
+
+    torch.manual_seed(0)
+    config = tiny_config("llama", max_position_embeddings=512)
+    net = AutoModelForCausalLM.from_config(config, attn_implementation="eager").eval()
+    assert net.config._attn_implementation == "eager"
+    requests = [r for item in items[:3] for r in item.requests] + SHARED
+    full, short = loglikelihoods_along(PassEngine.of(net), tokenizer, requests, [(), (2, 3)], batch_size=8)
+    with skipped_layers(net, FAMILIES["llama"], [2, 3]):
+        want_short = [reference_request(net, tokenizer, r) for r in requests]
+    for req, (a, _), (b, _), want in zip(requests, full, short, want_short, strict=True):
+        assert a == pytest.approx(reference_request(net, tokenizer, req), abs=1e-4)
+        assert b == pytest.approx(want, abs=1e-4)

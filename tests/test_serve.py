@@ -16,7 +16,7 @@ import pytest
 
 from shortgpt_serve.config import ServeConfig
 from shortgpt_serve.errors import ServeError
-from shortgpt_serve.serve import check_port_free, is_loopback, local_url, vllm_command
+from shortgpt_serve.serve import check_port_free, check_serve_ports, is_loopback, local_url, vllm_command
 from tests.conftest import free_port
 from tests.serving import (
     API_KEY,
@@ -57,8 +57,14 @@ def test_check_port_free_and_local_url() -> None:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         s.listen(1)
+        busy = s.getsockname()[1]
         with pytest.raises(ServeError, match="already in use"):
-            check_port_free("127.0.0.1", s.getsockname()[1])
+            check_port_free("127.0.0.1", busy)
+        with pytest.raises(ServeError, match=f"--port {busy} on 127.0.0.1 is already in use"):
+            check_serve_ports(ServeConfig(port=busy, metrics_port=0))
+        with pytest.raises(ServeError, match=f"--metrics-port {busy} on 127.0.0.1 is already in use"):
+            check_serve_ports(ServeConfig(port=free_port(), metrics_port=busy))
+        check_serve_ports(ServeConfig(port=free_port(), metrics_port=0))  # 0: no metrics server to bind
     check_port_free("127.0.0.1", free_port())
     assert local_url("0.0.0.0", 80) == "http://127.0.0.1:80"
     assert local_url("::1", 80) == "http://[::1]:80"

