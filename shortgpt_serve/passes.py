@@ -11,7 +11,9 @@ How a pass runs:
    that records the arguments it is called with (hidden state, attention mask, position embeddings, ...) and
    passes the hidden state on unchanged; the last one stops the forward. So masks and position embeddings are
    the model's own, per layer where the family differs per layer (Gemma's sliding and full attention).
-2. **Layers.** Each route (a candidate: a set of layers to skip) follows the states of the routes it agrees
+2. **Layers.** A pass may start at a layer boundary an earlier pass over the same batches kept (the full
+   model's states there), so candidates that first differ deep in the stack do not recompute the layers
+   before it. Each route (a candidate: a set of layers to skip) follows the states of the routes it agrees
    with so far. Routes share hidden states until the first layer where they differ: the full model and K
    candidates cost one walk over the weights, and each layer runs once per distinct set of states. Observers
    see (layer, batch, input, output, mask) as the pass goes and accumulate; only the states at the current
@@ -25,7 +27,7 @@ No attention is re-implemented: the family's own layer modules and the model's o
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
@@ -73,6 +75,14 @@ class Route:
     skip: frozenset[int] = frozenset()
     observers: Sequence[Observer] = ()
     on_logits: LogitsConsumer | None = None
+
+
+@dataclass(frozen=True)
+class Boundary:
+    """The full model's hidden states entering decoder layer ``layer``, one per batch of a pass."""
+
+    layer: int
+    states: list[torch.Tensor]
 
 
 @dataclass
@@ -233,23 +243,52 @@ class PassEngine:
 
     # --- the pass --------------------------------------------------------------------------------------------
 
-    def run(self, batches: Sequence[Batch], routes: Sequence[Route]) -> None:
-        """One layer-major pass of ``batches`` along every route (see the module docstring)."""
-        import torch
+    def run(
+        self,
+        batches: Sequence[Batch],
+        routes: Sequence[Route],
+        *,
+        progress: str | None = None,
+        keep: Iterable[int] = (),
+        start: Boundary | None = None,
+    ) -> dict[int, Boundary]:
+        """One layer-major pass of ``batches`` along every route (see the module docstring).
 
+        ``progress``: shown with a progress bar over the layers (None: no bar). ``keep``: layer boundaries at
+        which to return the full model's states (those entering layer i; L: leaving the last layer), where the
+        pass computes them (some route has skipped nothing before). ``start``: resume from such a boundary of an
+        earlier pass over the same batches, instead of computing the layers before it again; no route may skip a
+        layer before it.
+        """
+        import torch
+        from tqdm.auto import tqdm
+
+        first = start.layer if start is not None else 0
         for route in routes:
-            bad = sorted(i for i in route.skip if not 0 <= i < self.num_layers)
+            bad = sorted(i for i in route.skip if not first <= i < self.num_layers)
             if bad:
-                raise ModelError(f"layers {bad} do not exist; the model has decoder layers 0..{self.num_layers - 1}.")
+                raise ModelError(
+                    f"layers {bad} do not exist or come before the pass starts; the model has decoder layers "
+                    f"0..{self.num_layers - 1} and this pass starts at {first}."
+                )
+        if start is not None and len(start.states) != len(batches):
+            raise ModelError(f"the boundary holds {len(start.states)} batches' states, not {len(batches)}.")
+        kept: dict[int, Boundary] = {}
         if not batches or not routes:
-            return
+            return kept
+        wanted = set(keep)
         with torch.inference_mode():
             with self.placement.embedding():
                 captured = [self._capture(b) for b in batches]
             masks = [b.attention_mask.to(self.device) for b in batches]
             # Routes grouped by the layers they have skipped so far; each group shares one list of states.
-            branches: dict[frozenset[int], list[torch.Tensor]] = {frozenset(): [c.hidden for c in captured]}
-            for i in range(self.num_layers):
+            trunk = list(start.states) if start is not None else [c.hidden for c in captured]
+            branches: dict[frozenset[int], list[torch.Tensor]] = {frozenset(): trunk}
+            layers = range(first, self.num_layers)
+            bar = tqdm(layers, desc=progress, unit="layer", disable=progress is None, leave=False)
+            for i in bar:
+                if i in wanted and frozenset() in branches:
+                    kept[i] = Boundary(i, list(branches[frozenset()]))
                 before = frozenset(range(i))
                 with self.placement.layer(i) as layer:
                     nxt: dict[frozenset[int], list[torch.Tensor]] = {}
@@ -270,6 +309,8 @@ class PassEngine:
                             nxt[so_far] = states
                     branches = nxt
             del captured
+            if self.num_layers in wanted and frozenset() in branches:
+                kept[self.num_layers] = Boundary(self.num_layers, list(branches[frozenset()]))
             readers = [r for r in routes if r.on_logits is not None]
             if readers:
                 with self.placement.head() as norm:
@@ -282,6 +323,7 @@ class PassEngine:
                             for r in group:
                                 assert r.on_logits is not None
                                 r.on_logits(b, logits)
+        return kept
 
     @contextmanager
     def _base_replaced(self, normed: torch.Tensor) -> Iterator[None]:

@@ -32,6 +32,7 @@ from shortgpt_serve.selection import (
     Candidate,
     CostModel,
     Selection,
+    candidates,
     plan_angular,
     plan_bi,
     plan_from_order,
@@ -41,6 +42,10 @@ from shortgpt_serve.selection import (
 from shortgpt_serve.session import ModelSession, cached_profile, measure_profile
 
 log = logging.getLogger(__name__)
+
+RESUME_POINTS = 4
+"""Layer boundaries at most where the full model's states are kept for the depth search (memory: one set of
+states of every scoring batch each)."""
 
 
 @dataclass(frozen=True)
@@ -133,13 +138,32 @@ def plan_removals(
     return plan_bi(profile.bi, sel.keep_first, sel.keep_last), {}
 
 
-def full_quality(config: Config, session: ModelSession, key: dict[str, Any] | None) -> QualityMeter:
-    """The quality meter, with the full model's scores measured (or reused from the cache)."""
+def full_quality(
+    config: Config,
+    session: ModelSession,
+    key: dict[str, Any] | None,
+    plan: list[list[int]],
+    cost: CostModel,
+    progress: bool = True,
+) -> QualityMeter:
+    """The quality meter, with the full model's scores measured (or reused from the cache).
+
+    The depth search first asks for the shallowest plan that meets the latency budget; when the full model has
+    to be scored, that candidate is scored in the same pass.
+    """
     assert key is not None
     source = session.source
     engine = session.engine(config.quality.dtype)
     meter = QualityMeter(config, source, engine, load_tokenizer(source), session.docs.heldout, key=key)
-    meter.measure_full()
+    meter.progress = progress
+    rows = candidates(plan, cost, config.selection.budget)
+    n_budget = next((c.n_removed for c in rows if c.meets_budget), 0)
+    # The search asks only for depths below the budget's; each starts at the deepest kept boundary before its
+    # first removed layer (a few boundaries: each holds every batch's states).
+    firsts = sorted({min(plan[n]) for n in range(1, n_budget) if plan[n]})
+    meter.resume_at = set(firsts[-RESUME_POINTS:])
+    first = rows[n_budget].removed if rows[n_budget].meets_budget else []
+    meter.measure_full(ahead=[first])
     if len(meter.full_record()["no_signal"]) == len(config.quality.tasks):
         raise QualityError(
             f"the full model is at chance on every task ({', '.join(config.quality.tasks)}): no quality "
@@ -167,7 +191,7 @@ def _build(
     tasks = list(config.quality.tasks)
     try:
         t0 = time.perf_counter()
-        profile, profile_reused = cached_profile(config, source, pkey, lambda: measure_profile(session))
+        profile, profile_reused = cached_profile(config, source, pkey, lambda: measure_profile(session, progress))
         if not profile_reused:
             timings["profile"] = time.perf_counter() - t0
         cost = CostModel.from_checkpoint(
@@ -178,7 +202,7 @@ def _build(
         meter = full = None
         if config.quality.enabled:
             t0 = time.perf_counter()
-            meter = full_quality(config, session, qkey)
+            meter = full_quality(config, session, qkey, plan, cost, progress)
             full = meter.full_record()
             timings["full-model scores"] = time.perf_counter() - t0
         t0 = time.perf_counter()

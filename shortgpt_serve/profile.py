@@ -120,10 +120,13 @@ def _as_batches(batches: Iterable[tuple[torch.Tensor, torch.Tensor]]) -> list[Ba
     return [Batch(ids, mask) for ids, mask in batches]
 
 
-def block_influences(engine: PassEngine, batches: Sequence[Batch], skip: Iterable[int] = ()) -> tuple[list[float], int]:
+def block_influences(
+    engine: PassEngine, batches: Sequence[Batch], skip: Iterable[int] = (), *, progress: bool = False
+) -> tuple[list[float], int]:
     """(BI per layer, real tokens counted) in one pass; layers in ``skip`` are skipped and get +inf."""
     observer = BlockInfluence(engine.num_layers)
-    engine.run(batches, [Route(frozenset(skip), observers=[observer])])
+    bar = "Profiling Block Influence" if progress else None
+    engine.run(batches, [Route(frozenset(skip), observers=[observer])], progress=bar)
     tokens = sum(int(b.attention_mask.sum()) for b in batches)
     if tokens == 0:
         raise ValueError("no calibration tokens were profiled")
@@ -140,8 +143,7 @@ def profile_layers(
     """Run the model over calibration batches ((input_ids, attention_mask) pairs) and return (BI per layer,
     tokens counted)."""
     engine = model if isinstance(model, PassEngine) else PassEngine(model, family) if family else PassEngine.of(model)
-    log.debug("Profiling Block Influence of %d layers", engine.num_layers)
-    return block_influences(engine, _as_batches(batches))
+    return block_influences(engine, _as_batches(batches), progress=progress)
 
 
 def profile_model(
@@ -151,6 +153,7 @@ def profile_model(
     batch_size: int,
     model_sha256: str = "",
     angular: bool = False,
+    progress: bool = False,
 ) -> LayerProfile:
     """Profile a model on a :class:`~shortgpt_serve.calibration.CalibrationSet` (and its angular distances)."""
     from shortgpt_serve.calibration import batches
@@ -158,7 +161,7 @@ def profile_model(
     pad = getattr(engine.model.config, "pad_token_id", None) or 0
     start = time.perf_counter()
     chunks = _as_batches(batches(calibration.sequences, batch_size, int(pad)))
-    bi, tokens = block_influences(engine, chunks)
+    bi, tokens = block_influences(engine, chunks, progress=progress)
     return LayerProfile(
         bi=bi,
         num_tokens=tokens,

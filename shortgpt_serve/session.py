@@ -71,7 +71,7 @@ class ModelSession:
         gc.collect()
 
 
-def measure_profile(session: ModelSession) -> LayerProfile:
+def measure_profile(session: ModelSession, progress: bool = True) -> LayerProfile:
     """Block Influence of every layer (and angular distances for the angular criterion) on the calibration set."""
     config = session.config
     return profile_model(
@@ -80,6 +80,7 @@ def measure_profile(session: ModelSession) -> LayerProfile:
         batch_size=config.profile.batch_size,
         model_sha256=session.source.sha256,
         angular=config.selection.criterion == "angular",
+        progress=progress,
     )
 
 

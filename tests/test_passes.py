@@ -194,3 +194,34 @@ def test_bad_skip_sets_and_families_are_refused() -> None:
     model.config.model_type = "bert"
     with pytest.raises(ModelError, match="not supported"):
         PassEngine.of(model)
+
+
+def test_a_pass_resumes_at_a_kept_boundary() -> None:
+    """States kept at a boundary of the full model's pass let a later pass start there: same logits as a pass
+    from the embeddings, and the layers before the boundary do not run again."""
+    model = tiny("qwen2")
+    engine = PassEngine(model, FAMILIES["qwen2"])
+    chunks = padded_batches()
+    kept = engine.run(chunks, [Route(on_logits=Logits())], keep={3, 6})
+    assert sorted(kept) == [3, 6] and len(kept[3].states) == len(chunks)
+    calls = [0] * 6
+    layers = decoder_layers(model, FAMILIES["qwen2"])
+    handles = [
+        layer.register_forward_hook(lambda *a, i=i: calls.__setitem__(i, calls[i] + 1))
+        for i, layer in enumerate(layers)
+    ]
+    resumed, fresh = Logits(), Logits()
+    try:
+        engine.run(chunks, [Route(frozenset({4}), on_logits=resumed)], start=kept[3])
+    finally:
+        for h in handles:
+            h.remove()
+    assert calls == [0, 0, 0, 2, 0, 2]
+    engine.run(chunks, [Route(frozenset({4}), on_logits=fresh)])
+    for b in range(len(chunks)):
+        assert torch.equal(resumed.got[b], fresh.got[b])
+    # The final boundary (after the last layer) is the last layer's output; nothing kept where the full
+    # model's states are not computed.
+    assert sorted(engine.run(chunks, [Route(frozenset({1}))], keep={0, 1, 2, 6})) == [0, 1]
+    with pytest.raises(ModelError, match="before the pass starts"):
+        engine.run(chunks, [Route(frozenset({2}))], start=kept[3])

@@ -2,7 +2,9 @@
 
 Every call scores the benchmark items and the held-out perplexity of the full model or of any number of
 candidate removals in one pass: the requests and perplexity blocks are encoded once, and candidates share the
-full model's hidden states up to the first layer they skip.
+full model's hidden states up to the first layer they skip. The full model's states at chosen layer boundaries
+are kept from one pass to the next (``resume_at``), so a later candidate starts at the deepest one before its
+first removed layer instead of recomputing the layers every candidate shares.
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 from shortgpt_serve import cache
-from shortgpt_serve.passes import Batch, PassEngine, Route
+from shortgpt_serve.passes import Batch, Boundary, PassEngine, Route
 from shortgpt_serve.quality.perplexity import NegLogLikelihood, perplexity_batches
 from shortgpt_serve.quality.retained import Retained, quality_retained
 from shortgpt_serve.quality.scoring import (
@@ -85,11 +87,20 @@ class QualityMeter:
             log.warning("No held-out documents (calibration.heldout_fraction or too little text): perplexity skipped")
         self.evaluations = 0
         self.passes = 0
+        self.progress = True
+        """Show a progress bar over the layers of each pass."""
         self.full_scores: dict[str, TaskScore] = {}
         self.full: dict[str, Any] = {}
         self.key = key
         self._requests: RequestBatches | None = None
         self._blocks: list[Batch] = []
+        self._ahead: dict[tuple[int, ...], Measured] = {}
+        """Candidates measured ahead of being asked for (in the full model's pass)."""
+        self.resume_at: set[int] = set()
+        """Layer boundaries where the full model's states are kept, once a pass computes them, so that a later
+        candidate whose first removed layer lies at or after one starts there (set by the caller, which knows
+        which candidates may come)."""
+        self._boundaries: dict[int, Boundary] = {}
 
     def _prepare(self) -> tuple[RequestBatches, list[Batch]]:
         if self._requests is None:
@@ -126,16 +137,33 @@ class QualityMeter:
 
             routes.append(Route(frozenset(removed), on_logits=read))
             outcomes.append((lls, nll))
-        self.engine.run([*requests.batches, *blocks], routes)
+        what = "the full model" if list(map(list, removals)) == [[]] else f"{len(removals)} model(s)"
+        # Start at the deepest kept boundary before every candidate's first removed layer.
+        first = min((min(r) for r in removals if r), default=self.engine.num_layers)
+        start = max((b for b in self._boundaries.values() if b.layer <= first), key=lambda b: b.layer, default=None)
+        kept = self.engine.run(
+            [*requests.batches, *blocks],
+            routes,
+            progress=f"Scoring {what}" if self.progress else None,
+            keep=self.resume_at - set(self._boundaries),
+            start=start,
+        )
+        self._boundaries.update(kept)
         self.passes += 1
         return [(task_scores(self.items, lls), nll.perplexity if blocks else None) for lls, nll in outcomes]
 
-    def measure_full(self) -> dict[str, Any]:
-        """The full model's scores, from the cache when the same model, data and settings were measured before."""
+    def measure_full(self, ahead: Sequence[Sequence[int]] = ()) -> dict[str, Any]:
+        """The full model's scores, from the cache when the same model, data and settings were measured before.
+
+        ``ahead``: candidates that will be asked for next; when the full model has to be scored, they are scored
+        in the same pass (sharing its states up to the first layer each skips) and kept for that call.
+        """
 
         def measure() -> dict[str, Any]:
             log.info("Scoring the full model on %s", ", ".join(self.config.quality.tasks))
-            ((scores, ppl),) = self._measure([[]])
+            extra = [list(r) for r in ahead if r]
+            (scores, ppl), *more = self._measure([[], *extra])
+            self._ahead.update((tuple(sorted(r)), m) for r, m in zip(extra, more, strict=True))
             return {"scores": {t: dataclasses.asdict(s) for t, s in scores.items()}, "perplexity": ppl}
 
         def describe(d: Any) -> str:
@@ -158,8 +186,12 @@ class QualityMeter:
         """Each candidate's quality record (as :func:`quality_record`), all scored in one pass."""
         for removed in removals:
             log.info("Scoring %d layers removed: %s", len(removed), list(removed))
+        todo = [list(r) for r in removals if tuple(sorted(r)) not in self._ahead]
+        measured = dict(zip((tuple(sorted(r)) for r in todo), self._measure(todo) if todo else [], strict=True))
+        measured.update(self._ahead)
         records = []
-        for removed, (scores, ppl) in zip(removals, self._measure(removals), strict=True):
+        for removed in removals:
+            scores, ppl = measured[tuple(sorted(removed))]
             self.evaluations += 1
             retained = quality_retained(self.full_scores, scores)
             records.append(quality_record(scores, retained, ppl))
