@@ -1,7 +1,7 @@
 """What profiling, scoring and the depth search add to a start, on the embedded default model; optionally side by
 side with an earlier version of the tool.
 
-    .venv/bin/python benchmarks/cold_start.py [--budget 0.75] [--min-quality 0.85] [--baseline REV]
+    .venv/bin/python benchmarks/cold_start.py [--budget 0.75] [--min-quality 0.85] [--baseline REV] [--cold-only]
 
 Runs `prune` twice against a fresh cache that already holds the converted model: the first run scores the full
 model (cold), the second reuses those scores (warm). Prints each stage's time from the report and the choice.
@@ -28,7 +28,7 @@ from _record import record
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def measure(budget: float, min_quality: float) -> list[dict[str, Any]]:
+def measure(budget: float, min_quality: float, warm: bool = True) -> list[dict[str, Any]]:
     """Cold then warm `prune` of the default model with this process's shortgpt_serve; what each run reported."""
     import dataclasses
     import shutil
@@ -49,7 +49,7 @@ def measure(budget: float, min_quality: float) -> list[dict[str, Any]]:
         config = dataclasses.replace(
             base, selection=dataclasses.replace(base.selection, budget=budget, min_quality=min_quality)
         )
-        for label in ("cold", "warm"):
+        for label in ("cold", "warm") if warm else ("cold",):
             out = Path(tmp) / f"out-{label}"
             start = time.perf_counter()
             prepared = prepare(dataclasses.replace(config, output=str(out)).validate(), progress=False)
@@ -69,7 +69,7 @@ def measure(budget: float, min_quality: float) -> list[dict[str, Any]]:
     return runs
 
 
-def baseline(rev: str, budget: float, min_quality: float) -> list[dict[str, Any]]:
+def baseline(rev: str, budget: float, min_quality: float, warm: bool) -> list[dict[str, Any]]:
     """The same runs with the tool at ``rev``, in a subprocess on a temporary worktree."""
     with tempfile.TemporaryDirectory() as tmp:
         tree = Path(tmp) / "tree"
@@ -77,7 +77,8 @@ def baseline(rev: str, budget: float, min_quality: float) -> list[dict[str, Any]
         try:
             env = {**os.environ, "PYTHONPATH": str(tree)}
             out = subprocess.run(
-                [sys.executable, __file__, "--json", "--budget", str(budget), "--min-quality", str(min_quality)],
+                [sys.executable, __file__, "--json", "--budget", str(budget), "--min-quality", str(min_quality)]
+                + ([] if warm else ["--cold-only"]),
                 cwd=tree,
                 env=env,
                 check=True,
@@ -105,14 +106,16 @@ def main() -> None:
     p.add_argument("--budget", type=float, default=0.75)
     p.add_argument("--min-quality", type=float, default=0.85)
     p.add_argument("--baseline", metavar="REV", help="also run the tool at this git revision, first")
+    p.add_argument("--cold-only", action="store_true", help="skip the warm run (the full model's scores cached)")
     p.add_argument("--json", action="store_true", help=argparse.SUPPRESS)  # the baseline's subprocess
     args = p.parse_args()
+    warm = not args.cold_only
     if args.json:
-        print(json.dumps(measure(args.budget, args.min_quality)))
+        print(json.dumps(measure(args.budget, args.min_quality, warm)))
         return
 
-    before = baseline(args.baseline, args.budget, args.min_quality) if args.baseline else None
-    now = measure(args.budget, args.min_quality)
+    before = baseline(args.baseline, args.budget, args.min_quality, warm) if args.baseline else None
+    now = measure(args.budget, args.min_quality, warm)
     head = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"], stdout=subprocess.PIPE, text=True)
     lines = [
         f"## {time.strftime('%Y-%m-%d %H:%M')} — budget {args.budget}, min quality {args.min_quality}, "
@@ -133,7 +136,9 @@ def main() -> None:
     lines += [
         "",
         f"Command: `.venv/bin/python benchmarks/cold_start.py --budget {args.budget} --min-quality "
-        f"{args.min_quality}" + (f" --baseline {args.baseline}`" if args.baseline else "`"),
+        f"{args.min_quality}"
+        + (f" --baseline {args.baseline}" if args.baseline else "")
+        + (" --cold-only`" if args.cold_only else "`"),
         "",
     ]
     record("cold_start", lines)
