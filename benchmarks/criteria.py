@@ -31,8 +31,8 @@ def main() -> None:
     from shortgpt_serve.config import Config, QualityConfig
     from shortgpt_serve.inputs import read_calibration
     from shortgpt_serve.keys import quality_key
-    from shortgpt_serve.loading import load_tokenizer
-    from shortgpt_serve.models import resolve_model
+    from shortgpt_serve.models.loading import load_tokenizer
+    from shortgpt_serve.models.source import resolve_model
     from shortgpt_serve.profile import iterative_bi_order
     from shortgpt_serve.quality.meter import QualityMeter
     from shortgpt_serve.selection import plan_angular, plan_bi, removable

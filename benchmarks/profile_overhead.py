@@ -21,8 +21,8 @@ from _record import record
 def setup(tokens: int, dtype: str):  # type: ignore[no-untyped-def]
     from shortgpt_serve.calibration import load_documents, pack
     from shortgpt_serve.config import default_cache_dir
-    from shortgpt_serve.loading import load_model, load_tokenizer
-    from shortgpt_serve.models import resolve_model
+    from shortgpt_serve.models.loading import load_model, load_tokenizer
+    from shortgpt_serve.models.source import resolve_model
 
     source = resolve_model(None, default_cache_dir())
     calib = pack(load_documents(None), load_tokenizer(source), tokens, 512)

@@ -41,9 +41,9 @@ def main() -> None:
         name, _, value = item.partition("=")
         os.environ[name] = value
 
-    from shortgpt_serve.compare import Workload, measure_model
     from shortgpt_serve.config import BenchmarkConfig, Config, ServeConfig
     from shortgpt_serve.pipeline import prepare
+    from shortgpt_serve.serving.compare import Workload, measure_model
 
     base = Config().validate()
     variants = {

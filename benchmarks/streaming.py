@@ -81,8 +81,8 @@ def generate(folder: Path, layers: int, hidden: int, shard_mb: int) -> None:
 
 def child(src: str, out: str, removed: list[int]) -> None:
     from shortgpt_serve.checkpoint import write_checkpoint
-    from shortgpt_serve.families import family_for
-    from shortgpt_serve.models import ModelSource, read_config
+    from shortgpt_serve.models.families import family_for
+    from shortgpt_serve.models.source import ModelSource, read_config
 
     config = read_config(Path(src))
     source = ModelSource(Path(src), "bench", src, "0" * 64, config, family_for(config, src))

@@ -55,7 +55,7 @@ def stop(proc: subprocess.Popen[bytes]) -> None:
 
 
 def free_port() -> int:
-    from shortgpt_serve.serve import free_loopback_port
+    from shortgpt_serve.serving.serve import free_loopback_port
 
     return free_loopback_port()
 
@@ -70,7 +70,7 @@ def launcher(extra: list[str], log: Path) -> tuple[subprocess.Popen[bytes], int]
 
 def plain_vllm(checkpoint: Path, name: str, log: Path) -> tuple[subprocess.Popen[bytes], int]:
     from shortgpt_serve.config import ServeConfig
-    from shortgpt_serve.serve import engine_dist, vllm_command
+    from shortgpt_serve.serving.serve import engine_dist, vllm_command
 
     port = free_port()
     cmd = vllm_command(checkpoint, ServeConfig(port=port), name, engine_dist()[0])

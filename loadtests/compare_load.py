@@ -106,7 +106,7 @@ def bench(
 def local_engine(model_dir: Path, served_name: str) -> Iterator[str]:
     """The launcher's engine, started with its settings on a private loopback port; yields its base URL."""
     from shortgpt_serve.config import ServeConfig
-    from shortgpt_serve.serve import free_loopback_port, start_engine
+    from shortgpt_serve.serving.serve import free_loopback_port, start_engine
 
     cfg = ServeConfig(port=free_loopback_port(), metrics_port=0)
     engine = start_engine(model_dir, cfg, served_name)
@@ -127,7 +127,7 @@ class Target:
 
 def targets_from_checkpoint(checkpoint: Path) -> list[Target]:
     from shortgpt_serve.checkpoint import verify_checkpoint
-    from shortgpt_serve.models import resolve_model
+    from shortgpt_serve.models.source import resolve_model
 
     record = verify_checkpoint(checkpoint)
     src = record.source

@@ -13,13 +13,13 @@ import shutil
 from collections.abc import Callable
 from pathlib import Path
 
-from shortgpt_serve.convert import SOURCE_RECORD
 from shortgpt_serve.errors import CheckpointError, ModelError
-from shortgpt_serve.families import shortened_config
 from shortgpt_serve.fsutil import atomic_dir, check_output_free, sha256_file
-from shortgpt_serve.models import ModelSource
+from shortgpt_serve.models.convert import SOURCE_RECORD
+from shortgpt_serve.models.families import shortened_config
+from shortgpt_serve.models.source import ModelSource
+from shortgpt_serve.models.weights import INDEX_NAME, copy_tensors, layer_pattern, read_header, weight_map
 from shortgpt_serve.provenance import Provenance, build_provenance
-from shortgpt_serve.weights import INDEX_NAME, copy_tensors, layer_pattern, read_header, weight_map
 
 PROVENANCE_NAME = "shortgpt.json"
 MODEL_CARD_NAME = "README.md"

@@ -1,7 +1,7 @@
 """The ``shortgpt-serve`` command: parse options, call the stages, turn their errors into one clear line.
 
 The settings' flags are made from the config dataclasses (``shortgpt_serve.options``); serving is
-``shortgpt_serve.launch``; the cache commands are in ``shortgpt_serve.cli_cache``.
+``shortgpt_serve.serving.launch``; the cache commands are in ``shortgpt_serve.cli_cache``.
 """
 
 from __future__ import annotations
@@ -75,9 +75,9 @@ def run_command(config_path: str | None, vllm_args: tuple[str, ...], **flags: An
 
     Arguments after `--` go to vLLM as they are, e.g. `-- --max-model-len 4096`.
     """
-    from shortgpt_serve.launch import launch
     from shortgpt_serve.pipeline import prepare
-    from shortgpt_serve.serve import check_serve_ports
+    from shortgpt_serve.serving.launch import launch
+    from shortgpt_serve.serving.serve import check_serve_ports
 
     config = build_config(config_path, flags, vllm_args)
     check_serve_ports(config.serve)  # a busy port fails now, not after minutes of profiling
@@ -130,7 +130,7 @@ def prune_command(config_path: str | None, **flags: Any) -> None:
 @handle_errors
 def serve_command(checkpoint: Path, config_path: str | None, vllm_args: tuple[str, ...], **flags: Any) -> None:
     """Serve a checkpoint written by `prune` on vLLM, with the launcher's metrics."""
-    from shortgpt_serve.launch import serve_checkpoint
+    from shortgpt_serve.serving.launch import serve_checkpoint
 
     serve_checkpoint(checkpoint, build_config(config_path, flags, vllm_args), _say)
 

@@ -13,8 +13,8 @@ from shortgpt_serve.calibration import CalibrationSet, Documents, load_documents
 from shortgpt_serve.checkpoint import PROVENANCE_NAME
 from shortgpt_serve.config import Config
 from shortgpt_serve.errors import ConfigError
-from shortgpt_serve.loading import load_tokenizer
-from shortgpt_serve.models import ModelSource, resolve_model
+from shortgpt_serve.models.loading import load_tokenizer
+from shortgpt_serve.models.source import ModelSource, resolve_model
 
 log = logging.getLogger(__name__)
 

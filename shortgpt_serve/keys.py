@@ -12,13 +12,13 @@ import hashlib
 from typing import TYPE_CHECKING, Any
 
 from shortgpt_serve.checkpoint import side_files
-from shortgpt_serve.loading import resolve_device, resolve_dtype
+from shortgpt_serve.models.loading import resolve_device, resolve_dtype
 
 if TYPE_CHECKING:
     from shortgpt_serve import cache
     from shortgpt_serve.calibration import Documents
     from shortgpt_serve.config import Config
-    from shortgpt_serve.models import ModelSource
+    from shortgpt_serve.models.source import ModelSource
 
 
 def model_key(source: ModelSource, hashes: cache.FileHashes) -> dict[str, Any]:

@@ -33,13 +33,13 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
 
 from shortgpt_serve.errors import ModelError
-from shortgpt_serve.layers import decoder_layers
+from shortgpt_serve.models.layers import decoder_layers
 
 if TYPE_CHECKING:
     import torch
     from transformers import PreTrainedModel
 
-    from shortgpt_serve.families import Family
+    from shortgpt_serve.models.families import Family
     from shortgpt_serve.placement import Placement
 
 
@@ -160,7 +160,7 @@ class PassEngine:
     @classmethod
     def of(cls, model: PreTrainedModel) -> PassEngine:
         """An engine over a loaded model of a supported family, with its weights where they are."""
-        from shortgpt_serve.families import FAMILIES, supported_types
+        from shortgpt_serve.models.families import FAMILIES, supported_types
 
         model_type = getattr(model.config, "model_type", None)
         if model_type not in FAMILIES:

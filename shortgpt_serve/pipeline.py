@@ -1,7 +1,7 @@
 """Chain the stages: inputs -> calibration -> profile -> plan -> quality + selection -> checkpoint.
 
 Library callers and the CLI share this; serving is a separate step on the folder it returns
-(:func:`shortgpt_serve.launch.launch`). Each stage lives in its own module; this one only calls them in order,
+(:func:`shortgpt_serve.serving.launch.launch`). Each stage lives in its own module; this one only calls them in order,
 behind the cache.
 """
 
@@ -23,8 +23,8 @@ from shortgpt_serve.errors import CheckpointError, QualityError
 from shortgpt_serve.fsutil import check_output_free
 from shortgpt_serve.inputs import check_paths, check_quality_inputs, read_calibration, resolve_source, served_name
 from shortgpt_serve.keys import checkpoint_key, profile_key, quality_key
-from shortgpt_serve.loading import load_tokenizer
-from shortgpt_serve.models import ModelSource
+from shortgpt_serve.models.loading import load_tokenizer
+from shortgpt_serve.models.source import ModelSource
 from shortgpt_serve.profile import LayerProfile, iterative_bi_order
 from shortgpt_serve.provenance import Provenance, build_provenance
 from shortgpt_serve.quality.meter import QualityMeter

@@ -12,13 +12,13 @@ from collections.abc import Iterator
 from contextlib import AbstractContextManager, contextmanager
 from typing import TYPE_CHECKING, Protocol
 
-from shortgpt_serve.layers import decoder_layers
+from shortgpt_serve.models.layers import decoder_layers
 
 if TYPE_CHECKING:
     import torch
     from transformers import PreTrainedModel
 
-    from shortgpt_serve.families import Family
+    from shortgpt_serve.models.families import Family
 
 
 class Placement(Protocol):

@@ -25,7 +25,7 @@ if TYPE_CHECKING:
     import torch
     from transformers import PreTrainedModel
 
-    from shortgpt_serve.families import Family
+    from shortgpt_serve.models.families import Family
 
 log = logging.getLogger(__name__)
 

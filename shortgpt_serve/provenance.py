@@ -20,7 +20,7 @@ from shortgpt_serve.version import __version__
 
 if TYPE_CHECKING:
     from shortgpt_serve.config import Config
-    from shortgpt_serve.models import ModelSource
+    from shortgpt_serve.models.source import ModelSource
     from shortgpt_serve.profile import LayerProfile
     from shortgpt_serve.selection import Selection
 

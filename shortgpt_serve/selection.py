@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from shortgpt_serve.errors import BudgetError, ConfigError, ModelError
-from shortgpt_serve.weights import params_by_layer, tensor_shapes
+from shortgpt_serve.models.weights import params_by_layer, tensor_shapes
 
 Evaluator = Callable[[list[int]], dict[str, Any]]
 """Measures a candidate (the layers it removes); returns at least ``{"retained": float}``."""

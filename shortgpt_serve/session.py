@@ -17,8 +17,8 @@ from shortgpt_serve import cache
 from shortgpt_serve.calibration import CalibrationSet, Documents, batches
 from shortgpt_serve.config import Config
 from shortgpt_serve.inputs import calibration_set
-from shortgpt_serve.loading import load_model, resolve_dtype
-from shortgpt_serve.models import ModelSource
+from shortgpt_serve.models.loading import load_model, resolve_dtype
+from shortgpt_serve.models.source import ModelSource
 from shortgpt_serve.passes import Batch, PassEngine
 from shortgpt_serve.profile import LayerProfile, profile_model
 

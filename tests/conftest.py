@@ -194,3 +194,22 @@ def w8a8_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
     compressor.update_config(str(folder))
     build_tiny_tokenizer(folder)
     return folder
+
+
+def prune_args(model: Path, calibration: Path, *extra: str) -> list[str]:
+    """`prune` of a tiny model on a small text: short sequences, no quality (a tiny random model is at chance)."""
+    return [
+        "prune",
+        "--model",
+        str(model),
+        "--calibration",
+        str(calibration),
+        "--seq-len",
+        "32",
+        "--calibration-tokens",
+        "512",
+        "--budget",
+        "0.8",
+        "--no-quality",
+        *extra,
+    ]

@@ -6,7 +6,7 @@ from typing import Any
 
 import pytest
 
-from shortgpt_serve.benchrun import BenchmarkRun, ratios
+from shortgpt_serve.serving.benchrun import BenchmarkRun, ratios
 
 
 def run_json(tps: float, e2e: float, name: str = "m", level: str = "1") -> dict[str, Any]:

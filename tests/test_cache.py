@@ -16,7 +16,7 @@ from click.testing import Result
 
 from shortgpt_serve import cache
 from shortgpt_serve.config import Config
-from tests.conftest import CORPUS
+from tests.conftest import CORPUS, prune_args
 from tests.test_cli import error_line, invoke
 
 REPO = Path(__file__).resolve().parents[1]
@@ -27,24 +27,6 @@ def calibration(tmp_path: Path) -> Path:
     text = tmp_path / "cal.txt"
     text.write_text("\n\n".join(f"Document {i}. {CORPUS}" for i in range(10)))
     return text
-
-
-def prune_args(model: Path, calibration: Path, *extra: str) -> list[str]:
-    return [
-        "prune",
-        "--model",
-        str(model),
-        "--calibration",
-        str(calibration),
-        "--seq-len",
-        "32",
-        "--calibration-tokens",
-        "512",
-        "--budget",
-        "0.8",
-        "--no-quality",
-        *extra,
-    ]
 
 
 def checkpoint_of(result: Result) -> Path:
@@ -82,7 +64,7 @@ def test_keys_change_exactly_when_their_inputs_change(tiny_llama: Path, calibrat
     from shortgpt_serve.config import override
     from shortgpt_serve.inputs import read_calibration
     from shortgpt_serve.keys import checkpoint_key, profile_key, quality_key
-    from shortgpt_serve.models import resolve_model
+    from shortgpt_serve.models.source import resolve_model
 
     base = override(
         Config(),

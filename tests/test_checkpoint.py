@@ -15,11 +15,11 @@ from shortgpt_serve.checkpoint import (
     write_checkpoint,
 )
 from shortgpt_serve.errors import CheckpointError, ModelError
-from shortgpt_serve.families import FAMILIES
-from shortgpt_serve.layers import remove_layers_in_memory
-from shortgpt_serve.models import resolve_model
+from shortgpt_serve.models.families import FAMILIES
+from shortgpt_serve.models.layers import remove_layers_in_memory
+from shortgpt_serve.models.source import resolve_model
+from shortgpt_serve.models.weights import weight_map
 from shortgpt_serve.provenance import CalibrationRecord, build_provenance
-from shortgpt_serve.weights import weight_map
 
 
 def all_keys(folder: Path) -> list[str]:
@@ -185,7 +185,7 @@ def test_rename_map_rejects_layers_beyond_config() -> None:
 def test_moe_sparse_pattern_survives_renumbering(
     model_type: str, make_tiny_model: Callable[..., Path], tmp_path: Path
 ) -> None:
-    from shortgpt_serve.families import sparse_layers
+    from shortgpt_serve.models.families import sparse_layers
 
     src = make_tiny_model(model_type)
     source = resolve_model(str(src), tmp_path / "cache")
@@ -218,7 +218,7 @@ def test_gemma3_implicit_layer_types_are_written_explicitly(
 
 
 def test_quantization_config_module_names_are_renumbered() -> None:
-    from shortgpt_serve.families import shortened_config
+    from shortgpt_serve.models.families import shortened_config
 
     config = {
         "model_type": "llama",

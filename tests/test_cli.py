@@ -12,7 +12,7 @@ import pytest
 from click.testing import CliRunner, Result
 
 from shortgpt_serve.cli import cli
-from tests.conftest import CORPUS, free_port, save_tiny_llama
+from tests.conftest import CORPUS, free_port, prune_args, save_tiny_llama
 
 
 def invoke(args: list[str], **kwargs: object) -> Result:
@@ -361,24 +361,7 @@ def test_prune_on_tiny_model_end_to_end(tiny_llama: Path, tmp_path: Path) -> Non
     out = tmp_path / "short"
     settings = tmp_path / "settings.yaml"
     settings.write_text(f"serve:\n  api_key: {SECRET}\n")
-    args = [
-        "prune",
-        "--config",
-        str(settings),
-        "--model",
-        str(tiny_llama),
-        "--calibration",
-        str(text),
-        "--seq-len",
-        "32",
-        "--calibration-tokens",
-        "512",
-        "--budget",
-        "0.8",
-        "--no-quality",  # a tiny random model scores at chance; quality is tested on the real model
-        "--output",
-        str(out),
-    ]
+    args = prune_args(tiny_llama, text, "--config", str(settings), "--output", str(out))
     result = invoke(args)
     assert result.exit_code == 0, result.output
     record = json.loads((out / "shortgpt.json").read_text())
@@ -408,7 +391,7 @@ def checkpoint_with_code(tiny_llama: Path, tmp_path: Path) -> Path:
     import shutil
 
     from shortgpt_serve.checkpoint import write_checkpoint
-    from shortgpt_serve.models import resolve_model
+    from shortgpt_serve.models.source import resolve_model
 
     src = tmp_path / "custom"
     shutil.copytree(tiny_llama, src)
@@ -430,7 +413,7 @@ def engine_calls(monkeypatch: pytest.MonkeyPatch) -> list[dict[str, object]]:
         raise ServeError("engine not started in this test")
 
     # The package exports a function named `serve`, so the module is looked up by name.
-    monkeypatch.setattr(importlib.import_module("shortgpt_serve.serve"), "start_engine", start_engine)
+    monkeypatch.setattr(importlib.import_module("shortgpt_serve.serving.serve"), "start_engine", start_engine)
     return calls
 
 
@@ -461,7 +444,7 @@ def test_network_bind_without_api_key_warns(
     warned: bool,
 ) -> None:
     from shortgpt_serve.checkpoint import write_checkpoint
-    from shortgpt_serve.models import resolve_model
+    from shortgpt_serve.models.source import resolve_model
 
     out = write_checkpoint(resolve_model(str(tiny_llama), tmp_path / "cache"), [2], tmp_path / "short")
     port = free_port()
@@ -590,7 +573,7 @@ def test_evaluation_data_not_installed(monkeypatch: pytest.MonkeyPatch, tmp_path
 
 def test_verify_command(tiny_llama: Path, tmp_path: Path) -> None:
     from shortgpt_serve.checkpoint import write_checkpoint
-    from shortgpt_serve.models import resolve_model
+    from shortgpt_serve.models.source import resolve_model
 
     out = write_checkpoint(resolve_model(str(tiny_llama), tmp_path / "cache"), [2], tmp_path / "short")
     ok = invoke(["verify", str(out)])

@@ -9,12 +9,12 @@ from pathlib import Path
 import pytest
 from prometheus_client import generate_latest
 
-from shortgpt_serve.benchrun import BenchmarkRun
-from shortgpt_serve.compare import ResultCache, engine_settings, result_key, table
 from shortgpt_serve.config import BenchmarkConfig, ServeConfig
 from shortgpt_serve.errors import ConfigError
-from shortgpt_serve.metrics import LauncherMetrics
-from shortgpt_serve.workload import Workload
+from shortgpt_serve.serving.benchrun import BenchmarkRun
+from shortgpt_serve.serving.compare import ResultCache, engine_settings, result_key, table
+from shortgpt_serve.serving.metrics import LauncherMetrics
+from shortgpt_serve.serving.workload import Workload
 from tests.test_benchrun import run
 
 

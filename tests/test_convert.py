@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from shortgpt_serve.convert import folder_hash
+from shortgpt_serve.models.convert import folder_hash
 
 
 def test_folder_hash_covers_config_and_weights_by_name_and_content(tmp_path: Path) -> None:

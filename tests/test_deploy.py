@@ -80,7 +80,7 @@ def serve_defaults() -> Any:
 
 def launcher_metric_names() -> set[str]:
     """Every sample name the launcher exposes (counters with _total), from the real declarations."""
-    from shortgpt_serve.metrics import LauncherMetrics
+    from shortgpt_serve.serving.metrics import LauncherMetrics
 
     names: set[str] = set()
     for family in LauncherMetrics().registry.collect():

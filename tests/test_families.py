@@ -7,7 +7,7 @@ from typing import Any
 import pytest
 
 from shortgpt_serve.errors import ModelError
-from shortgpt_serve.families import (
+from shortgpt_serve.models.families import (
     FAMILIES,
     derived_layer_types,
     family_for,

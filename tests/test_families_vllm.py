@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from shortgpt_serve.checkpoint import write_checkpoint
-from shortgpt_serve.models import resolve_model
+from shortgpt_serve.models.source import resolve_model
 from tests.conftest import VLLM_TINY
 
 FAMILIES_ON_VLLM_CPU = ["llama", "mistral", "qwen2", "qwen3", "gemma2", "phi3", "qwen2_moe"]

@@ -11,16 +11,16 @@ import pytest
 
 from shortgpt_serve.config import Config
 from shortgpt_serve.errors import CheckpointError, ServeError
-from shortgpt_serve.launch import full_model_of, launch, serve_checkpoint
 from shortgpt_serve.provenance import Provenance
-from shortgpt_serve.serve import check_port_free
+from shortgpt_serve.serving.launch import full_model_of, launch, serve_checkpoint
+from shortgpt_serve.serving.serve import check_port_free
 from tests.conftest import free_port
 
 
 @pytest.fixture
 def checkpoint(tiny_llama: Path, tmp_path: Path) -> tuple[Path, Provenance]:
     from shortgpt_serve.checkpoint import verify_checkpoint, write_checkpoint
-    from shortgpt_serve.models import resolve_model
+    from shortgpt_serve.models.source import resolve_model
 
     out = write_checkpoint(resolve_model(str(tiny_llama), tmp_path / "cache"), [2], tmp_path / "short")
     return out, verify_checkpoint(out)
@@ -61,7 +61,7 @@ def test_launch_publishes_metrics_and_stops_them_when_the_engine_fails(
             seen.append(r.read().decode())
         raise ServeError("engine not started in this test")
 
-    monkeypatch.setattr(importlib.import_module("shortgpt_serve.serve"), "start_engine", start_engine)
+    monkeypatch.setattr(importlib.import_module("shortgpt_serve.serving.serve"), "start_engine", start_engine)
     said: list[str] = []
     with pytest.raises(ServeError, match="engine not started in this test"):
         launch(out, cfg, "tiny-short", provenance, None, said.append)

@@ -8,8 +8,8 @@ from typing import Any
 import pytest
 
 from shortgpt_serve.errors import ModelError
-from shortgpt_serve.loading import load_model, load_tokenizer, resolve_device, resolve_dtype
-from shortgpt_serve.models import resolve_model
+from shortgpt_serve.models.loading import load_model, load_tokenizer, resolve_device, resolve_dtype
+from shortgpt_serve.models.source import resolve_model
 
 
 def test_resolve_device(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -6,8 +6,8 @@ from collections.abc import Callable
 from pathlib import Path
 
 from shortgpt_serve.config import Config, override
-from shortgpt_serve.loading import load_model, load_tokenizer
-from shortgpt_serve.models import resolve_model
+from shortgpt_serve.models.loading import load_model, load_tokenizer
+from shortgpt_serve.models.source import resolve_model
 from shortgpt_serve.passes import PassEngine
 from shortgpt_serve.quality.meter import QualityMeter
 from tests.conftest import CORPUS

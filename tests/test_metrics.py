@@ -4,8 +4,8 @@ import dataclasses
 
 from prometheus_client import generate_latest
 
-from shortgpt_serve.metrics import LauncherMetrics
 from shortgpt_serve.provenance import Provenance
+from shortgpt_serve.serving.metrics import LauncherMetrics
 from tests.test_provenance import RECORD
 
 

@@ -8,10 +8,10 @@ from pathlib import Path
 
 import pytest
 
-from shortgpt_serve.convert import SOURCE_RECORD
 from shortgpt_serve.errors import ModelError
-from shortgpt_serve.loading import load_model
-from shortgpt_serve.models import resolve_model
+from shortgpt_serve.models.convert import SOURCE_RECORD
+from shortgpt_serve.models.loading import load_model
+from shortgpt_serve.models.source import resolve_model
 from tests.conftest import save_tiny_llama
 
 

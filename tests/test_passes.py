@@ -10,8 +10,8 @@ import pytest
 import torch
 
 from shortgpt_serve.errors import ModelError
-from shortgpt_serve.families import FAMILIES
-from shortgpt_serve.layers import decoder_layers, skipped_layers
+from shortgpt_serve.models.families import FAMILIES
+from shortgpt_serve.models.layers import decoder_layers, skipped_layers
 from shortgpt_serve.passes import Batch, PassEngine, Route
 from shortgpt_serve.placement import Resident
 from tests.conftest import tiny_config

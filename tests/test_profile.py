@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from shortgpt_serve.calibration import batches
-from shortgpt_serve.families import FAMILIES
+from shortgpt_serve.models.families import FAMILIES
 from shortgpt_serve.profile import LayerProfile, block_influence, profile_layers
 
 
@@ -75,7 +75,7 @@ def test_iterative_bi_reprofiles_the_shortened_model(tiny_llama: Path) -> None:
     """Each step's BI is the BI of the model with the removed layers deleted (the in-memory reference)."""
     from transformers import AutoModelForCausalLM
 
-    from shortgpt_serve.layers import skipped_layers
+    from shortgpt_serve.models.layers import skipped_layers
     from shortgpt_serve.passes import Batch, PassEngine
     from shortgpt_serve.profile import block_influences, iterative_bi_order
 

@@ -188,7 +188,7 @@ def test_builder_without_a_profile_records_the_cut_only() -> None:
 def test_checkpoint_carries_the_built_record(tiny_llama: Path, tmp_path: Path) -> None:
     from shortgpt_serve.checkpoint import read_provenance, verify_checkpoint, write_checkpoint
     from shortgpt_serve.errors import CheckpointError
-    from shortgpt_serve.models import resolve_model
+    from shortgpt_serve.models.source import resolve_model
 
     source = resolve_model(str(tiny_llama), tmp_path / "cache")
     built = build_provenance(source, [1, 3], served_model_name="tiny-short")

@@ -9,9 +9,9 @@ import torch
 from safetensors import safe_open
 
 from shortgpt_serve.checkpoint import write_checkpoint
-from shortgpt_serve.families import FAMILIES
-from shortgpt_serve.layers import remove_layers_in_memory
-from shortgpt_serve.models import resolve_model
+from shortgpt_serve.models.families import FAMILIES
+from shortgpt_serve.models.layers import remove_layers_in_memory
+from shortgpt_serve.models.source import resolve_model
 
 
 def test_w8a8_checkpoint_is_shortened_as_it_is(w8a8_model: Path, tmp_path: Path) -> None:

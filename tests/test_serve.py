@@ -16,7 +16,7 @@ import pytest
 
 from shortgpt_serve.config import ServeConfig
 from shortgpt_serve.errors import ServeError
-from shortgpt_serve.serve import check_port_free, check_serve_ports, is_loopback, local_url, vllm_command
+from shortgpt_serve.serving.serve import check_port_free, check_serve_ports, is_loopback, local_url, vllm_command
 from tests.conftest import free_port
 from tests.serving import (
     API_KEY,

@@ -13,7 +13,7 @@ from safetensors.torch import load_file, save_file
 
 from shortgpt_serve.errors import ModelError
 from shortgpt_serve.fsutil import sha256_file
-from shortgpt_serve.weights import (
+from shortgpt_serve.models.weights import (
     INDEX_NAME,
     check_layer_count,
     check_readable,

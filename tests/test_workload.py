@@ -7,7 +7,7 @@ import dataclasses
 import pytest
 
 from shortgpt_serve.config import BenchmarkConfig
-from shortgpt_serve.workload import RequestResult, Workload, _sse_events, summarize
+from shortgpt_serve.serving.workload import RequestResult, Workload, _sse_events, summarize
 
 
 def test_sse_events_split_across_reads() -> None:

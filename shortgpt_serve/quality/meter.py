@@ -33,7 +33,7 @@ if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
 
     from shortgpt_serve.config import Config
-    from shortgpt_serve.models import ModelSource
+    from shortgpt_serve.models.source import ModelSource
 
 log = logging.getLogger(__name__)
 

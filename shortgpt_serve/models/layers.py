@@ -4,7 +4,7 @@
 without loading the weights twice); :func:`remove_layers_in_memory` removes them for good, the in-memory
 reference a written checkpoint must match. Both cut the same way: the layers' ModuleList is swapped for one
 holding only the kept layers (the same modules, no copies), kept layers are renumbered (``layer_idx``), and
-per-layer config entries and the layer count are cut (:func:`shortgpt_serve.families.shortened_config`).
+per-layer config entries and the layer count are cut (:func:`shortgpt_serve.models.families.shortened_config`).
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ if TYPE_CHECKING:
     import torch
     from transformers import PreTrainedModel
 
-    from shortgpt_serve.families import Family
+    from shortgpt_serve.models.families import Family
 
 
 def decoder_layers(model: torch.nn.Module, family: Family) -> torch.nn.ModuleList:
@@ -38,7 +38,7 @@ def _cut(model: PreTrainedModel, family: Family, removed: Iterable[int]) -> list
     """
     import torch
 
-    from shortgpt_serve.families import shortened_config
+    from shortgpt_serve.models.families import shortened_config
 
     layers = decoder_layers(model, family)
     drop = set(removed)

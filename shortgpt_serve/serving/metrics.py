@@ -11,8 +11,8 @@ from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge
 
-from shortgpt_serve.benchrun import BenchmarkRun, ratios
 from shortgpt_serve.provenance import Provenance
+from shortgpt_serve.serving.benchrun import BenchmarkRun, ratios
 from shortgpt_serve.version import __version__
 
 MODEL_LABEL = "model"

@@ -1,6 +1,6 @@
 """Side-by-side benchmark of the full and the shortened model on the same engine and settings.
 
-One fixed workload (``shortgpt_serve.workload``) runs at each concurrency level on each model. The full model is
+One fixed workload (``shortgpt_serve.serving.workload``) runs at each concurrency level on each model. The full model is
 measured on its own engine, started with the same vLLM arguments and environment on a private loopback port and
 stopped before the shortened model's engine starts: the two never run at once, so neither steals the other's
 compute. Results are cached by what determines them: the model's content hash, the engine and its settings, the
@@ -22,13 +22,13 @@ from pathlib import Path
 from typing import Any
 
 from shortgpt_serve import cache
-from shortgpt_serve.benchrun import BenchmarkRun, ratios
 from shortgpt_serve.config import BenchmarkConfig, ServeConfig
 from shortgpt_serve.errors import CacheError
 from shortgpt_serve.provenance import Provenance
+from shortgpt_serve.serving.benchrun import BenchmarkRun, ratios
+from shortgpt_serve.serving.workload import Stopped, Workload, run_workload
 from shortgpt_serve.tables import markdown_table
 from shortgpt_serve.version import __version__
-from shortgpt_serve.workload import Stopped, Workload, run_workload
 
 log = logging.getLogger(__name__)
 
@@ -149,7 +149,7 @@ def measure_model(
 
     Raises :class:`Stopped` when ``stop`` is set (SIGTERM/SIGINT) before the measurement finished.
     """
-    from shortgpt_serve.serve import free_loopback_port, start_engine
+    from shortgpt_serve.serving.serve import free_loopback_port, start_engine
 
     private = dataclasses.replace(cfg, host="127.0.0.1", port=free_loopback_port(), api_key=None)
     log.info("Benchmark: starting a private engine for %s on port %d", model_name, private.port)

@@ -18,9 +18,9 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from shortgpt_serve.benchrun import BenchmarkRun, LevelResult
 from shortgpt_serve.config import BenchmarkConfig
 from shortgpt_serve.errors import ServeError
+from shortgpt_serve.serving.benchrun import BenchmarkRun, LevelResult
 
 log = logging.getLogger(__name__)
 

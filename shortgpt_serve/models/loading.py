@@ -9,7 +9,7 @@ from shortgpt_serve.errors import ModelError
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-    from shortgpt_serve.models import ModelSource
+    from shortgpt_serve.models.source import ModelSource
 
 
 def resolve_device(device: str) -> str:

@@ -28,7 +28,7 @@ def _stderr(message: str) -> None:
 
 def full_model_of(provenance: Provenance, config: Config) -> Path | None:
     """The folder of the model a checkpoint was cut from, for the comparison; None when it is not here."""
-    from shortgpt_serve.models import resolve_model
+    from shortgpt_serve.models.source import resolve_model
 
     origin = provenance.source.origin
     spec = None if origin.startswith("embedded default") else origin.removeprefix("hub:")
@@ -58,10 +58,10 @@ def launch(
 ) -> None:
     """Publish the launcher metrics, compare the full and the shortened model (``config.benchmark``), then serve
     ``checkpoint`` as ``name`` until SIGTERM/SIGINT, restarting the engine if it dies."""
-    from shortgpt_serve.compare import Comparison
-    from shortgpt_serve.metrics import LauncherMetrics, start_metrics_server
-    from shortgpt_serve.serve import Engine, engine_dist, local_url, serve, stop_on_signals
-    from shortgpt_serve.workload import Stopped
+    from shortgpt_serve.serving.compare import Comparison
+    from shortgpt_serve.serving.metrics import LauncherMetrics, start_metrics_server
+    from shortgpt_serve.serving.serve import Engine, engine_dist, local_url, serve, stop_on_signals
+    from shortgpt_serve.serving.workload import Stopped
 
     cfg = config.serve
     metrics = LauncherMetrics()
@@ -119,8 +119,8 @@ def serve_checkpoint(checkpoint: Path, config: Config, say: Say = _stderr) -> No
     then kept from `cache clear` while it is served), check its code may run, and :func:`launch` it."""
     from shortgpt_serve import cache
     from shortgpt_serve.checkpoint import verify_checkpoint
-    from shortgpt_serve.models import check_remote_code, read_config
-    from shortgpt_serve.serve import check_serve_ports
+    from shortgpt_serve.models.source import check_remote_code, read_config
+    from shortgpt_serve.serving.serve import check_serve_ports
 
     if not checkpoint.is_dir():
         raise CheckpointError(f"checkpoint folder {checkpoint} does not exist; pass a folder written by `prune`.")
