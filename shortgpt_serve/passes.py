@@ -202,6 +202,22 @@ class PassEngine:
             ~allowed, torch.finfo(dtype).min
         )
 
+    def state_bytes(self, batches: Sequence[Batch]) -> int:
+        """Bytes of one set of hidden states at a layer boundary for ``batches``."""
+        config = self.model.config
+        hidden = int(getattr(config, "hidden_size", 0) or config.get_text_config().hidden_size)
+        size = next(self.model.parameters()).element_size()
+        return sum(int(b.input_ids.numel()) for b in batches) * hidden * size
+
+    def routes_per_walk(self, batches: Sequence[Batch]) -> int:
+        """How many routes one walk may carry: each distinct route prefix holds one set of states per boundary
+        (and a layer's output beside its input while it runs); at most half the device's free memory goes to them.
+        """
+        free = self.placement.free_bytes()
+        if free is None:
+            return 1 << 30
+        return max(1, free // 2 // max(1, self.state_bytes(batches)) - 1)
+
     # --- capture ---------------------------------------------------------------------------------------------
 
     def _capture(self, batch: Batch) -> _Captured:
@@ -275,6 +291,13 @@ class PassEngine:
             raise ModelError(f"the boundary holds {len(start.states)} batches' states, not {len(batches)}.")
         kept: dict[int, Boundary] = {}
         if not batches or not routes:
+            return kept
+        fits = self.routes_per_walk(batches)
+        if len(routes) > fits:
+            # Too many candidates' states to hold at once: several walks over the weights, each as many as fit.
+            for at in range(0, len(routes), fits):
+                more = self.run(batches, routes[at : at + fits], progress=progress, keep=keep, start=start)
+                kept.update({i: b for i, b in more.items() if i not in kept})
             return kept
         wanted = set(keep)
         with torch.inference_mode():

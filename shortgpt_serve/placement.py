@@ -37,6 +37,24 @@ class Placement(Protocol):
         """While held: the final norm (returned) and the LM head are usable on ``device``."""
         ...
 
+    def free_bytes(self) -> int | None:
+        """Memory free on ``device`` for the pass's hidden states (None: unknown, no limit applied)."""
+        ...
+
+
+def free_bytes(device: torch.device) -> int | None:
+    """Free memory of a device: the GPU's free memory, or the machine's available memory for the CPU."""
+    import torch
+
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return int(free)
+    if device.type == "cpu":
+        import psutil
+
+        return int(psutil.virtual_memory().available)
+    return None
+
 
 def final_norm(model: PreTrainedModel, family: Family) -> torch.nn.Module:
     """The norm applied to the state leaving the last decoder layer (``norm`` beside the layers)."""
@@ -67,3 +85,6 @@ class Resident:
     @contextmanager
     def head(self) -> Iterator[torch.nn.Module]:
         yield self._norm
+
+    def free_bytes(self) -> int | None:
+        return free_bytes(self.device)

@@ -225,3 +225,27 @@ def test_a_pass_resumes_at_a_kept_boundary() -> None:
     assert sorted(engine.run(chunks, [Route(frozenset({1}))], keep={0, 1, 2, 6})) == [0, 1]
     with pytest.raises(ModelError, match="before the pass starts"):
         engine.run(chunks, [Route(frozenset({2}))], start=kept[3])
+
+
+def test_candidates_beyond_free_memory_take_more_walks() -> None:
+    """With room for the states of two routes only, four routes take two walks, and give the same logits."""
+    model = tiny("llama")
+    chunks = padded_batches()
+
+    class Tight(CountingPlacement):
+        def free_bytes(self) -> int | None:
+            return 6 * engine.state_bytes(chunks)  # half of it for states: two routes, their outputs beside them
+
+    placement = Tight(model)
+    engine = PassEngine(model, FAMILIES["llama"], placement)
+    assert engine.routes_per_walk(chunks) == 2
+    skips = [(), (3,), (3, 4), (1, 4)]
+    readers = [Logits() for _ in skips]
+    engine.run(chunks, [Route(frozenset(s), on_logits=r) for s, r in zip(skips, readers, strict=True)])
+    assert placement.asked.count("embedding") == 2 and placement.asked.count("layer 0") == 2
+    roomy = [Logits() for _ in skips]
+    loose_routes = [Route(frozenset(s), on_logits=r) for s, r in zip(skips, roomy, strict=True)]
+    PassEngine(model, FAMILIES["llama"]).run(chunks, loose_routes)
+    for tight, loose in zip(readers, roomy, strict=True):
+        for b in range(len(chunks)):
+            assert torch.equal(tight.got[b], loose.got[b])
