@@ -156,6 +156,7 @@ class PassEngine:
             raise ModelError(f"{family.model_type}: the decoder layers must live inside a base model.")
         self._base_path = base_path
         self.num_layers = len(decoder_layers(model, family))
+        self._slim_logits = accepts_logits_to_keep(model)
 
     @classmethod
     def of(cls, model: PreTrainedModel) -> PassEngine:
@@ -386,7 +387,7 @@ class PassEngine:
     def _logits(self, norm: _Normed, hidden: torch.Tensor, batch: Batch) -> torch.Tensor:
         """The causal LM's logits from the state leaving the last layer (the model's own head code)."""
         normed = norm(hidden)
-        keep = batch.logits_to_keep and accepts_logits_to_keep(self.model)
+        keep = batch.logits_to_keep and self._slim_logits
         kwargs: dict[str, Any] = {"logits_to_keep": batch.logits_to_keep} if keep else {}
         with self._base_replaced(normed):
             out = self.model(
