@@ -13,7 +13,7 @@ How a pass runs:
    the model's own, per layer where the family differs per layer (Gemma's sliding and full attention).
 2. **Layers.** A pass may start at a layer boundary an earlier pass over the same batches kept (the full
    model's states there), so candidates that first differ deep in the stack do not recompute the layers
-   before it. Each route (a candidate: a set of layers to skip) follows the states of the routes it agrees
+   before it. Each route (a candidate: layers to skip, layers run in a healed form) follows the states of the routes it agrees
    with so far. Routes share hidden states until the first layer where they differ: the full model and K
    candidates cost one walk over the weights, and each layer runs once per distinct set of states. Observers
    see (layer, batch, input, output, mask) as the pass goes and accumulate; only the states at the current
@@ -27,7 +27,7 @@ No attention is re-implemented: the family's own layer modules and the model's o
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
@@ -70,11 +70,33 @@ LogitsConsumer = Callable[[int, "torch.Tensor"], None]
 
 @dataclass
 class Route:
-    """One way through the stack: the layers it skips, what watches its layers, what reads its logits."""
+    """One way through the stack: the layers it skips or runs in another form, what watches its layers, what
+    reads its logits."""
 
     skip: frozenset[int] = frozenset()
     observers: Sequence[Observer] = ()
     on_logits: LogitsConsumer | None = None
+    replace: Mapping[int, torch.nn.Module] = field(default_factory=dict)
+    """Layers this route runs through its own module instead of the model's (a healed layer: same arguments,
+    on the pass's device). Routes share states only while they agree on every layer so far."""
+
+    def step(self, layer: int) -> Step:
+        """What this route does at ``layer``: skip it, run the model's layer, or run its own module."""
+        if layer in self.skip:
+            return _SKIP
+        module = self.replace.get(layer)
+        return _PLAIN if module is None else (layer, id(module))
+
+    def path(self, before: int) -> frozenset[Step]:
+        """What this route did differently from the full model at the layers before ``before``."""
+        steps = {(i, 0) for i in self.skip if i < before}
+        return frozenset(steps | {(i, id(m)) for i, m in self.replace.items() if i < before})
+
+
+Step = tuple[int, int]
+"""(layer, 0) for a skipped layer, (layer, id of the module) for a replaced one; :data:`_PLAIN` otherwise."""
+_SKIP: Step = (-1, 0)
+_PLAIN: Step = (-1, -1)
 
 
 @dataclass(frozen=True)
@@ -282,7 +304,8 @@ class PassEngine:
 
         first = start.layer if start is not None else 0
         for route in routes:
-            bad = sorted(i for i in route.skip if not first <= i < self.num_layers)
+            changed = sorted({*route.skip, *route.replace})
+            bad = [i for i in changed if not first <= i < self.num_layers]
             if bad:
                 raise ModelError(
                     f"layers {bad} do not exist or come before the pass starts; the model has decoder layers "
@@ -301,45 +324,49 @@ class PassEngine:
                 kept.update({i: b for i, b in more.items() if i not in kept})
             return kept
         wanted = set(keep)
+        full: frozenset[Step] = frozenset()
         with torch.inference_mode():
             with self.placement.embedding():
                 captured = [self._capture(b) for b in batches]
             masks = [b.attention_mask.to(self.device) for b in batches]
-            # Routes grouped by the layers they have skipped so far; each group shares one list of states.
+            # Routes grouped by what they did differently so far; each group shares one list of states.
             trunk = list(start.states) if start is not None else [c.hidden for c in captured]
-            branches: dict[frozenset[int], list[torch.Tensor]] = {frozenset(): trunk}
+            branches: dict[frozenset[Step], list[torch.Tensor]] = {full: trunk}
             layers = range(first, self.num_layers)
             bar = tqdm(layers, desc=progress, unit="layer", disable=progress is None, leave=False)
             for i in bar:
-                if i in wanted and frozenset() in branches:
-                    kept[i] = Boundary(i, list(branches[frozenset()]))
-                before = frozenset(range(i))
+                if i in wanted and full in branches:
+                    kept[i] = Boundary(i, list(branches[full]))
                 with self.placement.layer(i) as layer:
-                    nxt: dict[frozenset[int], list[torch.Tensor]] = {}
+                    nxt: dict[frozenset[Step], list[torch.Tensor]] = {}
                     for so_far, states in branches.items():
-                        members = [r for r in routes if r.skip & before == so_far]
-                        keeping = [r for r in members if i not in r.skip]
-                        if any(i in r.skip for r in members):
-                            nxt[so_far | {i}] = states
-                            states = list(states)  # the skipping routes keep the inputs
-                        if keeping:
-                            observers = [o for r in keeping for o in r.observers]
-                            for b, h in enumerate(states):
+                        by_step: dict[Step, list[Route]] = {}
+                        for r in routes:
+                            if r.path(i) == so_far:
+                                by_step.setdefault(r.step(i), []).append(r)
+                        for n, (step, members) in enumerate(by_step.items()):
+                            mine = states if n == len(by_step) - 1 else list(states)  # the others keep the inputs
+                            if step == _SKIP:
+                                nxt[so_far | {(i, 0)}] = mine
+                                continue
+                            module = layer if step == _PLAIN else members[0].replace[i]
+                            observers = [o for r in members for o in r.observers]
+                            for b, h in enumerate(mine):
                                 args, kwargs = captured[b].calls[i]
-                                out = _output(layer(h, *args, **kwargs))
+                                out = _output(module(h, *args, **kwargs))
                                 for observe in observers:
                                     observe(i, b, h, out, masks[b])
-                                states[b] = out
-                            nxt[so_far] = states
+                                mine[b] = out
+                            nxt[so_far if step == _PLAIN else so_far | {step}] = mine
                     branches = nxt
             del captured
-            if self.num_layers in wanted and frozenset() in branches:
-                kept[self.num_layers] = Boundary(self.num_layers, list(branches[frozenset()]))
+            if self.num_layers in wanted and full in branches:
+                kept[self.num_layers] = Boundary(self.num_layers, list(branches[full]))
             readers = [r for r in routes if r.on_logits is not None]
             if readers:
                 with self.placement.head() as norm:
-                    for skip, states in branches.items():
-                        group = [r for r in readers if r.skip == skip]
+                    for path, states in branches.items():
+                        group = [r for r in readers if r.path(self.num_layers) == path]
                         for b, h in enumerate(states):
                             if not group:
                                 break

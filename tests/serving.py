@@ -22,7 +22,12 @@ import pytest
 
 from tests.conftest import free_port
 
-BOOT_TIMEOUT = 1800  # first start: profile, depth search, two private benchmark engines, then the server
+BOOT_TIMEOUT = 2400  # first start: profile, depth search, two private benchmark engines, then the server
+# The comparison's workload for the session server: the default one (levels 1 and 16, 64 output tokens) takes
+# 10+ minutes per engine on CPUs where vLLM-CPU decodes at a few tokens/s (AVX2 without AVX512), which CI may draw.
+# Two levels and short requests keep the same code path (every metric, both engines) at a fraction of the time.
+COMPARE_LEVELS = ("1", "4")
+COMPARE_YAML = "benchmark:\n  concurrency: [1, 4]\n  requests: 8\n  prompt_tokens: 64\n  output_tokens: 16\n"
 API_KEY = "test-key-123"
 NAME = "SmolLM2-135M-Instruct-short"
 
@@ -93,10 +98,14 @@ def session_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="session")
 def server(session_cache: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Launcher]:
-    log = tmp_path_factory.mktemp("serve") / "launcher.log"
+    folder = tmp_path_factory.mktemp("serve")
+    log = folder / "launcher.log"
+    (folder / "compare.yaml").write_text(COMPARE_YAML)
     port, metrics_port = free_port(), free_port()
     proc = launch(
         [
+            "--config",
+            str(folder / "compare.yaml"),
             "--budget",
             "0.75",
             "--port",

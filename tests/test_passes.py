@@ -249,3 +249,46 @@ def test_candidates_beyond_free_memory_take_more_walks() -> None:
     for tight, loose in zip(readers, roomy, strict=True):
         for b in range(len(chunks)):
             assert torch.equal(tight.got[b], loose.got[b])
+
+
+def test_routes_run_their_own_replacement_layers() -> None:
+    """A route that replaces layer 2 with a modified copy gives the logits of the model with that layer's weights
+    changed; the full route beside it is untouched, and they share states only before layer 2."""
+    import copy
+
+    model = tiny("llama")
+    family = FAMILIES["llama"]
+    engine = PassEngine.of(model)
+    healed = copy.deepcopy(decoder_layers(model, family)[2])
+    with torch.no_grad():
+        healed.mlp.down_proj.weight.mul_(3.0)
+    chunks = padded_batches()
+    routes = [Route(), Route(replace={2: healed}), Route(frozenset({4}), replace={2: healed})]
+    readers = [Logits() for _ in routes]
+    for route, reader in zip(routes, readers, strict=True):
+        route.on_logits = reader
+    engine.run(chunks, routes)
+    full = [plain_logits(model, b) for b in chunks]
+    original = decoder_layers(model, family)[2]
+    layers = decoder_layers(model, family)
+    layers[2] = healed
+    try:
+        changed = [plain_logits(model, b) for b in chunks]
+        with skipped_layers(model, family, (4,)):
+            changed_skip = [plain_logits(model, b) for b in chunks]
+    finally:
+        layers[2] = original
+    for b, batch in enumerate(chunks):
+        real = batch.attention_mask.bool()
+        assert torch.allclose(readers[0].got[b][real], full[b][real], atol=1e-5)
+        assert torch.allclose(readers[1].got[b][real], changed[b][real], atol=1e-5)
+        assert torch.allclose(readers[2].got[b][real], changed_skip[b][real], atol=1e-5)
+        assert not torch.allclose(readers[1].got[b][real], full[b][real], atol=1e-3)
+
+
+def test_a_replacement_before_the_start_is_refused() -> None:
+    model = tiny("llama")
+    engine = PassEngine.of(model)
+    kept = engine.run(padded_batches(), [Route()], keep={3})
+    with pytest.raises(ModelError, match="come before the pass starts"):
+        engine.run(padded_batches(), [Route(replace={1: torch.nn.Identity()})], start=kept[3])

@@ -20,6 +20,7 @@ from shortgpt_serve.serving.serve import check_port_free, check_serve_ports, is_
 from tests.conftest import free_port
 from tests.serving import (
     API_KEY,
+    COMPARE_LEVELS,
     NAME,
     Launcher,
     alive,
@@ -187,7 +188,7 @@ def test_launcher_metrics_show_the_shortening(server: Launcher) -> None:
 def test_full_and_shortened_compared_on_the_same_engine(server: Launcher) -> None:
     """At startup the same workload ran on the full model's engine and then on the shortened one's."""
     values = launcher_metrics(server.metrics_port)
-    for level in ("1", "16"):
+    for level in COMPARE_LEVELS:
         full = values[
             f'shortgpt_benchmark_output_tokens_per_second{{concurrency="{level}",model="full",'
             'model_name="SmolLM2-135M-Instruct"}'
@@ -228,7 +229,7 @@ def test_soak_short(server: Launcher) -> None:
             sample_every=2.0,
         )
     )
-    assert result["requests"] >= 32, result
+    assert result["requests"] >= 16, result  # every one of the 16 in flight finished at least once
     assert result["failed"] == 0, result["failures"]
     assert result["empty"] == 0, result
     assert result["launcher_rss_growth_mib"] < 20, result
