@@ -13,9 +13,9 @@ How a pass runs:
    the model's own, per layer where the family differs per layer (Gemma's sliding and full attention).
 2. **Layers.** A pass may start at a layer boundary an earlier pass over the same batches kept (the full
    model's states there), so candidates that first differ deep in the stack do not recompute the layers
-   before it. Each route (a candidate: layers to skip, layers run in a healed form) follows the states of the routes it agrees
-   with so far. Routes share hidden states until the first layer where they differ: the full model and K
-   candidates cost one walk over the weights, and each layer runs once per distinct set of states. Observers
+   before it. Each route (a candidate: layers to skip, layers run in a healed form) follows the states of the
+   routes it agrees with so far. Routes share hidden states until the first layer where they differ: the full
+   model and K candidates cost one walk over the weights, and each layer runs once per distinct set of states. Observers
    see (layer, batch, input, output, mask) as the pass goes and accumulate; only the states at the current
    boundary are held, one per batch and distinct route prefix.
 3. **Head.** The final norm runs in the base model's place, and the model's own causal-LM forward turns its
