@@ -144,7 +144,20 @@ class QualityConfig:
     limit: int = setting("Items per task (a fixed seeded sample).", "--eval-limit", on=(PRUNE,), default=100)
     seed: int = setting("Seed of the item sample.", default=1234)
     batch_size: int = setting("Requests per forward pass when scoring.", default=32)
-    perplexity_tokens: int = setting("Held-out tokens for perplexity (0 skips it).", default=4096)
+    perplexity_tokens: int = setting(
+        "Held-out tokens for perplexity and the comparison with the full model's next-token distribution (KL, "
+        "top-1 agreement); 0 skips them.",
+        default=4096,
+    )
+    lambada_limit: int = setting(
+        "LAMBADA passages (disjoint from the calibration text) whose last word is predicted greedily: a generative "
+        "measure beside the multiple-choice tasks; 0 skips it.",
+        default=200,
+    )
+    bootstrap: int = setting(
+        "Paired bootstrap resamples for the confidence interval of quality retained (0: no interval).",
+        default=1000,
+    )
     dtype: Dtype = setting(  # noqa: RUF009 (a Literal alias: immutable)
         "Compute dtype for evaluation: auto (as for profiling), float32, bfloat16 or float16.", default="auto"
     )
@@ -161,4 +174,8 @@ class QualityConfig:
         positive("quality.batch_size", self.batch_size, "quality.batch_size")
         if self.perplexity_tokens < 0:
             raise ConfigError("quality.perplexity_tokens must be >= 0.", param="quality.perplexity_tokens")
+        if self.lambada_limit < 0:
+            raise ConfigError("quality.lambada_limit must be >= 0.", param="quality.lambada_limit")
+        if self.bootstrap < 0:
+            raise ConfigError("quality.bootstrap must be >= 0.", param="quality.bootstrap")
         check_choices(self, "quality")
