@@ -47,3 +47,7 @@ class BudgetError(ShortGPTError):
 
 class CacheError(ShortGPTError):
     """The cache folder cannot be written (full, read-only, or not a folder)."""
+
+
+class HealingError(ShortGPTError):
+    """Healing cannot run on this model or data (a family or quantization it cannot fold into, too little text)."""

@@ -290,6 +290,7 @@ class PassEngine:
         progress: str | None = None,
         keep: Iterable[int] = (),
         start: Boundary | None = None,
+        stop_after: int | None = None,
     ) -> dict[int, Boundary]:
         """One layer-major pass of ``batches`` along every route (see the module docstring).
 
@@ -297,7 +298,7 @@ class PassEngine:
         which to return the full model's states (those entering layer i; L: leaving the last layer), where the
         pass computes them (some route has skipped nothing before). ``start``: resume from such a boundary of an
         earlier pass over the same batches, instead of computing the layers before it again; no route may skip a
-        layer before it.
+        layer before it. ``stop_after``: end the pass after that layer (observers only: no logits).
         """
         import torch
         from tqdm.auto import tqdm
@@ -320,7 +321,9 @@ class PassEngine:
         if len(routes) > fits:
             # Too many candidates' states to hold at once: several walks over the weights, each as many as fit.
             for at in range(0, len(routes), fits):
-                more = self.run(batches, routes[at : at + fits], progress=progress, keep=keep, start=start)
+                more = self.run(
+                    batches, routes[at : at + fits], progress=progress, keep=keep, start=start, stop_after=stop_after
+                )
                 kept.update({i: b for i, b in more.items() if i not in kept})
             return kept
         wanted = set(keep)
@@ -332,7 +335,8 @@ class PassEngine:
             # Routes grouped by what they did differently so far; each group shares one list of states.
             trunk = list(start.states) if start is not None else [c.hidden for c in captured]
             branches: dict[frozenset[Step], list[torch.Tensor]] = {full: trunk}
-            layers = range(first, self.num_layers)
+            last = self.num_layers if stop_after is None else min(stop_after + 1, self.num_layers)
+            layers = range(first, last)
             bar = tqdm(layers, desc=progress, unit="layer", disable=progress is None, leave=False)
             for i in bar:
                 if i in wanted and full in branches:
@@ -360,6 +364,8 @@ class PassEngine:
                             nxt[so_far if step == _PLAIN else so_far | {step}] = mine
                     branches = nxt
             del captured
+            if last < self.num_layers:
+                return kept
             if self.num_layers in wanted and full in branches:
                 kept[self.num_layers] = Boundary(self.num_layers, list(branches[full]))
             readers = [r for r in routes if r.on_logits is not None]

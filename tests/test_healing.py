@@ -1,0 +1,166 @@
+"""Linear healing: the maps against an independent least-squares reference, fitted in order on the healed model."""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+import pytest
+import torch
+
+from shortgpt_serve.errors import HealingError
+from shortgpt_serve.healing.linear import (
+    DEFAULT_RIDGE,
+    check_foldable,
+    check_tokens,
+    fit_linear,
+    fold,
+    healed_layers,
+    runs_of,
+)
+from shortgpt_serve.models.families import FAMILIES
+from shortgpt_serve.models.layers import decoder_layers, skipped_layers
+from shortgpt_serve.passes import Batch, PassEngine, Route
+from tests.conftest import tiny_config
+
+
+def tiny(model_type: str = "llama", **overrides: Any) -> Any:
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    return AutoModelForCausalLM.from_config(tiny_config(model_type, **overrides)).eval().double()
+
+
+def calibration(n_batches: int = 3) -> list[Batch]:
+    """Right-padded batches of 160+ real tokens each (the tiny hidden size is 32: 128 tokens are needed)."""
+    g = torch.Generator().manual_seed(3)
+    out = []
+    for _ in range(n_batches):
+        ids = torch.randint(3, 300, (3, 64), generator=g)
+        mask = torch.ones_like(ids)
+        mask[1, 50:] = 0
+        mask[2, 20:] = 0
+        out.append(Batch(ids, mask))
+    return out
+
+
+def reference_map(
+    model: Any, short_model: Any, batches: list[Batch], kept: int, end: int, removed_before: list[int]
+) -> torch.Tensor:
+    """T by ridge least squares from plain forwards: ``short_model`` (a copy with earlier maps folded in) with
+    ``removed_before`` and kept+1..end deleted gives x (layer ``kept``'s down-projection output) and its state
+    leaving ``kept``; the full ``model`` gives the target leaving ``end``."""
+    family = FAMILIES["llama"]
+    xs, ys = [], []
+    for b in batches:
+        real = b.attention_mask.bool()
+        with torch.no_grad():
+            full = model(input_ids=b.input_ids, attention_mask=b.attention_mask, output_hidden_states=True)
+        target = full.hidden_states[end + 1][real]
+        got: list[torch.Tensor] = []
+        proj = decoder_layers(short_model, family)[kept].mlp.down_proj
+        handle = proj.register_forward_hook(lambda _m, _a, out: got.append(out))
+        gone = [*removed_before, *range(kept + 1, end + 1)]
+        try:
+            with skipped_layers(short_model, family, gone), torch.no_grad():
+                out = short_model(input_ids=b.input_ids, attention_mask=b.attention_mask, output_hidden_states=True)
+        finally:
+            handle.remove()
+        position = kept + 1 - sum(1 for i in removed_before if i < kept)
+        short = out.hidden_states[position][real]
+        x = got[0][real]
+        xs.append(x)
+        ys.append(x + target - short)
+    x, y = torch.cat(xs), torch.cat(ys)
+    gram = x.T @ x
+    lam = DEFAULT_RIDGE * float(torch.trace(gram)) / gram.shape[0]
+    return torch.linalg.solve(gram + lam * torch.eye(gram.shape[0], dtype=gram.dtype), x.T @ y)
+
+
+def test_runs_of_consecutive_layers() -> None:
+    assert runs_of([7, 3, 4, 10, 11, 12]) == [[3, 4], [7], [10, 11, 12]]
+    assert runs_of([]) == []
+
+
+def test_maps_match_a_least_squares_reference_fitted_in_order() -> None:
+    """Two runs, [2] healed into layer 1 and [4] into layer 3, the second fitted on the model with the first run removed and its map folded in."""
+    model = tiny()
+    engine = PassEngine.of(model)
+    batches = calibration()
+    healing = fit_linear(engine, batches, [2, 4], progress=False)
+    assert sorted(healing.maps) == [1, 3]
+    short = copy.deepcopy(model)
+    want_first = reference_map(model, short, batches, kept=1, end=2, removed_before=[])
+    assert torch.allclose(healing.maps[1], want_first, atol=1e-8, rtol=1e-6)
+    fold(decoder_layers(short, FAMILIES["llama"])[1], want_first)
+    want_second = reference_map(model, short, batches, kept=3, end=4, removed_before=[2])
+    assert torch.allclose(healing.maps[3], want_second, atol=1e-8, rtol=1e-6)
+    for fit in healing.fits:
+        assert fit.error_healed < fit.error_plain
+    assert healing.record()["runs"][0] == {
+        "kept_layer": 1,
+        "removed": [2],
+        "error_plain": round(healing.fits[0].error_plain, 6),
+        "error_healed": round(healing.fits[0].error_healed, 6),
+    }
+
+
+def test_healing_brings_the_logits_closer_to_the_full_model() -> None:
+    """On the calibration text, the healed route's logits are closer to the full model's than plain removal's."""
+    model = tiny()
+    engine = PassEngine.of(model)
+    batches = calibration()
+    removed = frozenset({2, 3})
+    healing = fit_linear(engine, batches, sorted(removed), progress=False)
+    got: dict[str, list[torch.Tensor]] = {"full": [], "plain": [], "healed": []}
+    routes = [
+        Route(on_logits=lambda b, x: got["full"].append(x[batches[b].attention_mask.bool()])),
+        Route(removed, on_logits=lambda b, x: got["plain"].append(x[batches[b].attention_mask.bool()])),
+        Route(
+            removed,
+            on_logits=lambda b, x: got["healed"].append(x[batches[b].attention_mask.bool()]),
+            replace=healed_layers(engine, healing.maps),
+        ),
+    ]
+    engine.run(batches, routes)
+    full = torch.cat(got["full"])
+    plain = (torch.cat(got["plain"]) - full).norm()
+    healed = (torch.cat(got["healed"]) - full).norm()
+    assert healed < plain
+
+
+def test_a_run_at_the_first_layer_stays_plain() -> None:
+    model = tiny()
+    healing = fit_linear(PassEngine.of(model), calibration(), [0, 1, 4], progress=False)
+    assert healing.unhealed == [[0, 1]] and sorted(healing.maps) == [3]
+
+
+def test_granite_scales_the_residual() -> None:
+    """Granite adds the MLP output times residual_multiplier: the fit accounts for it (reference: the healed
+    copy's state error drops as for llama)."""
+    model = tiny("granite", residual_multiplier=0.5)
+    healing = fit_linear(PassEngine.of(model), calibration(), [2], progress=False)
+    assert healing.fits[0].error_healed < healing.fits[0].error_plain
+
+
+@pytest.mark.parametrize(
+    ("model_type", "quantized", "moe", "match"),
+    [
+        ("gemma2", False, False, "Gemma 2's norm after the MLP"),
+        ("olmo2", False, False, "OLMo 2's norm after the MLP"),
+        ("llama", True, False, "quantized"),
+        ("mixtral", False, True, "mixtures of experts"),
+    ],
+)
+def test_models_it_cannot_fold_into_are_refused(model_type: str, quantized: bool, moe: bool, match: str) -> None:
+    with pytest.raises(HealingError, match=match):
+        check_foldable(model_type, None, quantized=quantized, moe=moe)
+
+
+def test_too_little_calibration_text_is_refused() -> None:
+    with pytest.raises(HealingError, match="needs at least 2,304 calibration tokens"):
+        check_tokens(1000, 576)
+    model = tiny()
+    short = [Batch(torch.ones(1, 20, dtype=torch.long), torch.ones(1, 20, dtype=torch.long))]
+    with pytest.raises(HealingError, match="needs at least 128 calibration tokens"):
+        fit_linear(PassEngine.of(model), short, [2], progress=False)
