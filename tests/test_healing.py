@@ -59,7 +59,7 @@ def reference_map(
         target = full.hidden_states[end + 1][real]
         got: list[torch.Tensor] = []
         proj = decoder_layers(short_model, family)[kept].mlp.down_proj
-        handle = proj.register_forward_hook(lambda _m, _a, out: got.append(out))
+        handle = proj.register_forward_hook(lambda _m, _a, out, got=got: got.append(out))
         gone = [*removed_before, *range(kept + 1, end + 1)]
         try:
             with skipped_layers(short_model, family, gone), torch.no_grad():
@@ -83,7 +83,8 @@ def test_runs_of_consecutive_layers() -> None:
 
 
 def test_maps_match_a_least_squares_reference_fitted_in_order() -> None:
-    """Two runs, [2] healed into layer 1 and [4] into layer 3, the second fitted on the model with the first run removed and its map folded in."""
+    """Two runs, [2] healed into layer 1 and [4] into layer 3, the second fitted on the model with the first run
+    removed and its map folded in."""
     model = tiny()
     engine = PassEngine.of(model)
     batches = calibration()

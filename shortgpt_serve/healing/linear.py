@@ -204,6 +204,56 @@ class _Gram:
         return t, self.plain / norm, max(healed, 0.0) / norm
 
 
+def _fit_run(
+    engine: PassEngine,
+    batches: Sequence[Batch],
+    kept: int,
+    run: list[int],
+    done: list[int],
+    healed: dict[int, torch.nn.Module],
+    progress: bool,
+) -> tuple[torch.nn.Module, _Gram]:
+    """One pass: the full model to the run's end beside the shortened model (earlier runs removed and healed)
+    with a copy of the kept layer that records its down-projection output; returns the copy and the Gram sums."""
+    end, scale = run[-1], residual_scale(engine.model.config)
+    with engine.placement.layer(kept) as layer:
+        fitting = copy.deepcopy(layer)
+    gram = _Gram(int(engine.model.config.hidden_size))
+    slot: list[torch.Tensor] = []
+    held: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def at_kept(layer: int, batch: int, h_in: torch.Tensor, h_out: torch.Tensor, mask: torch.Tensor) -> None:
+        if layer == kept:
+            real = mask.bool()
+            held[batch] = (slot.pop()[real], h_out[real])
+            slot.clear()
+
+    def at_end(layer: int, batch: int, h_in: torch.Tensor, h_out: torch.Tensor, mask: torch.Tensor) -> None:
+        if layer == end:
+            x, short = held.pop(batch)
+            x, short = x.double(), short.double()
+            target = h_out[mask.bool()].double()
+            # Wanted: short + scale (x T - x) = target, so x T ≈ x + (target - short) / scale. The errors are
+            # those of the state, divided by scale² on both sides of the ratio.
+            gram.add(x, x + (target - short) / scale, float((target * target).sum()) / scale**2)
+
+    routes = [
+        Route(observers=[at_end]),
+        Route(frozenset([*done, *run]), observers=[at_kept], replace={**healed, kept: fitting}),
+    ]
+    hook = down_proj(fitting).register_forward_hook(lambda _m, _a, out: slot.append(out))
+    try:
+        engine.run(
+            batches,
+            routes,
+            progress=f"Fitting the map for layers {run[0]}-{end}" if progress else None,
+            stop_after=end,
+        )
+    finally:
+        hook.remove()
+    return fitting, gram
+
+
 def fit_linear(
     engine: PassEngine,
     batches: Sequence[Batch],
@@ -215,7 +265,6 @@ def fit_linear(
     """Fit the maps for ``removed`` in order, one pass over ``batches`` (calibration text) per run of layers."""
     t0 = time.perf_counter()
     config = engine.model.config
-    scale = residual_scale(config)
     tokens = sum(int(b.attention_mask.sum()) for b in batches)
     hidden = int(config.hidden_size)
     check_tokens(tokens, hidden)
@@ -225,46 +274,12 @@ def fit_linear(
     unhealed: list[list[int]] = []
     done: list[int] = []
     for run in runs_of(removed):
-        kept, end = run[0] - 1, run[-1]
+        kept = run[0] - 1
         if kept < 0:
             unhealed.append(run)
             done += run
             continue
-        with engine.placement.layer(kept) as layer:
-            fitting = copy.deepcopy(layer)
-        gram = _Gram(hidden)
-        slot: list[torch.Tensor] = []
-        held: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
-        hook = down_proj(fitting).register_forward_hook(lambda _m, _a, out: slot.append(out))
-
-        def at_kept(layer: int, batch: int, h_in: torch.Tensor, h_out: torch.Tensor, mask: torch.Tensor) -> None:
-            if layer == kept:
-                real = mask.bool()
-                held[batch] = (slot.pop()[real], h_out[real])
-                slot.clear()
-
-        def at_end(layer: int, batch: int, h_in: torch.Tensor, h_out: torch.Tensor, mask: torch.Tensor) -> None:
-            if layer == end:
-                x, short = held.pop(batch)
-                x, short = x.double(), short.double()
-                target = h_out[mask.bool()].double()
-                # Wanted: short + scale (x T - x) = target, so x T ≈ x + (target - short) / scale. The errors are
-                # those of the state, divided by scale² on both sides of the ratio.
-                gram.add(x, x + (target - short) / scale, float((target * target).sum()) / scale**2)
-
-        routes = [
-            Route(observers=[at_end]),
-            Route(frozenset([*done, *run]), observers=[at_kept], replace={**healed, kept: fitting}),
-        ]
-        try:
-            engine.run(
-                batches,
-                routes,
-                progress=f"Fitting the map for layers {run[0]}-{end}" if progress else None,
-                stop_after=end,
-            )
-        finally:
-            hook.remove()
+        fitting, gram = _fit_run(engine, batches, kept, run, done, healed, progress)
         t, plain, after = gram.solve(ridge)
         fold(fitting, t)
         maps[kept], healed[kept] = t, fitting
