@@ -10,7 +10,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import shutil
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 
 from shortgpt_serve.errors import CheckpointError, ModelError
@@ -61,10 +61,16 @@ def rename_map(names: list[str], prefix: str, num_layers: int, removed: list[int
     return out
 
 
-def _write_weights(source: ModelSource, removed: list[int], out: Path) -> dict[str, str]:
-    """Stream the kept tensors, renamed, shard by shard into ``out``; returns each written shard's sha256."""
+def _write_weights(
+    source: ModelSource, removed: list[int], out: Path, overrides: Mapping[str, bytes] | None = None
+) -> dict[str, str]:
+    """Stream the kept tensors, renamed, shard by shard into ``out`` (``overrides``: new data for some, by source
+    name); returns each written shard's sha256."""
     mapping = weight_map(source.path)
     renames = rename_map(list(mapping), source.family.layers_module, source.num_layers, removed)
+    stray = sorted(n for n in overrides or {} if renames.get(n) is None)
+    if stray:
+        raise CheckpointError(f"new data given for tensors that are not kept: {stray[:3]}.")
     shards = sorted(set(mapping.values()))
     kept_by_shard: dict[str, list[tuple[str, str]]] = {s: [] for s in shards}
     for old, file in mapping.items():
@@ -84,7 +90,13 @@ def _write_weights(source: ModelSource, removed: list[int], out: Path) -> dict[s
             "format": (header.get("__metadata__") or {}).get("format", "pt"),
         }
         try:
-            size, hashes[out_name] = copy_tensors(source.path / shard, kept_by_shard[shard], out / out_name, metadata)
+            size, hashes[out_name] = copy_tensors(
+                source.path / shard,
+                kept_by_shard[shard],
+                out / out_name,
+                metadata,
+                overrides={old: d for old, d in (overrides or {}).items() if mapping.get(old) == shard},
+            )
         except ModelError as exc:
             raise CheckpointError(exc.message) from exc
         total_size += size
@@ -173,12 +185,14 @@ def write_checkpoint(
     extra_files: dict[str, bytes] | None = None,
     overwrite: bool = False,
     seal: Callable[[Path], None] | None = None,
+    overrides: Mapping[str, bytes] | None = None,
 ) -> Path:
     """Write ``source`` without the ``removed`` layers to ``output`` (a folder that must not exist unless
     ``overwrite``). ``provenance``: the record written beside the weights (default: the bare record of the cut,
     :func:`~shortgpt_serve.provenance.build_provenance`); the files' sha256 are added to it. ``extra_files``
     (name -> bytes, e.g. the report) are written into the folder too. ``seal(folder)`` runs on the complete temp
-    folder just before it is renamed into place (the cache writes its manifest there)."""
+    folder just before it is renamed into place (the cache writes its manifest there). ``overrides``: new raw data
+    for some kept tensors, by source name (healed weights: same dtype and shape)."""
     removed = check_removed(list(removed), source.num_layers)
     check_output_free(output, overwrite=overwrite)
     if output.exists() and not output.is_dir():
@@ -193,7 +207,7 @@ def write_checkpoint(
         )
     try:
         with atomic_dir(output, overwrite=overwrite) as tmp:
-            hashes = _write_weights(source, removed, tmp)
+            hashes = _write_weights(source, removed, tmp, overrides)
             config = shortened_config(source.config, removed)
             (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
             _copy_side_files(source.path, tmp)

@@ -165,3 +165,45 @@ def test_too_little_calibration_text_is_refused() -> None:
     short = [Batch(torch.ones(1, 20, dtype=torch.long), torch.ones(1, 20, dtype=torch.long))]
     with pytest.raises(HealingError, match="needs at least 128 calibration tokens"):
         fit_linear(PassEngine.of(model), short, [2], progress=False)
+
+
+@pytest.mark.parametrize("model_type", ["llama", "qwen2", "phi3", "granite"])
+@pytest.mark.parametrize("shard", [None, 20_000])
+def test_the_written_checkpoint_is_the_healed_model(
+    model_type: str, shard: int | None, make_tiny_model: Any, tmp_path: Any
+) -> None:
+    """The checkpoint with the maps folded into its weights gives the logits of the healed route in the engine
+    (same architecture, fewer layers, a plain from_pretrained), sharded or not, and verifies."""
+    from transformers import AutoModelForCausalLM
+
+    from shortgpt_serve.checkpoint import verify_checkpoint, write_checkpoint
+    from shortgpt_serve.healing.tensors import folded_tensors
+    from shortgpt_serve.models.source import resolve_model
+
+    src = make_tiny_model(model_type, max_shard_size=shard)
+    source = resolve_model(str(src), tmp_path / "cache")
+    model = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32).eval()
+    engine = PassEngine.of(model)
+    removed = [2, 3]
+    healing = fit_linear(engine, calibration(), removed, progress=False)
+    layers_module = FAMILIES[model_type].layers_module
+    out = write_checkpoint(
+        source, removed, tmp_path / "short", overrides=folded_tensors(src, layers_module, healing.maps)
+    )
+    verify_checkpoint(out)
+    short = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
+    batch = calibration(1)[0]
+    got: list[torch.Tensor] = []
+    engine.run(
+        [batch],
+        [Route(frozenset(removed), on_logits=lambda b, x: got.append(x), replace=healed_layers(engine, healing.maps))],
+    )
+    with torch.no_grad():
+        want = short(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
+    real = batch.attention_mask.bool()
+    assert torch.allclose(got[0][real], want[real], atol=1e-4)
+    plain = write_checkpoint(source, removed, tmp_path / "plain")
+    unhealed = AutoModelForCausalLM.from_pretrained(plain, dtype=torch.float32).eval()
+    with torch.no_grad():
+        other = unhealed(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
+    assert not torch.allclose(other[real], want[real], atol=1e-3)

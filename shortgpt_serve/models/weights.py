@@ -14,7 +14,7 @@ import os
 import re
 import struct
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from math import prod
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -140,16 +140,28 @@ def check_readable(folder: Path, mapping: dict[str, str]) -> None:
 
 
 def copy_tensors(
-    src: Path, renames: list[tuple[str, str]], dst: Path, metadata: dict[str, str] | None = None, chunk: int = 1 << 24
+    src: Path,
+    renames: list[tuple[str, str]],
+    dst: Path,
+    metadata: dict[str, str] | None = None,
+    chunk: int = 1 << 24,
+    overrides: Mapping[str, bytes] | None = None,
 ) -> tuple[int, str]:
     """Write the tensors ``renames`` names (old -> new) from safetensors file ``src`` into a new file ``dst``.
 
     The bytes are copied as they are, range by range, without building tensors: memory stays at one ``chunk``
-    whatever the shard's size, and quantized or exotic dtypes pass through untouched. Returns the data bytes
+    whatever the shard's size, and quantized or exotic dtypes pass through untouched. ``overrides`` (old name ->
+    raw bytes of the same dtype and size) replaces some tensors' data (healed weights). Returns the data bytes
     written and the sha256 of the whole file, hashed as it is written (no second read).
     """
     header, data_start = read_header(src)
+    overrides = overrides or {}
+    for old, data in overrides.items():
+        start, end = header[old]["data_offsets"]
+        if len(data) != end - start:
+            raise ModelError(f"the new data for {old} is {len(data)} bytes, not {end - start}.")
     entries = sorted(((header[old], new) for old, new in renames), key=lambda e: e[0]["data_offsets"][0])
+    olds = {new: old for old, new in renames}
     new_header: dict[str, Any] = {}
     if metadata:
         new_header["__metadata__"] = metadata
@@ -164,11 +176,16 @@ def copy_tensors(
         offset += end - start
     raw = json.dumps(new_header, separators=(",", ":")).encode()
     raw += b" " * (-len(raw) % 8)  # the data section starts 8-byte aligned, as safetensors writes it
-    # Adjacent kept tensors form one range: fewer, larger copies.
+    # Adjacent kept tensors form one range: fewer, larger copies. An overridden tensor is a range of its own.
     ranges: list[list[int]] = []
-    for info, _new in entries:
+    replaced: dict[int, bytes] = {}
+    for info, new in entries:
         start, end = info["data_offsets"]
-        if ranges and ranges[-1][1] == start:
+        override = overrides.get(olds[new])
+        if override is not None:
+            replaced[len(ranges)] = override
+            ranges.append([start, end])
+        elif ranges and ranges[-1][1] == start and len(ranges) - 1 not in replaced:
             ranges[-1][1] = end
         else:
             ranges.append([start, end])
@@ -185,13 +202,19 @@ def copy_tensors(
         with _mapped(fin) as view:
 
             def hash_ranges() -> None:
-                for a, b in ranges:
-                    digest.update(view[data_start + a : data_start + b])
+                for k, (a, b) in enumerate(ranges):
+                    digest.update(replaced[k] if k in replaced else view[data_start + a : data_start + b])
 
             hasher = threading.Thread(target=hash_ranges)
             hasher.start()
             try:
-                _copy_ranges(fin, fout, [(data_start + a, b - a) for a, b in ranges], chunk)
+                at = 0
+                for k in sorted(replaced):  # copy up to each overridden tensor, write its data, go on
+                    _copy_ranges(fin, fout, [(data_start + a, b - a) for a, b in ranges[at:k]], chunk)
+                    fout.write(replaced[k])
+                    fout.flush()  # the kernel copies that follow write at the descriptor's offset
+                    at = k + 1
+                _copy_ranges(fin, fout, [(data_start + a, b - a) for a, b in ranges[at:]], chunk)
             finally:
                 hasher.join()
     return offset, digest.hexdigest()
@@ -236,3 +259,4 @@ def _copy_ranges(fin: BinaryIO, fout: BinaryIO, ranges: list[tuple[int, int]], c
                     raise ModelError(f"{fin.name} ends early; the checkpoint is damaged (truncated).") from None
                 fout.write(block)
                 done += len(block)
+            fout.flush()  # a later range may be copied by the kernel, at the descriptor's offset
