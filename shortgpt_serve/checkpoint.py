@@ -146,12 +146,23 @@ def model_card(provenance: Provenance) -> str:
         f"Written by shortgpt-serve {provenance.tool_version} on {provenance.created}.",
         "",
         "Decoder layers with the lowest Block Influence (ShortGPT, Men et al. 2024: one minus the mean cosine between "
-        "a layer's input and output hidden states over calibration text) were removed; the rest are unchanged.",
+        "a layer's input and output hidden states over calibration text) were removed; "
+        + (
+            "the rest are unchanged."
+            if provenance.healing.method == "none"
+            else "each run of removed layers was healed by a least-squares linear map, fitted on calibration text "
+            "and folded into the down-projection of the kept layer before it (ReplaceMe-style); the architecture is "
+            "the standard one, with fewer layers."
+        ),
         "",
         f"- Source: {src.origin} (sha256 {src.sha256[:16]}...)",
         f"- Removed layers (original indices): {removed}",
         f"- Calibration: {cal.source} ({cal.num_tokens} tokens)",
     ]
+    heal = provenance.healing
+    if heal.method != "none":
+        folded = ", ".join(f"{r['removed']} -> layer {r['kept_layer']}" for r in heal.runs)
+        lines.append(f"- Healing: {heal.method} ({folded}; {heal.calibration_tokens} calibration tokens)")
     if sel is not None:
         lines += [
             f"- Latency budget: {sel.budget}; predicted cost: {sel.cost_ratio} of the full model",

@@ -71,5 +71,11 @@ def quality_key(config: Config, source: ModelSource, heldout: list[str], hashes:
 
 def checkpoint_key(config: Config, profile: dict[str, Any], quality: dict[str, Any] | None) -> dict[str, Any]:
     """What the chosen depth and the written checkpoint depend on: the profile's inputs, every selection setting
-    (criterion, latency budget, accuracy floor, strictness, kept ends, cost context) and the quality settings."""
-    return {"profile": profile, "selection": dataclasses.asdict(config.selection), "quality": quality}
+    (criterion, latency budget, accuracy floors, strictness, kept ends, cost context), the quality settings and
+    the healing (its method and settings; its calibration text is the profile's)."""
+    return {
+        "profile": profile,
+        "selection": dataclasses.asdict(config.selection),
+        "quality": quality,
+        "heal": dataclasses.asdict(config.heal),
+    }

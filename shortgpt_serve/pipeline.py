@@ -1,4 +1,4 @@
-"""Chain the stages: inputs -> calibration -> profile -> plan -> quality + selection -> checkpoint.
+"""Chain the stages: inputs -> calibration -> profile -> plan -> quality + healing + selection -> checkpoint.
 
 Library callers and the CLI share this; serving is a separate step on the folder it returns
 (:func:`shortgpt_serve.serving.launch.launch`). Each stage lives in its own module; this one only calls them in order,
@@ -21,6 +21,8 @@ from shortgpt_serve.checkpoint import PROVENANCE_NAME, write_checkpoint
 from shortgpt_serve.config import Config
 from shortgpt_serve.errors import CheckpointError, QualityError
 from shortgpt_serve.fsutil import check_output_free
+from shortgpt_serve.healing.evaluate import Healer, check_healing
+from shortgpt_serve.healing.tensors import folded_tensors
 from shortgpt_serve.inputs import check_paths, check_quality_inputs, read_calibration, resolve_source, served_name
 from shortgpt_serve.keys import checkpoint_key, profile_key, quality_key
 from shortgpt_serve.models.loading import load_tokenizer
@@ -77,7 +79,8 @@ def prepare(config: Config, progress: bool = True, in_use: ExitStack | None = No
     hashes = cache.FileHashes(cache_dir, deferred=True)
     source = resolve_source(config, hashes)
     session = ModelSession(config, source, docs)
-    session.calib()  # fails on text too short for one sequence before anything is written
+    # Fails on text too short for one sequence, or for healing, before anything is written.
+    check_healing(config, source, session.calib().num_tokens)
     pkey = profile_key(config, source, docs, hashes)
     qkey = quality_key(config, source, docs.heldout, hashes) if config.quality.enabled else None
     hashes.save()
@@ -205,21 +208,31 @@ def _build(
             meter = full_quality(config, session, qkey, plan, cost, progress)
             full = meter.full_record()
             timings["full-model scores"] = time.perf_counter() - t0
+        dtype = config.quality.dtype if config.quality.enabled else None
+        healer = Healer(config, lambda: session.engine(dtype), session.calibration_batches, meter, progress)
         t0 = time.perf_counter()
         selection = select_depth(
             plan,
             cost,
             sel.budget,
             criterion=sel.criterion,
-            evaluate=meter,
+            evaluate=(healer if healer.enabled else meter) if meter is not None else None,
             min_quality=sel.min_quality,
             strict=sel.strict,
             describe=lambda rows: describe_candidates(rows, full, tasks),
+            max_kl=sel.max_kl,
+            min_agreement=sel.min_agreement,
         )
         if meter is not None:
             timings["search"] = time.perf_counter() - t0
+        healing = healer.fit(selection.removed)  # already fitted when the search measured it
+        if healer.fitted:
+            timings["healing (all candidates)"] = sum(h.seconds for h in healer.fitted.values())
     finally:
         session.close()
+    overrides = None
+    if healing is not None and healing.maps:
+        overrides = folded_tensors(source.path, source.family.layers_module, healing.maps)
     name = served_name(config, source)
     src_info = {"name": source.name, "origin": source.origin, "sha256": source.sha256, "num_layers": source.num_layers}
     settings = {k: v for k, v in config.to_dict().items() if k != "serve"}
@@ -235,6 +248,7 @@ def _build(
         selection=selection,
         config=config,
         full=full,
+        healing=healing.record() if healing is not None else None,
     )
     seal = None
     if ckey is not None:
@@ -254,6 +268,7 @@ def _build(
             extra_files=report_files(report, tasks if full else [], profile, selection),
             overwrite=config.overwrite or ckey is not None,
             seal=seal,
+            overrides=overrides,
         )
     except CheckpointError as exc:
         cause = exc.__cause__

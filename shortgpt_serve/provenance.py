@@ -112,7 +112,21 @@ class TaskRecord:
 
 
 # Keys of a quality record written only when known (the full model's record has no standard error).
-OPTIONAL_QUALITY_KEYS = ("retained", "retained_se", "raw_ratio", "no_signal")
+OPTIONAL_QUALITY_KEYS = (
+    "retained",
+    "retained_se",
+    "retained_ci",
+    "raw_ratio",
+    "no_signal",
+    "kl",
+    "kl_se",
+    "agreement",
+    "agreement_se",
+    "lambada",
+    "lambada_se",
+    "lambada_n",
+    "plain",
+)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -125,6 +139,20 @@ class QualityRecord:
     retained_se: float | None = None
     raw_ratio: float | None = None
     no_signal: tuple[str, ...] | None = None
+    retained_ci: tuple[float, float] | None = None
+    """95% paired bootstrap interval of ``retained``."""
+    kl: float | None = None
+    """Mean KL(full || this model) per held-out token, nats."""
+    kl_se: float | None = None
+    agreement: float | None = None
+    """Share of held-out tokens where this model's top next token is the full model's."""
+    agreement_se: float | None = None
+    lambada: float | None = None
+    """LAMBADA last-word greedy accuracy on held-out passages."""
+    lambada_se: float | None = None
+    lambada_n: int | None = None
+    plain: QualityRecord | None = None
+    """For a healed model: the same removal without healing, measured beside it."""
 
     @classmethod
     def from_json(cls, data: Mapping[str, Any]) -> QualityRecord:
@@ -132,13 +160,50 @@ class QualityRecord:
         known["tasks"] = {t: TaskRecord(**_known(TaskRecord, v)) for t, v in (data.get("tasks") or {}).items()}
         if known.get("no_signal") is not None:
             known["no_signal"] = tuple(known["no_signal"])
+        if known.get("retained_ci") is not None:
+            lo, hi = known["retained_ci"]
+            known["retained_ci"] = (float(lo), float(hi))
+        if known.get("plain") is not None:
+            known["plain"] = QualityRecord.from_json(known["plain"])
         return cls(**known)
 
     def to_json(self) -> dict[str, Any]:
         out = dataclasses.asdict(self)
         if self.no_signal is not None:
             out["no_signal"] = list(self.no_signal)
+        if self.retained_ci is not None:
+            out["retained_ci"] = list(self.retained_ci)
+        if self.plain is not None:
+            out["plain"] = self.plain.to_json()
         return {k: v for k, v in out.items() if v is not None or k not in OPTIONAL_QUALITY_KEYS}
+
+
+@dataclass(frozen=True, kw_only=True)
+class HealingRecord:
+    """How the kept layers were healed: the method, its settings, its data and its cost."""
+
+    method: str = "none"
+    ridge: float | None = None
+    calibration_tokens: int | None = None
+    """Tokens of the calibration text (the profiled part, disjoint from every evaluation) the maps were fitted on."""
+    seconds: float | None = None
+    runs: tuple[dict[str, Any], ...] = ()
+    """Per run of removed layers: the kept layer its map is folded into, and the fit's relative error without and
+    with the map."""
+    unhealed_runs: tuple[tuple[int, ...], ...] = ()
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> HealingRecord:
+        known = _known(cls, data)
+        known["runs"] = tuple(dict(r) for r in known.get("runs") or ())
+        known["unhealed_runs"] = tuple(tuple(int(i) for i in r) for r in known.get("unhealed_runs") or ())
+        return cls(**known)
+
+    def to_json(self) -> dict[str, Any]:
+        out = dataclasses.asdict(self)
+        out["runs"] = [dict(r) for r in self.runs]
+        out["unhealed_runs"] = [list(r) for r in self.unhealed_runs]
+        return out
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -175,6 +240,7 @@ class Provenance:
     block_influence: tuple[float, ...] | None = None
     selection: SelectionRecord | None = None
     quality: QualitySection | None = None
+    healing: HealingRecord = field(default_factory=HealingRecord)
     files: dict[str, str] = field(default_factory=dict)
     """File name -> sha256 of every file of the checkpoint folder but shortgpt.json itself."""
 
@@ -210,6 +276,7 @@ class Provenance:
                 "block_influence": None if bi is None else tuple(float(b) for b in bi),
                 "selection": SelectionRecord.from_json(sel) if sel else None,
                 "quality": QualitySection.from_json(quality) if quality else None,
+                "healing": HealingRecord.from_json(data.get("healing") or {}),
                 "files": dict(data.get("files") or {}),
             }
         )
@@ -227,6 +294,7 @@ class Provenance:
             "block_influence": None if self.block_influence is None else list(self.block_influence),
             "selection": None if self.selection is None else self.selection.to_json(),
             "quality": None if self.quality is None else self.quality.to_json(),
+            "healing": self.healing.to_json(),
             "files": dict(self.files),
         }
 
@@ -247,9 +315,11 @@ def build_provenance(
     selection: Selection | None = None,
     config: Config | None = None,
     full: QualityRecord | Mapping[str, Any] | None = None,
+    healing: Mapping[str, Any] | None = None,
 ) -> Provenance:
     """The record of cutting ``removed`` out of ``source``: with the profile, the selection and the settings that
-    chose them when given, and the full model's quality (``full``; the shortened one is the selection's). The
+    chose them when given, the full model's quality (``full``; the shortened one is the selection's) and the
+    healing's record (``healing``, as :meth:`LinearHealing.record` gives it; none: plain removal). The
     files' hashes are added by ``write_checkpoint`` once they are written."""
     gone = sorted(removed)
     calibration = CalibrationRecord()
@@ -300,4 +370,5 @@ def build_provenance(
         block_influence=None if profile is None else tuple(profile.bi),
         selection=sel,
         quality=quality,
+        healing=HealingRecord.from_json(healing or {}),
     )

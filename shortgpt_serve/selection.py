@@ -159,7 +159,46 @@ def candidates(plan: list[list[int]], cost: CostModel, budget: float) -> list[Ca
 
 
 def _fmt_q(q: dict[str, Any] | None) -> str:
-    return "not measured" if q is None else f"{q['retained']:.3f}"
+    if q is None:
+        return "not measured"
+    text = f"{q['retained']:.3f}"
+    if q.get("retained_ci"):
+        lo, hi = q["retained_ci"]
+        text += f" (95% CI {lo:.3f}-{hi:.3f})"
+    if q.get("kl") is not None:
+        text += f", KL {q['kl']:.3f} nats/token, top-1 agreement {q['agreement']:.3f}"
+    return text
+
+
+@dataclass(frozen=True)
+class Floors:
+    """What a candidate must keep: quality retained (multiple choice), and optionally the distribution measures
+    against the full model on held-out text."""
+
+    min_quality: float
+    max_kl: float | None = None
+    min_agreement: float | None = None
+
+    def misses(self, q: dict[str, Any]) -> list[str]:
+        """The floors the record ``q`` misses, as phrases (empty: it holds them all)."""
+        out = []
+        if not float(q["retained"]) >= self.min_quality:
+            out.append(f"quality retained {float(q['retained']):.3f} < --min-quality {self.min_quality:.2f}")
+        if self.max_kl is not None and not (q.get("kl") is not None and q["kl"] <= self.max_kl):
+            out.append(f"KL {q.get('kl')} > --max-kl {self.max_kl}")
+        if self.min_agreement is not None and not (
+            q.get("agreement") is not None and q["agreement"] >= self.min_agreement
+        ):
+            out.append(f"top-1 agreement {q.get('agreement')} < --min-agreement {self.min_agreement}")
+        return out
+
+    def describe(self) -> str:
+        text = f"the floor {self.min_quality:.2f}"
+        if self.max_kl is not None:
+            text += f", KL at most {self.max_kl}"
+        if self.min_agreement is not None:
+            text += f", top-1 agreement at least {self.min_agreement}"
+        return text
 
 
 def select_depth(
@@ -172,13 +211,15 @@ def select_depth(
     min_quality: float | None = None,
     strict: bool = False,
     describe: Callable[[list[Candidate]], str] | None = None,
+    max_kl: float | None = None,
+    min_agreement: float | None = None,
 ) -> Selection:
     """Choose a depth from ``plan``.
 
     Without ``evaluate``: the fewest layers whose predicted cost is within ``budget``. With it: that depth if its
-    measured quality keeps ``min_quality``; otherwise the deepest plan that keeps the floor (binary search), with
-    the missed latency budget reported, or a :class:`BudgetError` when ``strict``. ``describe`` renders the
-    candidate table for that error.
+    measured quality keeps ``min_quality`` (and ``max_kl``, ``min_agreement`` when set: :class:`Floors`);
+    otherwise the deepest plan that keeps the floor (binary search), with the missed latency budget reported, or
+    a :class:`BudgetError` when ``strict``. ``describe`` renders the candidate table for that error.
     """
     if not 0.0 < budget <= 1.0:
         raise ConfigError(f"--budget must be in (0, 1], got {budget}.", param="--budget")
@@ -232,25 +273,27 @@ def select_depth(
         )
         return done(n_budget, reason, latency_met=True, quality_met=None)
 
-    def measure(n: int) -> float:
+    floors = Floors(min_quality, max_kl, min_agreement)
+
+    def holds(n: int) -> bool:
         if rows[n].quality is None:
             rows[n] = replace(rows[n], quality=evaluate(rows[n].removed))
-        return float(rows[n].quality["retained"])  # type: ignore[index]
+        return not floors.misses(rows[n].quality)  # type: ignore[arg-type]
 
-    q_budget = measure(n_budget)
-    if q_budget >= min_quality:
+    if holds(n_budget):
         reason = (
             f"Removing the {n_budget} {what} {rows[n_budget].removed} predicts a cost of "
             f"{rows[n_budget].cost_ratio:.3f} of the full model, within the budget {budget:.2f}{over}, and retains "
-            f"{q_budget:.3f} of the full model's quality, above the floor {min_quality:.2f}."
+            f"{_fmt_q(rows[n_budget].quality)} of the full model's quality, above {floors.describe()}."
         )
         return done(n_budget, reason, latency_met=True, quality_met=True)
+    missed = "; ".join(floors.misses(rows[n_budget].quality))  # type: ignore[arg-type]
 
     # The floor binds: binary search for the deepest plan in [0, n_budget) that keeps it (depth 0 always does).
     lo, hi = 0, n_budget
     while hi - lo > 1:
         mid = (lo + hi) // 2
-        if measure(mid) >= min_quality:
+        if holds(mid):
             lo = mid
         else:
             hi = mid
@@ -258,8 +301,8 @@ def select_depth(
     if strict:
         table = describe(rows) if describe else ""
         raise BudgetError(
-            f"both budgets cannot be met: --budget {budget:.2f} needs {n_budget} layers removed, which retains "
-            f"{q_budget:.3f} < --min-quality {min_quality:.2f}; the floor allows {lo} layers (cost "
+            f"both budgets cannot be met: --budget {budget:.2f} needs {n_budget} layers removed, which misses the "
+            f"floor ({missed}); the floor allows {lo} layers (cost "
             f"{chosen.cost_ratio:.3f}), so --budget {chosen.cost_ratio:.3f} would work, or lower --min-quality."
             + (f"\n{table}" if table else "")
         )
@@ -272,7 +315,7 @@ def select_depth(
     )
     reason = (
         f"LATENCY BUDGET MISSED: meeting --budget {budget:.2f} needs {n_budget} layers removed (cost "
-        f"{rows[n_budget].cost_ratio:.3f}), which retains only {q_budget:.3f} of the full model's quality, below "
-        f"--min-quality {min_quality:.2f}. Keeping the floor instead: {kept}; pass --strict to fail instead."
+        f"{rows[n_budget].cost_ratio:.3f}), which misses the floor ({missed}). Keeping the floor instead: {kept}; "
+        "pass --strict to fail instead."
     )
     return done(lo, reason, latency_met=False, quality_met=True)

@@ -82,6 +82,14 @@ RECORD: dict[str, Any] = {
         "reason": "the accuracy floor wins",
     },
     "quality": {"full": FULL, "shortened": SHORTENED},
+    "healing": {
+        "method": "linear",
+        "ridge": 0.0001,
+        "calibration_tokens": 16384,
+        "seconds": 12.5,
+        "runs": [{"kept_layer": 1, "removed": [2], "error_plain": 0.2, "error_healed": 0.1}],
+        "unhealed_runs": [],
+    },
     "files": {"config.json": "00" * 32, "model.safetensors": "11" * 32},
 }
 
@@ -174,6 +182,7 @@ def test_builder_makes_the_record_prune_writes() -> None:
         selection=selection,
         config=Config(),
         full=FULL,
+        healing=RECORD["healing"],
     )
     want = {**RECORD, "tool_version": p.tool_version, "created": p.created, "files": {}}
     assert p.to_json() == want

@@ -27,7 +27,14 @@ from shortgpt_serve.config.fields import (
 from shortgpt_serve.config.files import config_from_dict, dump_config, load_config, override
 from shortgpt_serve.config.root import DEFAULT_MODEL_NAME, SECTIONS, Config, default_cache_dir
 from shortgpt_serve.config.serving import OWN_VLLM_FLAGS, BenchmarkConfig, ServeConfig
-from shortgpt_serve.config.stages import MIN_ITEMS, CalibrationConfig, ProfileConfig, QualityConfig, SelectionConfig
+from shortgpt_serve.config.stages import (
+    MIN_ITEMS,
+    CalibrationConfig,
+    HealConfig,
+    ProfileConfig,
+    QualityConfig,
+    SelectionConfig,
+)
 
 __all__ = [
     "CACHE",
@@ -49,6 +56,7 @@ __all__ = [
     "Criterion",
     "Dtype",
     "Flag",
+    "HealConfig",
     "ProfileConfig",
     "QualityConfig",
     "SelectionConfig",

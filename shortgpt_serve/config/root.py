@@ -10,7 +10,14 @@ from typing import Any
 
 from shortgpt_serve.config.fields import CACHE, PROFILE, PRUNE, SERVE, not_blank, setting
 from shortgpt_serve.config.serving import BenchmarkConfig, ServeConfig
-from shortgpt_serve.config.stages import CalibrationConfig, ProfileConfig, QualityConfig, SelectionConfig
+from shortgpt_serve.config.stages import (
+    CalibrationConfig,
+    HealConfig,
+    ProfileConfig,
+    QualityConfig,
+    SelectionConfig,
+)
+from shortgpt_serve.errors import ConfigError
 
 DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
 
@@ -61,6 +68,7 @@ class Config:
     profile: ProfileConfig = field(default_factory=ProfileConfig)
     selection: SelectionConfig = field(default_factory=SelectionConfig)
     quality: QualityConfig = field(default_factory=QualityConfig)
+    heal: HealConfig = field(default_factory=HealConfig)
     serve: ServeConfig = field(default_factory=ServeConfig)
     benchmark: BenchmarkConfig = field(default_factory=BenchmarkConfig)
 
@@ -72,8 +80,17 @@ class Config:
         self.profile.validate()
         self.selection.validate()
         self.quality.validate()
+        self.heal.validate()
         self.serve.validate()
         self.benchmark.validate()
+        sel, q = self.selection, self.quality
+        for value, flag in ((sel.max_kl, "--max-kl"), (sel.min_agreement, "--min-agreement")):
+            if value is not None and not (q.enabled and q.perplexity_tokens):
+                raise ConfigError(
+                    f"{flag} is a floor on the held-out comparison with the full model, which is off "
+                    "(--no-quality or quality.perplexity_tokens 0); turn it on or drop the floor.",
+                    param=flag,
+                )
         return self
 
     def resolved_cache_dir(self) -> Path:
@@ -92,6 +109,7 @@ SECTIONS: dict[str, type] = {
     "profile": ProfileConfig,
     "selection": SelectionConfig,
     "quality": QualityConfig,
+    "heal": HealConfig,
     "serve": ServeConfig,
     "benchmark": BenchmarkConfig,
 }

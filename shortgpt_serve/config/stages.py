@@ -5,7 +5,16 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-from shortgpt_serve.config.fields import PRUNE, Criterion, Dtype, check_choices, not_blank, positive, setting
+from shortgpt_serve.config.fields import (
+    PRUNE,
+    Criterion,
+    Dtype,
+    HealMethod,
+    check_choices,
+    not_blank,
+    positive,
+    setting,
+)
 from shortgpt_serve.errors import ConfigError
 
 MIN_ITEMS = 10
@@ -103,6 +112,20 @@ class SelectionConfig:
         "--criterion",
         default="bi",
     )
+    max_kl: float | None = setting(
+        "Distribution floor: the most mean KL(full || shortened) per token, in nats, allowed on held-out text "
+        "(e.g. 0.5). Unset: not a floor (still measured and reported).",
+        "--max-kl",
+        on=(PRUNE,),
+        default=None,
+    )
+    min_agreement: float | None = setting(
+        "Distribution floor: the least share of held-out tokens where the shortened model's top next token is the "
+        "full model's (e.g. 0.6). Unset: not a floor (still measured and reported).",
+        "--min-agreement",
+        on=(PRUNE,),
+        default=None,
+    )
     keep_first: int = setting("Never remove the first N decoder layers.", default=1)
     keep_last: int = setting("Never remove the last N decoder layers.", default=1)
 
@@ -124,6 +147,16 @@ class SelectionConfig:
             raise ConfigError("selection.cost_context_tokens must be >= 0.", param="selection.cost_context_tokens")
         if self.keep_first < 0 or self.keep_last < 0:
             raise ConfigError("selection.keep_first and keep_last must be >= 0.", param="selection.keep_first")
+        if self.max_kl is not None and not self.max_kl > 0.0:
+            raise ConfigError(
+                f"--max-kl must be > 0 (nats per token), got {self.max_kl}; e.g. --max-kl 0.5.", param="--max-kl"
+            )
+        if self.min_agreement is not None and not 0.0 < self.min_agreement <= 1.0:
+            raise ConfigError(
+                f"--min-agreement must be in (0, 1] (a share of tokens), got {self.min_agreement}; "
+                "e.g. --min-agreement 0.6.",
+                param="--min-agreement",
+            )
 
 
 @dataclass(frozen=True)
@@ -179,3 +212,25 @@ class QualityConfig:
         if self.bootstrap < 0:
             raise ConfigError("quality.bootstrap must be >= 0.", param="quality.bootstrap")
         check_choices(self, "quality")
+
+
+@dataclass(frozen=True)
+class HealConfig:
+    method: HealMethod = setting(  # noqa: RUF009 (a Literal alias: immutable)
+        "Healing folded into the weights after removal: linear (a least-squares map per run of removed layers, "
+        "folded into the kept layer before it; the checkpoint keeps the standard architecture) or none (plain "
+        "removal, ShortGPT).",
+        "--heal",
+        on=(PRUNE,),
+        env="HEAL",
+        default="linear",
+    )
+    ridge: float = setting(
+        "Ridge term of the linear maps' least squares, relative to the mean eigenvalue of their Gram matrix.",
+        default=1e-4,
+    )
+
+    def validate(self) -> None:
+        check_choices(self, "heal")
+        if not self.ridge >= 0.0:
+            raise ConfigError(f"heal.ridge must be >= 0, got {self.ridge}.", param="heal.ridge")
