@@ -39,33 +39,54 @@ def _met(met: bool | None) -> str:
     return "yes" if met else "**no**"
 
 
+def _retained(q: dict[str, Any]) -> str:
+    text = _num(q.get("retained"))
+    ci = q.get("retained_ci")
+    se = q.get("retained_se")
+    if ci:
+        text += f" [{ci[0]:.2f}, {ci[1]:.2f}]"
+    elif se is not None and not math.isnan(se):
+        text += f" ±{se:.2f}"
+    return text
+
+
+def _quality_cells(q: dict[str, Any], tasks: list[str], full: bool) -> list[str]:
+    cells = [_num(q.get("tasks", {}).get(t, {}).get("score")) for t in tasks]
+    return [
+        *cells,
+        _num(q.get("perplexity"), ".2f"),
+        _num(0.0 if full else q.get("kl")),
+        _num(1.0 if full else q.get("agreement")),
+        _num(q.get("lambada")),
+        "1.000" if full else _retained(q),
+        _num(1.0 if full else q.get("raw_ratio")),
+    ]
+
+
 def candidate_rows(selection: Selection, full: dict[str, Any] | None, tasks: list[str]) -> list[list[str]]:
-    """One row per candidate that was measured, plus the full model and the chosen depth."""
+    """One row per candidate that was measured (two where it was healed: plain, then healed), plus the full model
+    and the chosen depth."""
     rows = []
     chosen = selection.n_removed
     for c in selection.candidates:
         if c.quality is None and c.n_removed not in (0, chosen):
             continue
-        q = full if c.n_removed == 0 and full is not None else c.quality
+        head = [",".join(map(str, c.removed)) or "—", _params(c.params), f"{c.cost_ratio:.3f}"]
         mark = " ✓" if c.n_removed == chosen else ""
-        row = [f"{c.n_removed}{mark}", ",".join(map(str, c.removed)) or "—", _params(c.params), f"{c.cost_ratio:.3f}"]
-        for t in tasks:
-            row.append(_num((q or {}).get("tasks", {}).get(t, {}).get("score")))
-        retained = _num(1.0 if c.n_removed == 0 and full is not None else (q or {}).get("retained"))
-        se = (q or {}).get("retained_se")
-        if c.n_removed and se is not None and not math.isnan(se):
-            retained += f" ±{se:.2f}"
-        row += [
-            _num((q or {}).get("perplexity"), ".2f"),
-            retained,
-            _num(1.0 if c.n_removed == 0 and full is not None else (q or {}).get("raw_ratio")),
-        ]
-        rows.append(row)
+        if c.n_removed == 0 and full is not None:
+            rows.append([f"0{mark}", *head, *_quality_cells(full, tasks, full=True)])
+            continue
+        q = c.quality or {}
+        if q.get("plain") is not None:
+            rows.append([f"{c.n_removed} plain", *head, *_quality_cells(q["plain"], tasks, full=False)])
+            rows.append([f"{c.n_removed} healed{mark}", *head, *_quality_cells(q, tasks, full=False)])
+        else:
+            rows.append([f"{c.n_removed}{mark}", *head, *_quality_cells(q, tasks, full=False)])
     return rows
 
 
 def table_header(tasks: list[str]) -> list[str]:
-    return ["removed", "layers", "params", "cost", *tasks, "ppl", "retained", "raw ratio"]
+    return ["removed", "layers", "params", "cost", *tasks, "ppl", "KL", "top-1", "lambada", "retained", "raw ratio"]
 
 
 def describe_candidates(selection_rows: list[Candidate], full: dict[str, Any] | None, tasks: list[str]) -> str:
@@ -93,11 +114,37 @@ def noise_notes(selection: Selection, full: dict[str, Any] | None) -> list[str]:
     q = selection.quality
     if q is not None and selection.min_quality is not None:
         se = q.get("retained_se")
-        if se is not None and not math.isnan(se) and abs(q["retained"] - selection.min_quality) < 2 * se:
+        ci = q.get("retained_ci")
+        if ci and ci[0] <= selection.min_quality <= ci[1]:
+            notes.append(
+                f"The chosen depth retains {q['retained']:.3f} (95% paired bootstrap interval {ci[0]:.3f}-"
+                f"{ci[1]:.3f}), which contains the floor {selection.min_quality:.2f}: the choice is within noise; "
+                "raise --eval-limit for a firmer decision."
+            )
+        elif not ci and se is not None and not math.isnan(se) and abs(q["retained"] - selection.min_quality) < 2 * se:
             notes.append(
                 f"The chosen depth retains {q['retained']:.3f} ± {se:.3f}, within two standard errors of the floor "
                 f"{selection.min_quality:.2f}: raise --eval-limit for a firmer decision."
             )
+    rejected = [c for c in selection.candidates if c.quality and c.n_removed > selection.n_removed]
+    nearest = min(rejected, key=lambda c: c.n_removed, default=None)
+    if nearest is not None and selection.min_quality is not None:
+        nq = nearest.quality or {}
+        ci = nq.get("retained_ci")
+        if ci and ci[1] >= selection.min_quality:
+            notes.append(
+                f"The next measured depth ({nearest.n_removed} removed) was rejected at {_num(nq.get('retained'))}, "
+                f"but its interval ({ci[0]:.3f}-{ci[1]:.3f}) reaches the floor: it may hold it too."
+            )
+    chosen = q or {}
+    plain = chosen.get("plain")
+    if plain is not None:
+        notes.append(
+            f"Healing ({chosen.get('heal', {}).get('method', 'linear')}) at the chosen depth: retained "
+            f"{_num(plain.get('retained'))} -> {_num(chosen.get('retained'))}, perplexity "
+            f"{_num(plain.get('perplexity'), '.2f')} -> {_num(chosen.get('perplexity'), '.2f')}, KL "
+            f"{_num(plain.get('kl'))} -> {_num(chosen.get('kl'))}."
+        )
     return notes
 
 

@@ -59,10 +59,42 @@ def selection(quality: dict[str, Any] | None = SHORTENED, min_quality: float | N
 def test_candidate_rows_list_the_full_model_and_the_measured_depths() -> None:
     rows = candidate_rows(selection(), FULL, TASKS)
     assert rows == [
-        ["0", "—", "1.0M", "1.000", "0.550", "0.670", "44.70", "1.000", "1.000"],
-        ["2 ✓", "2,4", "0.8M", "0.800", "0.520", "0.650", "67.20", "0.860 ±0.04", "0.950"],
+        ["0", "—", "1.0M", "1.000", "0.550", "0.670", "44.70", "0.000", "1.000", "—", "1.000", "1.000"],
+        ["2 ✓", "2,4", "0.8M", "0.800", "0.520", "0.650", "67.20", "—", "—", "—", "0.860 ±0.04", "0.950"],
     ]
-    assert table_header(TASKS) == ["removed", "layers", "params", "cost", *TASKS, "ppl", "retained", "raw ratio"]
+    assert table_header(TASKS) == [
+        "removed",
+        "layers",
+        "params",
+        "cost",
+        *TASKS,
+        "ppl",
+        "KL",
+        "top-1",
+        "lambada",
+        "retained",
+        "raw ratio",
+    ]
+
+
+def test_a_healed_candidate_shows_plain_and_healed_rows() -> None:
+    plain = {**SHORTENED, "retained": 0.70, "kl": 0.9, "agreement": 0.5, "lambada": 0.1}
+    healed = {
+        **SHORTENED,
+        "kl": 0.6,
+        "agreement": 0.6,
+        "lambada": 0.2,
+        "retained_ci": [0.80, 0.92],
+        "plain": plain,
+        "heal": {"method": "linear"},
+    }
+    rows = candidate_rows(selection(healed), FULL, TASKS)
+    assert [r[0] for r in rows] == ["0", "2 plain", "2 healed ✓"]
+    assert rows[1][7:10] == ["0.900", "0.500", "0.100"] and rows[1][10] == "0.700 ±0.04"
+    assert rows[2][7:10] == ["0.600", "0.600", "0.200"] and rows[2][10] == "0.860 [0.80, 0.92]"
+    notes = noise_notes(selection(healed), FULL)
+    assert any("interval 0.800-0.920), which contains the floor 0.85: the choice is within noise" in n for n in notes)
+    assert any("Healing (linear) at the chosen depth: retained 0.700 -> 0.860" in n for n in notes)
 
 
 def test_short_summary_prints_the_table_right_aligned() -> None:
@@ -109,7 +141,7 @@ def test_markdown_has_the_budgets_and_the_candidates() -> None:
     assert "| budget | asked | got | met |\n|---|---|---|---|\n" in text
     assert "| latency (predicted cost vs full) | ≤ 0.80 | 0.800 | yes |" in text
     assert "| quality retained | ≥ 0.85 | 0.860 | yes |" in text
-    assert "| 2 ✓ | 2,4 | 0.8M | 0.800 | 0.520 | 0.650 | 67.20 | 0.860 ±0.04 | 0.950 |" in text
+    assert "| 2 ✓ | 2,4 | 0.8M | 0.800 | 0.520 | 0.650 | 67.20 | — | — | — | 0.860 ±0.04 | 0.950 |" in text
     assert "Primary metrics: arc_easy: acc, piqa: acc_norm." in text
     assert "- Time: profile 1.2 s." in text
     unmeasured = build_markdown(report(None), [], selection(None, None))
