@@ -306,12 +306,16 @@ def plot_quality(selection: Selection) -> bytes:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    points = [(0, 1.0)] + [
-        (c.n_removed, c.quality["retained"]) for c in selection.candidates if c.quality is not None and c.n_removed
-    ]
-    points.sort()
+    measured = [(c.n_removed, c.quality) for c in selection.candidates if c.quality is not None and c.n_removed]
+    points = sorted([(0, 1.0)] + [(n, q["retained"]) for n, q in measured])
+    plain = sorted([(0, 1.0)] + [(n, q["plain"]["retained"]) for n, q in measured if q.get("plain")])
     fig, ax = plt.subplots(figsize=(7, 4), dpi=110)
-    ax.plot([p[0] for p in points], [p[1] for p in points], "o-", color="#1f77b4", label="measured")
+    healed = len(plain) > 1
+    ax.plot(
+        [p[0] for p in points], [p[1] for p in points], "o-", color="#1f77b4", label="healed" if healed else "measured"
+    )
+    if healed:
+        ax.plot([p[0] for p in plain], [p[1] for p in plain], "s--", color="#7f7f7f", label="plain removal")
     chosen = selection.n_removed
     got = 1.0 if chosen == 0 else (selection.quality or {}).get("retained")
     if got is not None:
