@@ -74,3 +74,31 @@ def test_build_info_names_the_source_and_the_checkpoint_hash() -> None:
     [line] = [k for k in values(m) if k.startswith("shortgpt_build_info{")]
     assert 'source_model="/models/tiny"' in line and f'source_sha256="{"ab" * 6}"' in line
     assert f'checkpoint_sha256="{PROVENANCE.checkpoint_sha256()[:12]}"' in line
+
+
+def test_distribution_measures_interval_and_healing() -> None:
+    quality = dict(RECORD["quality"])
+    quality["full"] = {**quality["full"], "lambada": 0.26}
+    quality["shortened"] = {
+        **quality["shortened"],
+        "kl": 0.5,
+        "agreement": 0.64,
+        "lambada": 0.2,
+        "retained_ci": [0.7, 0.95],
+    }
+    m = LauncherMetrics()
+    m.record_checkpoint(Provenance.from_json({**RECORD, "quality": quality}))
+    v = values(m)
+    assert v['shortgpt_heldout_kl_divergence_nats{model="full"}'] == 0.0
+    assert v['shortgpt_heldout_kl_divergence_nats{model="shortened"}'] == 0.5
+    assert v['shortgpt_heldout_top1_agreement_ratio{model="full"}'] == 1.0
+    assert v['shortgpt_heldout_top1_agreement_ratio{model="shortened"}'] == 0.64
+    assert v['shortgpt_lambada_accuracy_ratio{model="full"}'] == 0.26
+    assert v['shortgpt_lambada_accuracy_ratio{model="shortened"}'] == 0.2
+    assert v['shortgpt_quality_retained_interval_ratio{bound="low"}'] == 0.7
+    assert v['shortgpt_quality_retained_interval_ratio{bound="high"}'] == 0.95
+    assert v['shortgpt_healing_info{method="linear"}'] == 1
+    # Not measured: no sample at all rather than a number that reads as measured.
+    m = LauncherMetrics()
+    m.record_checkpoint(PROVENANCE)
+    assert not any(k.startswith('shortgpt_heldout_kl_divergence_nats{model="shortened"') for k in values(m))

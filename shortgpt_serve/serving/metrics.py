@@ -86,6 +86,37 @@ class LauncherMetrics:
             [MODEL_LABEL],
             registry=r,
         )
+        self.kl = Gauge(
+            "shortgpt_heldout_kl_divergence_nats",
+            "Mean KL(full || model) per held-out token, in nats (0 for the full model), measured when the checkpoint "
+            "was chosen.",
+            [MODEL_LABEL],
+            registry=r,
+        )
+        self.agreement = Gauge(
+            "shortgpt_heldout_top1_agreement_ratio",
+            "Share of held-out tokens where the model's top next token is the full model's (1 for the full model).",
+            [MODEL_LABEL],
+            registry=r,
+        )
+        self.lambada = Gauge(
+            "shortgpt_lambada_accuracy_ratio",
+            "LAMBADA last-word greedy accuracy on held-out passages (a generative measure).",
+            [MODEL_LABEL],
+            registry=r,
+        )
+        self.quality_retained_bound = Gauge(
+            "shortgpt_quality_retained_interval_ratio",
+            "95% paired bootstrap interval of quality retained by the shortened model; bound='low' or 'high'.",
+            ["bound"],
+            registry=r,
+        )
+        self.healing = Gauge(
+            "shortgpt_healing_info",
+            "1, labelled with how the kept layers were healed (method='none' for plain removal).",
+            ["method"],
+            registry=r,
+        )
         self.engine_up = Gauge("shortgpt_engine_up", "1 while the vLLM engine answers /health, else 0.", registry=r)
         self.engine_restarts = Counter(
             "shortgpt_engine_restarts",
@@ -200,6 +231,7 @@ class LauncherMetrics:
                 self.budget_met.labels("latency").set(1 if sel.latency_met else 0)
         for i, bi in enumerate(provenance.block_influence or ()):
             self.block_influence.labels(str(i), "true" if i in removed else "false").set(bi)
+        self.healing.labels(provenance.healing.method).set(1)
         quality = provenance.quality
         if quality is None:
             return
@@ -213,6 +245,17 @@ class LauncherMetrics:
                 self.task_accuracy.labels(label, task, t.metric).set(t.score)
             if record.perplexity is not None:
                 self.perplexity.labels(label).set(record.perplexity)
+            for gauge, value, full_value in (
+                (self.kl, record.kl, 0.0),
+                (self.agreement, record.agreement, 1.0),
+                (self.lambada, record.lambada, record.lambada),
+            ):
+                value = full_value if label == FULL or not removed else value
+                if value is not None:
+                    gauge.labels(label).set(value)
+            if label == SHORTENED and removed and record.retained_ci is not None:
+                self.quality_retained_bound.labels("low").set(record.retained_ci[0])
+                self.quality_retained_bound.labels("high").set(record.retained_ci[1])
             if label == SHORTENED:
                 retained = record.retained if removed and record.retained is not None else 1.0
                 self.quality_retained.set(retained)
