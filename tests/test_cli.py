@@ -160,6 +160,25 @@ def short_calibration(tmp_path: Path) -> list[str]:
     return ["--model", str(model), "--calibration", str(text), "--seq-len", "64", "--calibration-tokens", "256"]
 
 
+def tiny_family(tmp_path: Path, model_type: str) -> str:
+    from transformers import AutoModelForCausalLM
+
+    from tests.conftest import build_tiny_tokenizer, tiny_config
+
+    folder = tmp_path / model_type
+    AutoModelForCausalLM.from_config(tiny_config(model_type)).save_pretrained(folder)
+    build_tiny_tokenizer(folder)
+    return str(folder)
+
+
+def too_little_text_to_heal(tmp_path: Path) -> list[str]:
+    """Enough text for one sequence, not for the maps (the tiny hidden size, 32, needs 128 tokens)."""
+    text = tmp_path / "cal.txt"
+    text.write_text("\n\n".join([CORPUS] * 4))
+    model = tiny_model(tmp_path)
+    return ["--model", str(model), "--calibration", str(text), "--seq-len", "64", "--calibration-tokens", "64"]
+
+
 def bad_jsonl(tmp_path: Path) -> list[str]:
     data = tmp_path / "cal.jsonl"
     data.write_text('{"text": "fine"}\n{"body": "no text field"}\n')
@@ -329,6 +348,24 @@ BAD_INPUTS: list[tuple[str, Callable[[Path], list[str]], int, str]] = [
     # data
     ("calibration shorter than a sequence", short_calibration, 1, "shorter than one sequence of --seq-len 64"),
     ("calibration jsonl without text", bad_jsonl, 1, "cal.jsonl:2 has no string 'text' field"),
+    # healing and the distribution floors
+    ("unknown heal method", lambda t: ["--heal", "sometimes"], 2, "'sometimes' is not one of 'none', 'linear'."),
+    (
+        "heal through a post-MLP norm",
+        lambda t: ["--model", tiny_family(t, "gemma2"), "--heal", "linear"],
+        1,
+        "--heal linear cannot fold a map through Gemma 2's norm after the MLP",
+    ),
+    ("heal on too little text", too_little_text_to_heal, 1, "--heal linear needs at least 128 calibration tokens"),
+    ("heal ridge negative", lambda t: yaml_file(t, "heal:\n  ridge: -1\n"), 2, "heal.ridge must be >= 0"),
+    ("max kl zero", lambda t: ["--max-kl", "0"], 2, "--max-kl must be > 0 (nats per token)"),
+    ("min agreement above one", lambda t: ["--min-agreement", "1.5"], 2, "--min-agreement must be in (0, 1]"),
+    (
+        "kl floor without quality",
+        lambda t: ["--max-kl", "0.5", "--no-quality"],
+        2,
+        "--max-kl is a floor on the held-out comparison with the full model, which is off",
+    ),
 ]
 
 
