@@ -52,7 +52,9 @@ def main() -> None:
     )
     engine = session.engine(config.quality.dtype)
     key = quality_key(config, source, docs.heldout, FileHashes(config.resolved_cache_dir()))
-    meter = QualityMeter(config, source, engine, load_tokenizer(source), docs.heldout, key=key)
+    meter = QualityMeter(
+        config, source, engine, load_tokenizer(source), docs.heldout, key=key, exclude=docs.calibration
+    )
     meter.measure_full()
     full = meter.full_record()
 

@@ -59,6 +59,7 @@ def quality_key(config: Config, source: ModelSource, heldout: list[str], hashes:
         "tasks": list(q.tasks),
         "limit": q.limit,
         "seed": q.seed,
+        "lambada": {"limit": q.lambada_limit, "excluded": "calibration documents"},
         "device": device,
         "dtype": dtype,
         "perplexity": {

@@ -417,6 +417,14 @@ class PassEngine:
         finally:
             setattr(parent, name, base)
 
+    def logits(self, hidden: torch.Tensor, batch: Batch) -> torch.Tensor:
+        """The causal LM's logits for ``batch`` from given states leaving its last decoder layer (pre-norm), kept
+        from an earlier pass: the placement's final norm and head, and the model's own head code."""
+        import torch
+
+        with torch.inference_mode(), self.placement.head() as norm:
+            return self._logits(norm, hidden.to(self.device), batch)
+
     def _logits(self, norm: _Normed, hidden: torch.Tensor, batch: Batch) -> torch.Tensor:
         """The causal LM's logits from the state leaving the last layer (the model's own head code)."""
         normed = norm(hidden)

@@ -157,7 +157,9 @@ def full_quality(
     assert key is not None
     source = session.source
     engine = session.engine(config.quality.dtype)
-    meter = QualityMeter(config, source, engine, load_tokenizer(source), session.docs.heldout, key=key)
+    meter = QualityMeter(
+        config, source, engine, load_tokenizer(source), session.docs.heldout, key=key, exclude=session.docs.calibration
+    )
     meter.progress = progress
     rows = candidates(plan, cost, config.selection.budget)
     n_budget = next((c.n_removed for c in rows if c.meets_budget), 0)

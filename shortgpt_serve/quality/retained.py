@@ -14,13 +14,14 @@ class Retained:
     """How much of the full model's quality the shortened model keeps, on each task's primary metric."""
 
     retained: float
-    """Mean over tasks with signal of max(0, (short - chance) / (full - chance)): the share of the full model's
-    above-chance accuracy kept. Not capped at 1, so noise above and below the full model averages out. NaN when no
-    task has signal."""
+    """Mean over tasks with signal of min(1, max(0, (short - chance) / (full - chance))): the share of the full
+    model's above-chance accuracy kept. Each task's share is capped at 1, so a shortened model scoring above the
+    full model on one task (sampling noise, mostly) cannot make up for a loss on another; a model that is as good
+    as the full one everywhere retains 1. NaN when no task has signal."""
     raw_ratio: float
     """mean(short) / mean(full) over all tasks: the ratio the ShortGPT paper reports (chance counts as kept)."""
     per_task: dict[str, float | None]
-    """Each task's retained share; None where the task carries no signal."""
+    """Each task's retained share, in [0, 1]; None where the task carries no signal."""
     no_signal: tuple[str, ...]
     """Tasks where the full model is not clearly above chance (see :data:`SIGNAL_SE`)."""
     standard_error: float = math.nan
@@ -38,6 +39,12 @@ margin over chance is mostly noise, and a ratio with it as the denominator would
 def signal_margin(chance_acc: float, n: int) -> float:
     """How far above chance the full model must score for a task to count (SIGNAL_SE binomial standard errors)."""
     return SIGNAL_SE * math.sqrt(chance_acc * (1.0 - chance_acc) / max(n, 1))
+
+
+def task_share(short: float, full: float, chance: float) -> float:
+    """One task's retained share: the shortened model's margin over chance as a share of the full model's,
+    clipped to [0, 1] (below chance keeps nothing; above the full model keeps all of it, no more)."""
+    return min(1.0, max(0.0, (short - chance) / (full - chance)))
 
 
 def quality_retained(full: dict[str, TaskScore], short: dict[str, TaskScore]) -> Retained:
@@ -64,7 +71,7 @@ def quality_retained(full: dict[str, TaskScore], short: dict[str, TaskScore]) ->
             per_task[task] = None
             no_signal.append(task)
         else:
-            per_task[task] = max(0.0, (s.score - f.chance) / margin)
+            per_task[task] = task_share(s.score, f.score, f.chance)
             variances.append(s.score * (1.0 - s.score) / max(s.n, 1) / margin**2)
     kept = [v for v in per_task.values() if v is not None]
     mean_full = sum(full[t].score for t in full) / len(full)

@@ -173,9 +173,12 @@ class RequestBatches:
         made += [_batch(encoded, g, pad, pack) for g in narrow_rows]
         return cls(encoded, wide_rows + narrow_rows, made)
 
-    def reader(self, results: list[LogLikelihood]) -> Callable[[int, torch.Tensor], None]:
+    def reader(
+        self, results: list[LogLikelihood], greedy: list[bool] | None = None
+    ) -> Callable[[int, torch.Tensor], None]:
         """Fills ``results`` (one per request; requests with nothing to score stay (0.0, 0)) from each batch's
-        logits."""
+        logits; and ``greedy`` where given: whether every continuation token is the most likely one at its
+        position (lm-eval's ``is_greedy``: the continuation is what greedy decoding would produce)."""
         import torch
 
         def read(b: int, logits: torch.Tensor) -> None:
@@ -192,6 +195,8 @@ class RequestBatches:
                     target = torch.tensor(seq[-n:], device=logprobs.device)
                     picked = logprobs.gather(-1, target[:, None])[:, 0]
                     results[i] = (float(picked.double().sum()), n)
+                    if greedy is not None:
+                        greedy[i] = bool((logprobs.argmax(-1) == target).all())
 
         return read
 
@@ -308,18 +313,36 @@ def check_items(items: Sequence[Item]) -> None:
             raise QualityError(f"a {item.task} item has gold {item.gold} for {len(item.requests)} choices.")
 
 
-def task_scores(items: Sequence[Item], lls: Sequence[LogLikelihood]) -> dict[str, TaskScore]:
-    """acc and acc_norm per task from every item's choices' log-likelihoods (flattened in item order)."""
-    tallies: dict[str, list[float]] = {}  # task -> [acc hits, acc_norm hits, n, sum of 1/choices]
+def _hits(items: Sequence[Item], lls: Sequence[LogLikelihood]) -> Iterable[tuple[Item, bool, bool]]:
+    """(item, right by acc, right by acc_norm) for every item, its choices' log-likelihoods flattened in order."""
     pos = 0
     for item in items:
         scores = [ll for ll, _ in lls[pos : pos + len(item.requests)]]
         # lm-eval's acc_norm: log-likelihood per byte of the scored text, which removes the bias to short choices.
         nbytes = [max(1, len(r.continuation.encode("utf-8"))) for r in item.requests]
         pos += len(item.requests)
+        per_byte = [s / b for s, b in zip(scores, nbytes, strict=True)]
+        yield item, _argmax(scores) == item.gold, _argmax(per_byte) == item.gold
+
+
+def item_correct(items: Sequence[Item], lls: Sequence[LogLikelihood]) -> dict[str, list[bool]]:
+    """Per task, whether each item (in order) is right on the task's primary metric: the per-item outcomes
+    whose mean is :attr:`TaskScore.score` (what a paired bootstrap resamples)."""
+    correct: dict[str, list[bool]] = {}
+    for item, acc, acc_norm in _hits(items, lls):
+        spec = TASKS.get(item.task)
+        norm = spec is not None and spec.primary == "acc_norm"
+        correct.setdefault(item.task, []).append(acc_norm if norm else acc)
+    return correct
+
+
+def task_scores(items: Sequence[Item], lls: Sequence[LogLikelihood]) -> dict[str, TaskScore]:
+    """acc and acc_norm per task from every item's choices' log-likelihoods (flattened in item order)."""
+    tallies: dict[str, list[float]] = {}  # task -> [acc hits, acc_norm hits, n, sum of 1/choices]
+    for item, acc, acc_norm in _hits(items, lls):
         t = tallies.setdefault(item.task, [0.0, 0.0, 0.0, 0.0])
-        t[0] += _argmax(scores) == item.gold
-        t[1] += _argmax([s / b for s, b in zip(scores, nbytes, strict=True)]) == item.gold
+        t[0] += acc
+        t[1] += acc_norm
         t[2] += 1
         t[3] += 1.0 / len(item.requests)
     return {

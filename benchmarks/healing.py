@@ -1,0 +1,121 @@
+"""Plain removal vs linear healing (and the angular block, plain) at several depths on the default model, side by side.
+
+    .venv/bin/python benchmarks/healing.py [--depths 4,8,10] [--eval-limit 100]
+
+One process, one model: the BI profile (and all-pairs angular distances) on the calibration text, the full model's
+scores, then at each depth the lowest-BI removal scored plain and healed in one pass (the maps fitted on the
+calibration text, disjoint from everything evaluated), and the angular criterion's block plain. Each row: quality
+retained with its 95% paired bootstrap interval, held-out perplexity, mean KL(full || model) per token, top-1
+agreement with the full model, LAMBADA last-word greedy accuracy, and the healing time. Results are appended to
+benchmarks/results/healing.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import time
+from typing import Any
+
+from _record import record
+
+
+def fmt(q: dict[str, Any]) -> list[str]:
+    ci = q.get("retained_ci")
+    interval = f" [{ci[0]:.3f}, {ci[1]:.3f}]" if ci else ""
+    return [
+        f"{q['retained']:.3f}{interval}",
+        f"{q['perplexity']:.2f}",
+        f"{q['kl']:.3f}",
+        f"{q['agreement']:.3f}",
+        f"{q['lambada']:.3f}",
+    ]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--depths", default="4,8,10")
+    parser.add_argument("--eval-limit", type=int, default=100)
+    args = parser.parse_args()
+    depths = [int(d) for d in args.depths.split(",")]
+
+    from shortgpt_serve.config import Config, QualityConfig
+    from shortgpt_serve.healing.evaluate import Healer
+    from shortgpt_serve.inputs import read_calibration, resolve_source
+    from shortgpt_serve.keys import quality_key
+    from shortgpt_serve.models.loading import load_tokenizer
+    from shortgpt_serve.profile import profile_model
+    from shortgpt_serve.quality.meter import QualityMeter
+    from shortgpt_serve.selection import plan_angular, plan_bi
+    from shortgpt_serve.session import ModelSession
+
+    config = Config(quality=QualityConfig(limit=args.eval_limit))
+    docs = read_calibration(config)
+    source = resolve_source(config)
+    session = ModelSession(config, source, docs)
+    t0 = time.perf_counter()
+    profile = profile_model(
+        session.engine(), session.calib(), config.profile.batch_size, source.sha256, angular=True, progress=False
+    )
+    profile_s = time.perf_counter() - t0
+    sel = config.selection
+    bi_plan = plan_bi(profile.bi, sel.keep_first, sel.keep_last)
+    assert profile.angular is not None
+    angular_plan = plan_angular(profile.angular, sel.keep_first, sel.keep_last)
+    engine = session.engine(config.quality.dtype)
+    meter = QualityMeter(
+        config,
+        source,
+        engine,
+        load_tokenizer(source),
+        docs.heldout,
+        key={**quality_key(config, source, docs.heldout), "benchmark": "healing"},
+        exclude=docs.calibration,
+    )
+    meter.progress = False
+    full = meter.measure_full()
+    healer = Healer(config, lambda: engine, session.calibration_batches, meter, progress=False)
+
+    header = ["removed", "method", "layers", "retained [95% CI]", "ppl", "KL", "top-1", "LAMBADA", "healing s"]
+    rows = [
+        [
+            "0",
+            "full model",
+            "—",
+            "1.000",
+            f"{full['perplexity']:.2f}",
+            "0.000",
+            "1.000",
+            f"{full['lambada']:.3f}",
+            "—",
+        ]
+    ]
+    for n in depths:
+        removed = bi_plan[n]
+        healed = healer(removed)
+        healing = healer.fitted[tuple(sorted(removed))]
+        layers = ",".join(map(str, removed))
+        rows.append([str(n), "bi plain", layers, *fmt(healed["plain"]), "—"])
+        rows.append([str(n), "bi linear", layers, *fmt(healed), f"{healing.seconds:.1f}"])
+        angular = meter(angular_plan[n])
+        rows.append([str(n), "angular plain", ",".join(map(str, angular_plan[n])), *fmt(angular), "—"])
+
+    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
+    lines = [
+        f"## {time.strftime('%Y-%m-%d')}: {source.name}, {args.eval_limit} items per task "
+        f"({', '.join(config.quality.tasks)}), {config.quality.perplexity_tokens} held-out tokens, "
+        f"{full.get('lambada_n')} LAMBADA passages, calibration {profile.num_tokens} tokens "
+        f"(profile {profile_s:.1f} s), dtype {config.quality.dtype}",
+        "",
+        "| " + " | ".join(h.ljust(w) for h, w in zip(header, widths, strict=True)) + " |",
+        "|" + "|".join("-" * (w + 2) for w in widths) + "|",
+        *("| " + " | ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)) + " |" for r in rows),
+        "",
+        f"Settings: {dataclasses.asdict(config.heal)}; bootstrap {config.quality.bootstrap} resamples.",
+        "",
+    ]
+    record("healing", lines)
+
+
+if __name__ == "__main__":
+    main()
