@@ -207,3 +207,33 @@ def test_the_written_checkpoint_is_the_healed_model(
     with torch.no_grad():
         other = unhealed(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
     assert not torch.allclose(other[real], want[real], atol=1e-3)
+
+
+def test_whole_layers_can_be_written_over_their_source_tensors(make_tiny_model: Any, tmp_path: Any) -> None:
+    """Every weight of a healed layer (as a trained layer would be written) goes into the checkpoint in the source
+    dtype: the checkpoint is the healed route's model, and the bytes of the folded down-projection match."""
+    from transformers import AutoModelForCausalLM
+
+    from shortgpt_serve.checkpoint import write_checkpoint
+    from shortgpt_serve.healing.tensors import folded_tensors, layer_tensors
+    from shortgpt_serve.models.source import resolve_model
+
+    src = make_tiny_model("llama")
+    source = resolve_model(str(src), tmp_path / "cache")
+    model = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32).eval()
+    engine = PassEngine.of(model)
+    healing = fit_linear(engine, calibration(), [3], progress=False)
+    layers = healed_layers(engine, healing.maps)
+    written = layer_tensors(src, "model.layers", layers)
+    name = "model.layers.2.mlp.down_proj.weight"
+    assert name in written and "model.layers.2.self_attn.q_proj.weight" in written
+    assert written[name] == folded_tensors(src, "model.layers", healing.maps)[name]
+    out = write_checkpoint(source, [3], tmp_path / "short", overrides=written)
+    short = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
+    batch = calibration(1)[0]
+    got: list[torch.Tensor] = []
+    engine.run([batch], [Route(frozenset({3}), on_logits=lambda b, x: got.append(x), replace=layers)])
+    with torch.no_grad():
+        want = short(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
+    real = batch.attention_mask.bool()
+    assert torch.allclose(got[0][real], want[real], atol=1e-4)

@@ -13,7 +13,7 @@ from shortgpt_serve.errors import ConfigError
 Criterion = Literal["bi", "angular", "iterative-bi"]
 CompareMode = Literal["reuse", "measure", "off"]
 Dtype = Literal["auto", "float32", "bfloat16", "float16"]
-HealMethod = Literal["none", "linear"]
+HealMethod = Literal["none", "linear", "distill"]
 CRITERIA: tuple[str, ...] = typing.get_args(Criterion)
 COMPARE_MODES: tuple[str, ...] = typing.get_args(CompareMode)
 DTYPES: tuple[str, ...] = typing.get_args(Dtype)

@@ -218,8 +218,9 @@ class QualityConfig:
 class HealConfig:
     method: HealMethod = setting(  # noqa: RUF009 (a Literal alias: immutable)
         "Healing folded into the weights after removal: linear (a least-squares map per run of removed layers, "
-        "folded into the kept layer before it; the checkpoint keeps the standard architecture) or none (plain "
-        "removal, ShortGPT).",
+        "folded into the kept layer before it), distill (linear, then a short distillation of the kept layers "
+        "toward the full model's next-token distribution on calibration text; minutes) or none (plain removal, "
+        "ShortGPT). Healed checkpoints keep the standard architecture.",
         "--heal",
         on=(PRUNE,),
         env="HEAL",
@@ -229,8 +230,19 @@ class HealConfig:
         "Ridge term of the linear maps' least squares, relative to the mean eigenvalue of their Gram matrix.",
         default=1e-4,
     )
+    distill_steps: int = setting(
+        "distill: optimizer steps of the distillation toward the full model's next-token distribution.",
+        default=120,
+    )
+    distill_batch: int = setting("distill: calibration sequences per step.", default=2)
+    distill_lr: float = setting("distill: learning rate (AdamW, cosine decay after a short warm-up).", default=1e-4)
+    seed: int = setting("distill: seed of the order of the calibration sequences (deterministic runs).", default=0)
 
     def validate(self) -> None:
         check_choices(self, "heal")
         if not self.ridge >= 0.0:
             raise ConfigError(f"heal.ridge must be >= 0, got {self.ridge}.", param="heal.ridge")
+        positive("heal.distill_steps", self.distill_steps, "heal.distill_steps")
+        positive("heal.distill_batch", self.distill_batch, "heal.distill_batch")
+        if not self.distill_lr > 0.0:
+            raise ConfigError(f"heal.distill_lr must be > 0, got {self.distill_lr}.", param="heal.distill_lr")

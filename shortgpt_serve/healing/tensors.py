@@ -43,3 +43,34 @@ def folded_tensors(folder: Path, layers_module: str, maps: dict[int, torch.Tenso
             new = (tt @ w.to(torch.float64)).to(w.dtype).contiguous()
             out[name] = new.view(torch.uint8).numpy().tobytes()  # raw little-endian bytes, bfloat16 included
     return out
+
+
+def layer_tensors(folder: Path, layers_module: str, layers: dict[int, torch.nn.Module]) -> dict[str, bytes]:
+    """Source tensor name -> new raw data for every weight of each given decoder layer (original index -> trained
+    module), in the source tensor's dtype; the layer's other state (rotary tables, buffers not in the weights) is
+    left out."""
+    import torch
+
+    from shortgpt_serve.models.weights import read_header
+
+    mapping = weight_map(folder)
+    headers: dict[str, dict[str, object]] = {}
+    out: dict[str, bytes] = {}
+    for i, module in sorted(layers.items()):
+        for key, value in module.state_dict().items():
+            name = f"{layers_module}.{i}.{key}"
+            if name not in mapping:
+                continue
+            shard = mapping[name]
+            if shard not in headers:
+                headers[shard] = read_header(folder / shard)[0]
+            info = headers[shard][name]
+            assert isinstance(info, dict)
+            dtype = DTYPES.get(str(info["dtype"]))
+            if dtype is None or list(value.shape) != list(info["shape"]):
+                raise HealingError(
+                    f"{name} is stored as {info['dtype']} {info['shape']}; the healed layer cannot be written over it."
+                )
+            new = value.detach().to("cpu", getattr(torch, dtype)).contiguous()
+            out[name] = new.view(torch.uint8).numpy().tobytes()
+    return out
