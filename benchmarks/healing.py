@@ -39,6 +39,7 @@ def main() -> None:
     args = parser.parse_args()
     depths = [int(d) for d in args.depths.split(",")]
 
+    from shortgpt_serve.cache import FileHashes
     from shortgpt_serve.config import Config, QualityConfig
     from shortgpt_serve.healing.evaluate import Healer
     from shortgpt_serve.inputs import read_calibration, resolve_source
@@ -55,7 +56,12 @@ def main() -> None:
     session = ModelSession(config, source, docs)
     t0 = time.perf_counter()
     profile = profile_model(
-        session.engine(), session.calib(), config.profile.batch_size, source.sha256, angular=True, progress=False
+        session.engine(),
+        session.calib(),
+        batch_size=config.profile.batch_size,
+        model_sha256=source.sha256,
+        angular=True,
+        progress=False,
     )
     profile_s = time.perf_counter() - t0
     sel = config.selection
@@ -69,7 +75,7 @@ def main() -> None:
         engine,
         load_tokenizer(source),
         docs.heldout,
-        key={**quality_key(config, source, docs.heldout), "benchmark": "healing"},
+        key={**quality_key(config, source, docs.heldout, FileHashes(config.resolved_cache_dir())), "run": "healing"},
         exclude=docs.calibration,
     )
     meter.progress = False
