@@ -224,7 +224,7 @@ class HealConfig:
         "--heal",
         on=(PRUNE,),
         env="HEAL",
-        default="linear",
+        default="none",
     )
     ridge: float = setting(
         "Ridge term of the linear maps' least squares, relative to the mean eigenvalue of their Gram matrix.",
