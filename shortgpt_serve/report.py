@@ -6,6 +6,7 @@ Written beside the checkpoint (``report.md``, ``report.json``, ``bi.png``, ``qua
 from __future__ import annotations
 
 import io
+import itertools
 import json
 import math
 from typing import Any
@@ -136,6 +137,14 @@ def noise_notes(selection: Selection, full: dict[str, Any] | None) -> list[str]:
                 f"The next measured depth ({nearest.n_removed} removed) was rejected at {_num(nq.get('retained'))}, "
                 f"but its interval ({ci[0]:.3f}-{ci[1]:.3f}) reaches the floor: it may hold it too."
             )
+    measured = sorted((c.n_removed, c.quality["retained"]) for c in selection.candidates if c.quality and c.n_removed)
+    inversions = [(a, ra, b, rb) for (a, ra), (b, rb) in itertools.pairwise(measured) if rb > ra]
+    if inversions:
+        a, ra, b, rb = inversions[0]
+        notes.append(
+            f"Quality is not monotone in depth here ({b} removed retains {rb:.3f}, more than {ra:.3f} at {a}): the "
+            "search assumes it is, and differences this size are sampling noise; raise --eval-limit to separate them."
+        )
     chosen = q or {}
     plain = chosen.get("plain")
     if plain is not None:

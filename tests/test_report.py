@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from typing import Any
 
@@ -154,3 +155,12 @@ def test_report_files() -> None:
     assert json.loads(files[REPORT_JSON])["choice"]["removed_layers"] == [2, 4]
     assert files[BI_PNG].startswith(b"\x89PNG") and files[QUALITY_PNG].startswith(b"\x89PNG")
     assert QUALITY_PNG not in report_files(report(None), [], PROFILE, selection(None, None))
+
+
+def test_a_non_monotone_search_is_called_noise() -> None:
+    sel = selection({**SHORTENED, "retained": 0.86})
+    deeper = dataclasses.replace(sel.candidates[1], quality={**SHORTENED, "retained": 0.70})
+    sel = dataclasses.replace(sel, candidates=[sel.candidates[0], deeper, sel.candidates[2]])
+    notes = noise_notes(sel, FULL)
+    assert any("not monotone in depth here (2 removed retains 0.860, more than 0.700 at 1)" in n for n in notes)
+    assert not any("monotone" in n for n in noise_notes(selection(), FULL))
