@@ -19,10 +19,11 @@ FAMILIES_ON_VLLM_CPU = ["llama", "mistral", "qwen2", "qwen3", "gemma2", "phi3", 
 HEALED = {"llama", "mistral", "qwen2", "qwen3", "phi3"}
 """Families whose checkpoints here are linear-healed (the others cannot take the folded maps: Gemma 2's norm after
 the MLP, Qwen2-MoE's experts)."""
-LOGPROB_TOLERANCE = 2e-3
+LOGPROB_TOLERANCE = 1e-4
 """Nats per token between vLLM's prompt log-probabilities and transformers' on the same checkpoint, both in
-float32. The two sum in different orders (vLLM's CPU kernels vs PyTorch's), which moves a log-probability by
-about 1e-5 here; a removed layer misnumbered, a map left out or a mask differing moves it by 0.1 or more."""
+float32. The two sum in different orders (vLLM's CPU kernels vs PyTorch's): measured here at most 6e-6 (Gemma 2;
+1e-6 for the others), so 1e-4 leaves a margin of 17; a removed layer misnumbered, a map left out or a mask
+differing moves a log-probability by 0.1 or more."""
 
 
 def heal(src: Path, out_dir: Path, removed: list[int]) -> Path:
@@ -93,4 +94,5 @@ def test_shortened_families_load_in_vllm(
         got = r["prompt_logprobs"][1:]
         assert r["prompt_logprobs"][0] is None and len(got) == len(want)
         worst[Path(r["path"]).name] = max(abs(a - b) for a, b in zip(got, want, strict=True))
+    print("largest |vLLM - transformers| prompt log-probability per family:", worst)
     assert all(w <= LOGPROB_TOLERANCE for w in worst.values()), worst
