@@ -21,8 +21,8 @@ from shortgpt_serve.checkpoint import PROVENANCE_NAME, write_checkpoint
 from shortgpt_serve.config import Config
 from shortgpt_serve.errors import CheckpointError, QualityError
 from shortgpt_serve.fsutil import check_output_free
-from shortgpt_serve.healing.evaluate import Healer, check_healing
-from shortgpt_serve.healing.tensors import folded_tensors
+from shortgpt_serve.healing.evaluate import Healer, check_healing, distill_choice
+from shortgpt_serve.healing.tensors import folded_tensors, layer_tensors
 from shortgpt_serve.inputs import check_paths, check_quality_inputs, read_calibration, resolve_source, served_name
 from shortgpt_serve.keys import checkpoint_key, profile_key, quality_key
 from shortgpt_serve.models.loading import load_tokenizer
@@ -227,13 +227,22 @@ def _build(
         )
         if meter is not None:
             timings["search"] = time.perf_counter() - t0
+        distilled = None
+        if config.heal.method == "distill":
+            t0 = time.perf_counter()
+            selection, distilled = distill_choice(healer, selection, plan)
+            timings["distillation"] = time.perf_counter() - t0
         healing = healer.fit(selection.removed)  # already fitted when the search measured it
         if healer.fitted:
-            timings["healing (all candidates)"] = sum(h.seconds for h in healer.fitted.values())
+            timings["linear healing (all candidates)"] = sum(h.seconds for h in healer.fitted.values())
     finally:
         session.close()
     overrides = None
-    if healing is not None and healing.maps:
+    heal_record = None if healing is None else healing.record()
+    if distilled is not None:
+        overrides = layer_tensors(source.path, source.family.layers_module, distilled.layers)
+        heal_record = {**distilled.record(), "linear_start": heal_record}
+    elif healing is not None and healing.maps:
         overrides = folded_tensors(source.path, source.family.layers_module, healing.maps)
     name = served_name(config, source)
     src_info = {"name": source.name, "origin": source.origin, "sha256": source.sha256, "num_layers": source.num_layers}
@@ -250,7 +259,7 @@ def _build(
         selection=selection,
         config=config,
         full=full,
-        healing=healing.record() if healing is not None else None,
+        healing=heal_record,
     )
     seal = None
     if ckey is not None:

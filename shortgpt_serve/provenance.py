@@ -191,6 +191,17 @@ class HealingRecord:
     """Per run of removed layers: the kept layer its map is folded into, and the fit's relative error without and
     with the map."""
     unhealed_runs: tuple[tuple[int, ...], ...] = ()
+    steps: int | None = None
+    """distill: optimizer steps, sequences per step, learning rate, seed and tokens trained on."""
+    batch_size: int | None = None
+    lr: float | None = None
+    seed: int | None = None
+    tokens: int | None = None
+    kl_first: float | None = None
+    """distill: mean training KL (nats/token, in-sample) of the first and the last steps."""
+    kl_last: float | None = None
+    linear_start: dict[str, Any] | None = None
+    """distill: the linear healing it started from."""
 
     @classmethod
     def from_json(cls, data: Mapping[str, Any]) -> HealingRecord:
@@ -203,7 +214,8 @@ class HealingRecord:
         out = dataclasses.asdict(self)
         out["runs"] = [dict(r) for r in self.runs]
         out["unhealed_runs"] = [list(r) for r in self.unhealed_runs]
-        return out
+        distill_only = ("steps", "batch_size", "lr", "seed", "tokens", "kl_first", "kl_last", "linear_start")
+        return {k: v for k, v in out.items() if v is not None or k not in distill_only}
 
 
 @dataclass(frozen=True, kw_only=True)

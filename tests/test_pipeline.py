@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import torch
 
 from shortgpt_serve.config import Config, override
 from shortgpt_serve.errors import QualityError
@@ -120,3 +121,33 @@ def _tokenizer(session: ModelSession) -> Any:
     from shortgpt_serve.models.loading import load_tokenizer
 
     return load_tokenizer(session.source)
+
+
+@pytest.mark.parametrize("method", ["linear", "distill"])
+def test_prepare_heals_the_checkpoint_and_records_how(setup: Callable[..., Any], method: str) -> None:
+    """--heal writes a checkpoint that differs from plain removal only in the healed layers' tensors, verifies,
+    and records the method, its data and settings; the cache keeps healed and plain apart."""
+    from safetensors.torch import load_file
+
+    from shortgpt_serve.checkpoint import verify_checkpoint
+
+    settings = {"quality.enabled": False, "selection.budget": 0.8, "heal.distill_steps": 3}
+    plain = prepare(setup(**settings)[0], progress=False)
+    healed = prepare(setup(**settings, **{"heal.method": method})[0], progress=False)
+    assert healed.checkpoint != plain.checkpoint and healed.selection.removed == plain.selection.removed
+    record = verify_checkpoint(healed.checkpoint)
+    assert record.healing.method == method and plain.provenance.healing.method == "none"
+    got, want = load_file(healed.checkpoint / "model.safetensors"), load_file(plain.checkpoint / "model.safetensors")
+    assert got.keys() == want.keys()
+    changed = {k for k in got if not torch.equal(got[k], want[k])}
+    if method == "linear":
+        assert record.healing.runs and record.healing.calibration_tokens == 256
+        kept = {
+            f"model.layers.{healed.selection.kept.index(r['kept_layer'])}.mlp.down_proj.weight"
+            for r in record.healing.runs
+        }
+        assert changed == kept
+    else:
+        assert record.healing.steps == 3 and record.healing.linear_start is not None
+        assert changed and all(k.startswith("model.layers.") for k in changed)
+        assert not any("embed" in k or "lm_head" in k or k == "model.norm.weight" for k in changed)

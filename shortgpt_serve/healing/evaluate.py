@@ -2,15 +2,29 @@
 
 The maps of a candidate depend on its removal, so each evaluated depth fits its own (one pass over the calibration
 text per run of removed layers). The chosen removal's maps are kept for the checkpoint writer.
+
+``distill`` costs minutes per candidate, so it does not run inside the search. The policy: search with linear
+healing; then distill the chosen depth and the next deeper one (both starting from their linear maps), score
+both, and keep the deepest that holds the floors (the chosen one when neither does: its linear healing).
 """
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Sequence
+from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
-from shortgpt_serve.healing.linear import LinearHealing, check_foldable, check_tokens, fit_linear, healed_layers
+from shortgpt_serve.healing.distill import Distillation, distill
+from shortgpt_serve.healing.linear import (
+    POST_NORM_FAMILIES,
+    LinearHealing,
+    check_foldable,
+    check_tokens,
+    fit_linear,
+    healed_layers,
+)
+from shortgpt_serve.selection import Floors, Selection
 
 if TYPE_CHECKING:
     from shortgpt_serve.config import Config
@@ -26,8 +40,11 @@ def check_healing(config: Config, source: ModelSource, calibration_tokens: int) 
     if config.heal.method == "none":
         return
     cfg = source.config
+    model_type = str(cfg.get("model_type"))
+    # distill trains the layers themselves: a family the maps cannot fold into starts from plain removal.
+    folded_type = "llama" if config.heal.method == "distill" else model_type
     check_foldable(
-        str(cfg.get("model_type")),
+        folded_type,
         cfg,
         quantized="quantization_config" in cfg,
         moe=any(cfg.get(k) for k in ("num_local_experts", "num_experts", "n_routed_experts")),
@@ -57,6 +74,8 @@ class Healer:
         """The healing of ``removed`` (None: healing is off or nothing is removed)."""
         if not self.enabled or not removed:
             return None
+        if getattr(self._engine().model.config, "model_type", None) in POST_NORM_FAMILIES:
+            return None  # distill on a family the maps cannot fold into: it starts from plain removal
         key = tuple(sorted(removed))
         if key not in self.fitted:
             log.info("Healing %d layers removed (%s): %s", len(key), self.config.heal.method, list(key))
@@ -74,3 +93,79 @@ class Healer:
             return self.meter(removed)
         plain, healed = self.meter.evaluate_many([removed, removed], [{}, healed_layers(self._engine(), healing.maps)])
         return {**healed, "plain": plain, "heal": healing.record()}
+
+    def distill(self, removed: Sequence[int]) -> Distillation:
+        """Distil the kept layers of ``removed`` toward the full model, starting from its linear healing."""
+        h = self.config.heal
+        healing = self.fit(removed)
+        start = healed_layers(self._engine(), healing.maps) if healing is not None and healing.maps else None
+        log.info("Distilling %d layers removed: %s (%d steps)", len(removed), list(removed), h.distill_steps)
+        return distill(
+            self._engine(),
+            self._batches(),
+            removed,
+            start=start,
+            steps=h.distill_steps,
+            batch_size=h.distill_batch,
+            lr=h.distill_lr,
+            seed=h.seed,
+            progress=self.progress,
+        )
+
+    def distilled(self, removed: list[int], plain: dict[str, Any] | None) -> tuple[dict[str, Any], Distillation]:
+        """The distilled candidate's quality record (``plain`` beside it) and the distillation."""
+        assert self.meter is not None
+        dist = self.distill(removed)
+        [record] = self.meter.evaluate_many([removed], [dist.layers])
+        healing = self.fitted.get(tuple(sorted(removed)))
+        heal = {**dist.record(), "linear_start": None if healing is None else healing.record()}
+        return {**record, "plain": plain, "heal": heal}, dist
+
+
+def distill_choice(
+    healer: Healer, selection: Selection, plan: list[list[int]]
+) -> tuple[Selection, Distillation | None]:
+    """Apply the distill policy (module docstring) to the search's choice: the deeper neighbour first when the
+    latency budget was missed, then the chosen depth; the deepest distilled candidate that holds the floors wins.
+    Without quality measurement the chosen depth is distilled as it is."""
+    n = selection.n_removed
+    if n == 0:
+        return selection, None
+    if healer.meter is None:
+        return selection, healer.distill(selection.removed)
+    sel = healer.config.selection
+    floors = Floors(sel.min_quality, sel.max_kl, sel.min_agreement)
+    rows = list(selection.candidates)
+    depths = [n + 1, n] if not selection.latency_met and n + 1 < len(plan) else [n]
+    for depth in depths:
+        row = rows[depth]
+        removed = list(plan[depth])
+        linear = row.quality
+        plain = (linear or {}).get("plain") or healer.meter(removed)
+        record, dist = healer.distilled(removed, plain)
+        missed = floors.misses(record)
+        log.info("Distilled %d removed: %s", depth, "; ".join(missed) or f"holds {floors.describe()}")
+        if missed:
+            rows[depth] = replace(row, quality={**(linear or plain), "distilled": record})
+            continue
+        rows[depth] = replace(row, quality=record)
+        note = (
+            f" Distillation then healed {depth} removed {removed} (cost {row.cost_ratio:.3f}), which retains "
+            f"{record['retained']:.3f}, KL {record.get('kl')}, holding {floors.describe()}: that is served."
+        )
+        return (
+            replace(
+                selection,
+                removed=removed,
+                cost_ratio=row.cost_ratio,
+                params_short=row.params,
+                candidates=rows,
+                quality=record,
+                latency_met=row.meets_budget,
+                quality_met=True,
+                reason=selection.reason + note,
+            ),
+            dist,
+        )
+    note = " Distillation did not hold the floors at this depth; its linear healing is served."
+    return replace(selection, candidates=rows, reason=selection.reason + note), None

@@ -111,12 +111,12 @@ def check_foldable(model_type: str, config: Any, quantized: bool, moe: bool) -> 
     """Refuse models whose MLP output cannot take a folded linear map, with what to do instead."""
     if quantized:
         raise HealingError(
-            "--heal linear needs full-precision weights to fold the maps into; this model's weights are quantized. "
+            "--heal needs full-precision weights to fold maps into or train; this model's weights are quantized. "
             "Use --heal none, or shorten the unquantized model and quantize the result."
         )
     if moe:
         raise HealingError(
-            "--heal linear folds a map into one MLP's down-projection; this model's layers are mixtures of "
+            "--heal folds maps into and trains one MLP per layer; this model's layers are mixtures of "
             "experts. Use --heal none."
         )
     if model_type in POST_NORM_FAMILIES:

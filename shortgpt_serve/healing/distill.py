@@ -1,0 +1,324 @@
+"""Distillation healing: a short training of the shortened model's kept layers toward the full model's outputs.
+
+After removal (and, typically, linear healing folded into the kept layers), the shortened model is trained for a
+few steps on the calibration text to match the full model's next-token distribution: the loss is the mean over real
+(non-padding) token positions of KL(teacher || student), the teacher the engine's full model (no layer removed, no
+gradients, in the model's dtype), the student the same model object with its decoder layers temporarily swapped for
+trainable copies of the kept layers and the removed ones cut (:func:`~shortgpt_serve.models.layers.skipped_layers`
+renumbers the copies and cuts the per-layer config, as for plain removal). Log-softmax is taken in float32.
+
+Only the kept decoder layers are trained: the embeddings, the final norm and the LM head are shared with the full
+model and stay frozen (gradients go to the copies only, ``backward(inputs=...)``), so the engine's model is left
+exactly as it was. The result is one trained copy per kept layer, in the model's dtype: the checkpoint keeps the
+standard architecture and its kept layers' tensors are replaced by the copies' (KD healing of pruned LLMs, as in
+Minitron, 2024; here a few steps only, on the calibration text).
+
+Training: the calibration batches are re-split into micro-batches of ``batch_size`` sequences, shuffled with the
+seed (and reshuffled each time the data runs out); AdamW without weight decay, a linear warm-up over the first 5% of
+the steps then cosine decay, gradient norm clipped at 1.0. The seed fixes the order and the global torch seed, so
+two runs on the same machine give the same weights.
+
+Precision: for bfloat16 or float16 models the copies are trained in float32 and cast back at the end. AdamW moves
+each weight by about the learning rate per step (1e-4 by default), less than half a bfloat16 step (2^-8 relative)
+for any weight above about 0.05 in magnitude, so trained in bfloat16 those updates would round away every step; in
+float32 they add up, and the cast keeps what exceeds half a step. (Norm scales near 1 have steps of 2^-7: a short
+run at a small learning rate may leave them as they were.) Each copy runs its layer in float32 and hands its output
+back in the model's dtype, so the residual stream between layers, the final norm and the head see what they see in
+the served model.
+
+Memory: the kept layers' float32 weights, their gradients and AdamW's two moment buffers (16 bytes per trained
+parameter) on top of the model itself, plus one micro-batch's activations and two logit tensors (sequence x vocab).
+That fits a small or mid-sized model in memory; a model near the memory's limit would need the layers trained one
+at a time, or low-rank adapters in place of full layers, which this module does not do.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import math
+import time
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from shortgpt_serve.errors import HealingError
+from shortgpt_serve.healing.linear import TOKENS_PER_DIM
+from shortgpt_serve.models.layers import decoder_layers, skipped_layers
+from shortgpt_serve.passes import Batch, PassEngine
+
+if TYPE_CHECKING:
+    import torch
+
+log = logging.getLogger(__name__)
+
+WARMUP_FRACTION = 0.05
+"""Share of the steps over which the learning rate rises linearly to its peak."""
+CLIP_NORM = 1.0
+"""Gradient norm clipping."""
+EMA_DECAY = 0.9
+"""Smoothing of the running KL shown in the progress bar."""
+WINDOW = 10
+"""Steps averaged for the first and last KL of the record."""
+
+
+@dataclass
+class Distillation:
+    """The trained kept layers (original index -> copy, in the model's dtype, frozen, eval mode) and the run."""
+
+    removed: list[int]
+    layers: dict[int, torch.nn.Module] = field(repr=False)
+    steps: int
+    batch_size: int
+    lr: float
+    seed: int
+    tokens: int
+    """Real tokens the student was trained on, over all steps (repeats counted)."""
+    seconds: float
+    kl: list[float] = field(repr=False)
+    """The raw KL of each step, before that step's update."""
+    kl_ema: float
+    """The running KL (exponential moving average) at the end."""
+
+    @property
+    def kl_first(self) -> float:
+        """Mean KL of the first steps (at most :data:`WINDOW`)."""
+        head = self.kl[:WINDOW]
+        return sum(head) / len(head)
+
+    @property
+    def kl_last(self) -> float:
+        """Mean KL of the last steps (at most :data:`WINDOW`)."""
+        tail = self.kl[-WINDOW:]
+        return sum(tail) / len(tail)
+
+    def record(self) -> dict[str, Any]:
+        """What the provenance and the report keep (no tensors)."""
+        return {
+            "method": "distill",
+            "removed": self.removed,
+            "steps": self.steps,
+            "batch_size": self.batch_size,
+            "lr": self.lr,
+            "seed": self.seed,
+            "tokens": self.tokens,
+            "seconds": round(self.seconds, 2),
+            "kl_start": round(self.kl[0], 6),
+            "kl_first": round(self.kl_first, 6),
+            "kl_last": round(self.kl_last, 6),
+            "kl_ema_last": round(self.kl_ema, 6),
+        }
+
+
+def _in_float32(layer: torch.nn.Module, out_dtype: torch.dtype) -> torch.nn.Module:
+    """``layer`` (float32) run on states of ``out_dtype``: input cast up, output cast back; attributes the model
+    reads off its layers (``attention_type``) are the layer's."""
+    import torch
+
+    class Float32(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.inner = layer
+
+        def __getattr__(self, name: str) -> Any:
+            try:
+                return super().__getattr__(name)
+            except AttributeError:
+                return getattr(super().__getattr__("inner"), name)
+
+        def forward(self, hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
+            out = self.inner(hidden_states.float(), *args, **kwargs)
+            if isinstance(out, tuple):
+                return (out[0].to(out_dtype), *out[1:])
+            return out.to(out_dtype)
+
+    return Float32()
+
+
+@contextmanager
+def _student(engine: PassEngine, removed: Sequence[int], trained: Mapping[int, torch.nn.Module]) -> Iterator[None]:
+    """While held, the engine's model runs as the student: ``trained`` in place of the kept layers, ``removed``
+    cut (config and ``layer_idx`` as :func:`skipped_layers` does it); the model is restored on exit."""
+    import torch
+
+    model, family = engine.model, engine.family
+    layers = decoder_layers(model, family)
+    *path, last = family.layers_module.split(".")
+    parent: Any = model
+    for part in path:
+        parent = getattr(parent, part)
+    setattr(parent, last, torch.nn.ModuleList([trained.get(i, layer) for i, layer in enumerate(layers)]))
+    try:
+        with skipped_layers(model, family, removed):
+            yield
+    finally:
+        setattr(parent, last, layers)
+
+
+def _sequences(batches: Sequence[Batch]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Each calibration sequence's real tokens (ids, mask), padding dropped."""
+    out = []
+    for b in batches:
+        if b.allowed is not None or b.position_ids is not None:
+            raise ValueError("distill takes plain right-padded calibration batches (no custom attention patterns).")
+        for ids, mask in zip(b.input_ids, b.attention_mask, strict=True):
+            n = int(mask.sum())
+            if n:
+                out.append((ids[:n], mask[:n]))
+    return out
+
+
+def _micro_batches(
+    sequences: list[tuple[torch.Tensor, torch.Tensor]], batch_size: int, steps: int, seed: int
+) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """``steps`` right-padded micro-batches of up to ``batch_size`` sequences, in a seeded order, reshuffled each
+    time the sequences run out."""
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    made = 0
+    while True:
+        order = torch.randperm(len(sequences), generator=g).tolist()
+        for at in range(0, len(order), batch_size):
+            group = [sequences[i] for i in order[at : at + batch_size]]
+            width = max(len(ids) for ids, _ in group)
+            ids = torch.zeros(len(group), width, dtype=group[0][0].dtype)
+            mask = torch.zeros(len(group), width, dtype=group[0][1].dtype)
+            for row, (i, m) in enumerate(group):
+                ids[row, : len(i)], mask[row, : len(m)] = i, m
+            yield ids, mask
+            made += 1
+            if made == steps:
+                return
+
+
+def _schedule(steps: int) -> Any:
+    """Learning-rate factor per step: linear warm-up over the first 5% of the steps, then cosine decay."""
+    warmup = max(1, round(WARMUP_FRACTION * steps))
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        return 0.5 * (1.0 + math.cos(math.pi * (step - warmup) / max(1, steps - warmup)))
+
+    return factor
+
+
+def kl_loss(teacher: torch.Tensor, student: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Mean over real positions of KL(teacher || student), from logits [batch, seq, vocab], in float32 (or the
+    logits' dtype where it is wider)."""
+    import torch
+
+    real = mask.bool()
+    dtype = torch.promote_types(student.dtype, torch.float32)
+    log_p = torch.log_softmax(teacher[real].to(dtype), dim=-1)
+    log_q = torch.log_softmax(student[real].to(dtype), dim=-1)
+    return torch.nn.functional.kl_div(log_q, log_p, log_target=True, reduction="sum") / log_p.shape[0]
+
+
+def distill(
+    engine: PassEngine,
+    batches: Sequence[Batch],
+    removed: Sequence[int],
+    *,
+    start: Mapping[int, torch.nn.Module] | None = None,
+    steps: int,
+    batch_size: int,
+    lr: float,
+    seed: int,
+    progress: bool = True,
+) -> Distillation:
+    """Train copies of the kept layers (``start``'s where given, else the model's) of the model without
+    ``removed`` toward the full model's next-token distribution on ``batches`` (see the module docstring)."""
+    import torch
+    from tqdm.auto import tqdm
+
+    from shortgpt_serve.placement import Resident
+
+    t0 = time.perf_counter()
+    model = engine.model
+    if not removed:
+        raise HealingError("--heal distill heals a removal; no layer is removed. Remove layers or use --heal none.")
+    if not isinstance(engine.placement, Resident):
+        raise HealingError("--heal distill needs the whole model in memory on one device; use --heal linear.")
+    if steps < 1 or batch_size < 1:
+        raise ValueError(f"distill needs steps >= 1 and batch_size >= 1, got {steps} and {batch_size}.")
+    drop = set(removed)
+    kept = [i for i in range(engine.num_layers) if i not in drop]
+    given = dict(start or {})
+    stray = sorted(set(given) - set(kept))
+    if stray:
+        raise ValueError(f"start layers {stray} are not kept layers of this removal.")
+    sequences = _sequences(batches)
+    tokens = sum(len(ids) for ids, _ in sequences)
+    hidden = int(model.config.hidden_size)
+    if tokens < TOKENS_PER_DIM * hidden:
+        raise HealingError(
+            f"--heal distill needs at least {TOKENS_PER_DIM * hidden:,} calibration tokens ({TOKENS_PER_DIM} per "
+            f"hidden dimension, {hidden}); the calibration has {tokens:,}. Raise --calibration-tokens or give more "
+            "--calibration text."
+        )
+
+    torch.manual_seed(seed)
+    dtype = next(model.parameters()).dtype
+    upcast = dtype in (torch.bfloat16, torch.float16)
+    layers = decoder_layers(model, engine.family)
+    trained: dict[int, torch.nn.Module] = {}
+    for i in kept:
+        layer = copy.deepcopy(given.get(i, layers[i])).eval()
+        if upcast:
+            layer.float()
+        layer.requires_grad_(True)
+        trained[i] = layer
+    run = {i: _in_float32(m, dtype) for i, m in trained.items()} if upcast else trained
+    params = [p for m in trained.values() for p in m.parameters()]
+    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _schedule(steps))
+
+    was_training = model.training
+    model.eval()
+    device = engine.device
+    history: list[float] = []
+    ema, seen = 0.0, 0
+    bar = tqdm(total=steps, desc="Distilling the kept layers", unit="step", disable=not progress, leave=False)
+    try:
+        for ids, mask in _micro_batches(sequences, batch_size, steps, seed):
+            ids, mask = ids.to(device), mask.to(device)
+            with torch.no_grad():
+                teacher = model(input_ids=ids, attention_mask=mask, use_cache=False).logits
+            with _student(engine, sorted(drop), run):
+                student = model(input_ids=ids, attention_mask=mask, use_cache=False).logits
+            loss = kl_loss(teacher, student, mask)
+            del teacher, student
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward(inputs=params)
+            torch.nn.utils.clip_grad_norm_(params, CLIP_NORM)
+            optimizer.step()
+            scheduler.step()
+            value = float(loss.detach())
+            history.append(value)
+            ema = value if len(history) == 1 else EMA_DECAY * ema + (1 - EMA_DECAY) * value
+            seen += int(mask.sum())
+            bar.set_postfix(kl=f"{ema:.4f}")
+            bar.update()
+    finally:
+        bar.close()
+        optimizer.zero_grad(set_to_none=True)
+        if was_training:
+            model.train()
+    for layer in trained.values():
+        layer.requires_grad_(False)
+        layer.to(dtype).eval()
+    seconds = time.perf_counter() - t0
+    result = Distillation(sorted(drop), trained, steps, batch_size, lr, seed, seen, seconds, history, ema)
+    log.info(
+        "Distilled %d kept layers for %d steps (%d tokens, %.1f s): KL %.4f -> %.4f",
+        len(kept),
+        steps,
+        seen,
+        seconds,
+        result.kl_first,
+        result.kl_last,
+    )
+    return result
