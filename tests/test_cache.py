@@ -157,11 +157,14 @@ class FakeScores:
     def __init__(self) -> None:
         self.calls = 0
 
-    def __call__(self, meter: object) -> tuple[dict[str, object], None]:
+    def __call__(self, meter: object) -> object:
         from shortgpt_serve.quality import TaskScore
+        from shortgpt_serve.quality.record import Measured
 
         self.calls += 1
-        return {"arc_easy": TaskScore("arc_easy", 0.88, 0.88, 10, 0.25)}, None
+        correct = [True] * 9 + [False]
+        lambada = [True] * len(getattr(meter, "lambada", None) or ()) or None
+        return Measured({"arc_easy": TaskScore("arc_easy", 0.9, 0.9, 10, 0.25)}, None, {"arc_easy": correct}, lambada)
 
 
 def test_warm_prune_reuses_profile_quality_and_checkpoint(
@@ -170,7 +173,9 @@ def test_warm_prune_reuses_profile_quality_and_checkpoint(
     from shortgpt_serve.quality.meter import QualityMeter
 
     scores = FakeScores()
-    monkeypatch.setattr(QualityMeter, "_measure", lambda self, removals: [scores(self) for _ in removals])
+    monkeypatch.setattr(
+        QualityMeter, "_measure", lambda self, removals, replacements=None: [scores(self) for _ in removals]
+    )
     quality = ["--quality", "--tasks", "arc_easy", "--eval-limit", "10"]
     args = [*prune_args(tiny_llama, calibration), *quality]
     cold = invoke(args)
