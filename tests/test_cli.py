@@ -176,7 +176,10 @@ def too_little_text_to_heal(tmp_path: Path) -> list[str]:
     text = tmp_path / "cal.txt"
     text.write_text("\n\n".join([CORPUS] * 4))
     model = tiny_model(tmp_path)
-    return ["--model", str(model), "--calibration", str(text), "--seq-len", "64", "--calibration-tokens", "64"]
+    return [
+        *("--model", str(model), "--calibration", str(text)),
+        *("--seq-len", "64", "--calibration-tokens", "64", "--heal", "linear"),
+    ]
 
 
 def bad_jsonl(tmp_path: Path) -> list[str]:
@@ -349,7 +352,12 @@ BAD_INPUTS: list[tuple[str, Callable[[Path], list[str]], int, str]] = [
     ("calibration shorter than a sequence", short_calibration, 1, "shorter than one sequence of --seq-len 64"),
     ("calibration jsonl without text", bad_jsonl, 1, "cal.jsonl:2 has no string 'text' field"),
     # healing and the distribution floors
-    ("unknown heal method", lambda t: ["--heal", "sometimes"], 2, "'sometimes' is not one of 'none', 'linear'."),
+    (
+        "unknown heal method",
+        lambda t: ["--heal", "sometimes"],
+        2,
+        "'sometimes' is not one of 'none', 'linear', 'distill'.",
+    ),
     (
         "heal through a post-MLP norm",
         lambda t: ["--model", tiny_family(t, "gemma2"), "--heal", "linear"],
