@@ -1,10 +1,11 @@
 """Plain removal vs linear healing (and the angular block, plain) at several depths on the default model, side by side.
 
-    .venv/bin/python benchmarks/healing.py [--depths 4,8,10] [--eval-limit 100]
+    .venv/bin/python benchmarks/healing.py [--depths 4,8,10] [--eval-limit 100] [--distill 10]
 
 One process, one model: the BI profile (and all-pairs angular distances) on the calibration text, the full model's
 scores, then at each depth the lowest-BI removal scored plain and healed in one pass (the maps fitted on the
-calibration text, disjoint from everything evaluated), and the angular criterion's block plain. Each row: quality
+calibration text, disjoint from everything evaluated), and the angular criterion's block plain; at the depths
+given to ``--distill``, also linear followed by distillation (heal.distill_* defaults). Each row: quality
 retained with its 95% paired bootstrap interval, held-out perplexity, mean KL(full || model) per token, top-1
 agreement with the full model, LAMBADA last-word greedy accuracy, and the healing time. Results are appended to
 benchmarks/results/healing.md.
@@ -36,8 +37,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--depths", default="4,8,10")
     parser.add_argument("--eval-limit", type=int, default=100)
+    parser.add_argument("--distill", default="", help="depths to distil too, e.g. 10")
     args = parser.parse_args()
     depths = [int(d) for d in args.depths.split(",")]
+    distilled = {int(d) for d in args.distill.split(",") if d}
 
     from shortgpt_serve.cache import FileHashes
     from shortgpt_serve.config import Config, QualityConfig
@@ -103,6 +106,9 @@ def main() -> None:
         layers = ",".join(map(str, removed))
         rows.append([str(n), "bi plain", layers, *fmt(healed["plain"]), "—"])
         rows.append([str(n), "bi linear", layers, *fmt(healed), f"{healing.seconds:.1f}"])
+        if n in distilled:
+            distilled_q, dist = healer.distilled(removed, healed["plain"])
+            rows.append([str(n), "bi distill", layers, *fmt(distilled_q), f"{healing.seconds + dist.seconds:.1f}"])
         angular = meter(angular_plan[n])
         rows.append([str(n), "angular plain", ",".join(map(str, angular_plan[n])), *fmt(angular), "—"])
 
