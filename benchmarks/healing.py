@@ -43,7 +43,7 @@ def main() -> None:
     distilled = {int(d) for d in args.distill.split(",") if d}
 
     from shortgpt_serve.cache import FileHashes
-    from shortgpt_serve.config import Config, QualityConfig
+    from shortgpt_serve.config import Config, HealConfig, QualityConfig
     from shortgpt_serve.healing.evaluate import Healer
     from shortgpt_serve.inputs import read_calibration, resolve_source
     from shortgpt_serve.keys import quality_key
@@ -53,7 +53,7 @@ def main() -> None:
     from shortgpt_serve.selection import plan_angular, plan_bi
     from shortgpt_serve.session import ModelSession
 
-    config = Config(quality=QualityConfig(limit=args.eval_limit))
+    config = Config(quality=QualityConfig(limit=args.eval_limit), heal=HealConfig(method="linear"))
     docs = read_calibration(config)
     source = resolve_source(config)
     session = ModelSession(config, source, docs)
