@@ -20,19 +20,20 @@ How a pass runs:
    boundary are held, one per batch and distinct route prefix.
 3. **Head.** The final norm runs in the base model's place, and the model's own causal-LM forward turns its
    output into logits (so logit soft-capping or scaling, where a family has them, apply): the model's base is
-   swapped for a stand-in that returns the normed state. Consumers get each batch's logits.
+   swapped for a stand-in that returns the normed state (:mod:`shortgpt_serve.head`). Consumers get each batch's
+   logits.
 
 No attention is re-implemented: the family's own layer modules and the model's own code run throughout.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
 
 from shortgpt_serve.errors import ModelError
+from shortgpt_serve.head import accepts_logits_to_keep, head_logits
 from shortgpt_serve.models.layers import decoder_layers
 
 if TYPE_CHECKING:
@@ -147,22 +148,8 @@ def _stand_in(layer: torch.nn.Module, sink: Sink, last: bool) -> torch.nn.Module
     return StandIn()
 
 
-class _Normed(Protocol):
-    def __call__(self, hidden: torch.Tensor) -> torch.Tensor: ...
-
-
 def _output(value: Any) -> torch.Tensor:
     return value[0] if isinstance(value, tuple | list) else value
-
-
-def accepts_logits_to_keep(model: torch.nn.Module) -> bool:
-    """Whether the causal LM's forward can compute logits for the last positions only."""
-    import inspect
-
-    try:
-        return "logits_to_keep" in inspect.signature(model.forward).parameters
-    except (TypeError, ValueError):
-        return False
 
 
 class PassEngine:
@@ -382,41 +369,6 @@ class PassEngine:
                                 r.on_logits(b, logits)
         return kept
 
-    @contextmanager
-    def _base_replaced(self, normed: torch.Tensor) -> Iterator[None]:
-        import torch
-
-        class Output:
-            """The base model's output as the causal-LM forward reads it: the last hidden state, and nothing for
-            what a pass does not compute (router logits, caches, attentions)."""
-
-            last_hidden_state = normed
-
-            def __getattr__(self, name: str) -> None:
-                if name.startswith("__"):
-                    raise AttributeError(name)
-                return None
-
-            def __getitem__(self, index: int) -> torch.Tensor:
-                if index != 0:
-                    raise IndexError(index)
-                return normed
-
-        class Given(torch.nn.Module):
-            """Stands in for the base model: its output is the already-normed last hidden state."""
-
-            def forward(self, *args: Any, **kwargs: Any) -> Output:
-                return Output()
-
-        parent = self._parent(self._base_path[:-1])
-        name = self._base_path[-1]
-        base = getattr(parent, name)
-        setattr(parent, name, Given())
-        try:
-            yield
-        finally:
-            setattr(parent, name, base)
-
     def logits(self, hidden: torch.Tensor, batch: Batch) -> torch.Tensor:
         """The causal LM's logits for ``batch`` from given states leaving its last decoder layer (pre-norm), kept
         from an earlier pass: the placement's final norm and head, and the model's own head code."""
@@ -425,17 +377,8 @@ class PassEngine:
         with torch.inference_mode(), self.placement.head() as norm:
             return self._logits(norm, hidden.to(self.device), batch)
 
-    def _logits(self, norm: _Normed, hidden: torch.Tensor, batch: Batch) -> torch.Tensor:
-        """The causal LM's logits from the state leaving the last layer (the model's own head code)."""
-        normed = norm(hidden)
-        keep = batch.logits_to_keep and self._slim_logits
-        kwargs: dict[str, Any] = {"logits_to_keep": batch.logits_to_keep} if keep else {}
-        with self._base_replaced(normed):
-            out = self.model(
-                input_ids=batch.input_ids.to(self.device),
-                attention_mask=batch.attention_mask.to(self.device),
-                use_cache=False,
-                **kwargs,
-            )
-        logits: torch.Tensor = out.logits
-        return logits
+    def _logits(self, norm: torch.nn.Module, hidden: torch.Tensor, batch: Batch) -> torch.Tensor:
+        keep = batch.logits_to_keep if self._slim_logits else 0
+        return head_logits(
+            self.model, self._parent(self._base_path[:-1]), self._base_path[-1], norm(hidden), batch, keep
+        )

@@ -13,6 +13,7 @@ from shortgpt_serve.healing.distill import distill
 from shortgpt_serve.healing.linear import fit_linear, healed_layers
 from shortgpt_serve.models.layers import decoder_layers
 from shortgpt_serve.passes import Batch, PassEngine, Route
+from tests.conftest import padded_calibration as calibration
 from tests.conftest import tiny_config
 
 REMOVED = [2, 3]
@@ -23,19 +24,6 @@ def tiny(model_type: str = "llama", dtype: torch.dtype = torch.float32) -> Any:
 
     torch.manual_seed(0)
     return AutoModelForCausalLM.from_config(tiny_config(model_type)).eval().to(dtype)
-
-
-def calibration(n_batches: int = 3) -> list[Batch]:
-    """Right-padded batches of 134 real tokens each (the tiny hidden size is 32: 128 tokens are needed)."""
-    g = torch.Generator().manual_seed(3)
-    out = []
-    for _ in range(n_batches):
-        ids = torch.randint(3, 300, (3, 64), generator=g)
-        mask = torch.ones_like(ids)
-        mask[1, 50:] = 0
-        mask[2, 20:] = 0
-        out.append(Batch(ids, mask))
-    return out
 
 
 def mean_kl(p_logits: list[torch.Tensor], q_logits: list[torch.Tensor]) -> float:

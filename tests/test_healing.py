@@ -21,6 +21,7 @@ from shortgpt_serve.healing.linear import (
 from shortgpt_serve.models.families import FAMILIES
 from shortgpt_serve.models.layers import decoder_layers, skipped_layers
 from shortgpt_serve.passes import Batch, PassEngine, Route
+from tests.conftest import padded_calibration as calibration
 from tests.conftest import tiny_config
 
 
@@ -29,19 +30,6 @@ def tiny(model_type: str = "llama", **overrides: Any) -> Any:
 
     torch.manual_seed(0)
     return AutoModelForCausalLM.from_config(tiny_config(model_type, **overrides)).eval().double()
-
-
-def calibration(n_batches: int = 3) -> list[Batch]:
-    """Right-padded batches of 160+ real tokens each (the tiny hidden size is 32: 128 tokens are needed)."""
-    g = torch.Generator().manual_seed(3)
-    out = []
-    for _ in range(n_batches):
-        ids = torch.randint(3, 300, (3, 64), generator=g)
-        mask = torch.ones_like(ids)
-        mask[1, 50:] = 0
-        mask[2, 20:] = 0
-        out.append(Batch(ids, mask))
-    return out
 
 
 def reference_map(

@@ -40,14 +40,13 @@ def check_healing(config: Config, source: ModelSource, calibration_tokens: int) 
     if config.heal.method == "none":
         return
     cfg = source.config
-    model_type = str(cfg.get("model_type"))
     # distill trains the layers themselves: a family the maps cannot fold into starts from plain removal.
-    folded_type = "llama" if config.heal.method == "distill" else model_type
     check_foldable(
-        folded_type,
+        str(cfg.get("model_type")),
         cfg,
         quantized="quantization_config" in cfg,
         moe=any(cfg.get(k) for k in ("num_local_experts", "num_experts", "n_routed_experts")),
+        fold=config.heal.method == "linear",
     )
     check_tokens(calibration_tokens, int(cfg["hidden_size"]))
 

@@ -107,8 +107,9 @@ def residual_scale(config: Any) -> float:
     return float(getattr(config, "residual_multiplier", 1.0) or 1.0)
 
 
-def check_foldable(model_type: str, config: Any, quantized: bool, moe: bool) -> None:
-    """Refuse models whose MLP output cannot take a folded linear map, with what to do instead."""
+def check_foldable(model_type: str, config: Any, quantized: bool, moe: bool, fold: bool = True) -> None:
+    """Refuse models healing cannot run on, with what to do instead: quantized or MoE weights always, and with
+    ``fold`` (linear maps to fold in) families whose MLP output is normed before the residual stream."""
     if quantized:
         raise HealingError(
             "--heal needs full-precision weights to fold maps into or train; this model's weights are quantized. "
@@ -119,7 +120,7 @@ def check_foldable(model_type: str, config: Any, quantized: bool, moe: bool) -> 
             "--heal folds maps into and trains one MLP per layer; this model's layers are mixtures of "
             "experts. Use --heal none."
         )
-    if model_type in POST_NORM_FAMILIES:
+    if fold and model_type in POST_NORM_FAMILIES:
         raise HealingError(
             f"--heal linear cannot fold a map through {POST_NORM_FAMILIES[model_type]}'s norm after the MLP "
             "(post-feedforward norm); use --heal none for this model."

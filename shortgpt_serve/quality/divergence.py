@@ -30,12 +30,6 @@ CHUNK = 256
 """Positions compared at once: a chunk's float32 log-softmaxes are CHUNK x vocab each."""
 
 
-def head_logits(engine: PassEngine, hidden: torch.Tensor, batch: Batch) -> torch.Tensor:
-    """The causal LM's logits for ``batch`` from given states leaving its last decoder layer (pre-norm), through
-    the engine's placement of the final norm and head and the model's own head code."""
-    return engine.logits(hidden, batch)
-
-
 class FinalStates:
     """An observer for the full model's route: keeps the output of the last decoder layer for each batch from
     ``offset`` on (those batches are the perplexity blocks of a pass that also scores requests)."""
@@ -99,7 +93,7 @@ class Divergence:
             if not bool(valid.any()):
                 continue
             row = Batch(block.input_ids[r : r + 1], block.attention_mask[r : r + 1])
-            full = head_logits(self.engine, states[r : r + 1], row)[0, :-1][valid]
+            full = self.engine.logits(states[r : r + 1], row)[0, :-1][valid]
             short = logits[r, :-1][valid]
             kl, agree = 0.0, 0
             for at in range(0, short.shape[0], CHUNK):
