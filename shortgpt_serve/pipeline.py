@@ -224,6 +224,8 @@ def _build(
             describe=lambda rows: describe_candidates(rows, full, tasks),
             max_kl=sel.max_kl,
             min_agreement=sel.min_agreement,
+            decide=sel.decide,
+            confirm=sel.confirm,
         )
         if meter is not None:
             timings["search"] = time.perf_counter() - t0

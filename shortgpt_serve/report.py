@@ -48,6 +48,9 @@ def _retained(q: dict[str, Any]) -> str:
         text += f" [{ci[0]:.2f}, {ci[1]:.2f}]"
     elif se is not None and not math.isnan(se):
         text += f" ±{se:.2f}"
+    fit = q.get("retained_fit")
+    if fit is not None and q.get("retained") is not None and abs(fit - q["retained"]) >= 0.0005:
+        text += f" (fit {fit:.3f})"
     return text
 
 
@@ -142,8 +145,9 @@ def noise_notes(selection: Selection, full: dict[str, Any] | None) -> list[str]:
     if inversions:
         a, ra, b, rb = inversions[0]
         notes.append(
-            f"Quality is not monotone in depth here ({b} removed retains {rb:.3f}, more than {ra:.3f} at {a}): the "
-            "search assumes it is, and differences this size are sampling noise; raise --eval-limit to separate them."
+            f"Quality is not monotone in depth here ({b} removed retains {rb:.3f}, more than {ra:.3f} at {a}): "
+            "differences this size are sampling noise (with --decide fit the search reads them pooled, as the "
+            "monotone fit in the table's reason); raise --eval-limit to separate them."
         )
     chosen = q or {}
     plain = chosen.get("plain")

@@ -20,6 +20,7 @@ from typing import Any
 
 from shortgpt_serve.errors import BudgetError, ConfigError, ModelError
 from shortgpt_serve.models.weights import params_by_layer, tensor_shapes
+from shortgpt_serve.monotone import fit_retained, lower_bound
 
 Evaluator = Callable[[list[int]], dict[str, Any]]
 """Measures a candidate (the layers it removes); returns at least ``{"retained": float}``."""
@@ -165,9 +166,20 @@ def _fmt_q(q: dict[str, Any] | None) -> str:
     if q.get("retained_ci"):
         lo, hi = q["retained_ci"]
         text += f" (95% CI {lo:.3f}-{hi:.3f})"
+    fit = q.get("retained_fit")
+    if fit is not None and abs(fit - q["retained"]) >= 0.0005:
+        text += f", {fit:.3f} read with its neighbours (monotone fit)"
     if q.get("kl") is not None:
         text += f", KL {q['kl']:.3f} nats/token, top-1 agreement {q['agreement']:.3f}"
     return text
+
+
+DECIDE = {
+    "fit": " (quality read as the monotone fit of every depth measured)",
+    "lower-bound": " (quality read as the lower end of its 95% interval)",
+    "point": "",
+}
+"""How a measured quality retained meets the floor, and how the reason says so."""
 
 
 @dataclass(frozen=True)
@@ -179,11 +191,13 @@ class Floors:
     max_kl: float | None = None
     min_agreement: float | None = None
 
-    def misses(self, q: dict[str, Any]) -> list[str]:
-        """The floors the record ``q`` misses, as phrases (empty: it holds them all)."""
+    def misses(self, q: dict[str, Any], retained: float | None = None, what: str = "quality retained") -> list[str]:
+        """The floors the record ``q`` misses, as phrases (empty: it holds them all). ``retained`` replaces
+        ``q["retained"]`` (e.g. its lower confidence bound), named ``what`` in the phrase."""
         out = []
-        if not float(q["retained"]) >= self.min_quality:
-            out.append(f"quality retained {float(q['retained']):.3f} < --min-quality {self.min_quality:.2f}")
+        value = float(q["retained"]) if retained is None else retained
+        if not value >= self.min_quality:
+            out.append(f"{what} {value:.3f} < --min-quality {self.min_quality:.2f}")
         if self.max_kl is not None and not (q.get("kl") is not None and q["kl"] <= self.max_kl):
             out.append(f"KL {q.get('kl')} > --max-kl {self.max_kl}")
         if self.min_agreement is not None and not (
@@ -213,6 +227,8 @@ def select_depth(
     describe: Callable[[list[Candidate]], str] | None = None,
     max_kl: float | None = None,
     min_agreement: float | None = None,
+    decide: str = "fit",
+    confirm: int = 1,
 ) -> Selection:
     """Choose a depth from ``plan``.
 
@@ -220,7 +236,16 @@ def select_depth(
     measured quality keeps ``min_quality`` (and ``max_kl``, ``min_agreement`` when set: :class:`Floors`);
     otherwise the deepest plan that keeps the floor (binary search), with the missed latency budget reported, or
     a :class:`BudgetError` when ``strict``. ``describe`` renders the candidate table for that error.
+
+    ``decide`` says how a measured quality retained is compared with the floor: ``fit`` (the non-increasing fit of
+    every depth measured, :mod:`shortgpt_serve.monotone`), ``lower-bound`` (the lower end of its 95% interval) or
+    ``point`` (the measurement alone). The binary search assumes quality falls with depth; once it ends, up to
+    ``confirm`` more depths are measured on each side of the boundary it found (and the budget depth, when it
+    holds, is confirmed by its shallower neighbour), every depth measured is read again with all the others, and
+    the deepest one that holds is chosen.
     """
+    if decide not in DECIDE:
+        raise ConfigError(f"--decide must be one of {', '.join(DECIDE)}, got {decide!r}.", param="--decide")
     if not 0.0 < budget <= 1.0:
         raise ConfigError(f"--budget must be in (0, 1], got {budget}.", param="--budget")
     if plan and any(i >= len(cost.layer_flops) for removed in plan for i in removed):
@@ -274,20 +299,45 @@ def select_depth(
         return done(n_budget, reason, latency_met=True, quality_met=None)
 
     floors = Floors(min_quality, max_kl, min_agreement)
+    confirm = confirm if decide == "fit" else 0  # only the fit reads a depth with its neighbours
+
+    def measured() -> dict[int, dict[str, Any]]:
+        return {c.n_removed: c.quality for c in rows if c.quality is not None and c.n_removed}
+
+    def misses(n: int) -> list[str]:
+        """The floors depth ``n`` misses, read the way ``decide`` says, given every depth measured so far."""
+        q = rows[n].quality
+        assert q is not None
+        if decide == "lower-bound":
+            return floors.misses(q, lower_bound(q), "the lower 95% bound of quality retained")
+        if decide == "fit":
+            fitted = fit_retained(measured())[n]
+            if abs(fitted - float(q["retained"])) >= 0.0005:
+                return floors.misses(q, fitted, "quality retained read with its neighbours (monotone fit)")
+        return floors.misses(q)
 
     def holds(n: int) -> bool:
         if rows[n].quality is None:
             rows[n] = replace(rows[n], quality=evaluate(rows[n].removed))
-        return not floors.misses(rows[n].quality)  # type: ignore[arg-type]
+        return not misses(n)
 
+    def annotate() -> None:
+        """Write the monotone fit beside each measured depth's own figure (the table and the reason show it)."""
+        if decide == "fit":
+            for n, value in fit_retained(measured()).items():
+                rows[n] = replace(rows[n], quality={**rows[n].quality, "retained_fit": round(value, 6)})  # type: ignore[dict-item]
+
+    # The budget depth holds only if its shallower neighbour, read with it, does not pull it under the floor.
+    if holds(n_budget) and confirm and n_budget > 1:
+        holds(n_budget - 1)
     if holds(n_budget):
+        annotate()
         reason = (
             f"Removing the {n_budget} {what} {rows[n_budget].removed} predicts a cost of "
             f"{rows[n_budget].cost_ratio:.3f} of the full model, within the budget {budget:.2f}{over}, and retains "
-            f"{_fmt_q(rows[n_budget].quality)} of the full model's quality, above {floors.describe()}."
+            f"{_fmt_q(rows[n_budget].quality)} of the full model's quality, above {floors.describe()}{DECIDE[decide]}."
         )
         return done(n_budget, reason, latency_met=True, quality_met=True)
-    missed = "; ".join(floors.misses(rows[n_budget].quality))  # type: ignore[arg-type]
 
     # The floor binds: binary search for the deepest plan in [0, n_budget) that keeps it (depth 0 always does).
     lo, hi = 0, n_budget
@@ -297,6 +347,14 @@ def select_depth(
             lo = mid
         else:
             hi = mid
+    # Confirm the boundary: measure up to `confirm` more depths on each side of it, then read every depth measured
+    # again with all the others; the deepest that holds is the choice.
+    for n in [*range(lo - 1, max(lo - 1 - confirm, 0), -1), *range(hi + 1, min(hi + 1 + confirm, n_budget))]:
+        holds(n)
+    annotate()
+    missed = "; ".join(misses(n_budget))
+    lo = max((n for n in measured() if n < n_budget and not misses(n)), default=0)
+    hi = min(n for n in [*measured(), n_budget] if n > lo)
     chosen = rows[lo]
     if strict:
         table = describe(rows) if describe else ""
@@ -315,7 +373,7 @@ def select_depth(
     )
     reason = (
         f"LATENCY BUDGET MISSED: meeting --budget {budget:.2f} needs {n_budget} layers removed (cost "
-        f"{rows[n_budget].cost_ratio:.3f}), which misses the floor ({missed}). Keeping the floor instead: {kept}; "
-        "pass --strict to fail instead."
+        f"{rows[n_budget].cost_ratio:.3f}), which misses the floor ({missed}). Keeping the floor instead: {kept}"
+        f"{DECIDE[decide]}; pass --strict to fail instead."
     )
     return done(lo, reason, latency_met=False, quality_met=True)

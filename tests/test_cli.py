@@ -368,6 +368,8 @@ BAD_INPUTS: list[tuple[str, Callable[[Path], list[str]], int, str]] = [
     ("heal ridge negative", lambda t: yaml_file(t, "heal:\n  ridge: -1\n"), 2, "heal.ridge must be >= 0"),
     ("max kl zero", lambda t: ["--max-kl", "0"], 2, "--max-kl must be > 0 (nats per token)"),
     ("min agreement above one", lambda t: ["--min-agreement", "1.5"], 2, "--min-agreement must be in (0, 1]"),
+    ("unknown decision rule", lambda t: ["--decide", "mean"], 2, "'mean' is not one of 'fit', 'lower-bound', 'point'."),
+    ("confirm negative", lambda t: yaml_file(t, "selection:\n  confirm: -1\n"), 2, "selection.confirm must be >= 0"),
     (
         "kl floor without quality",
         lambda t: ["--max-kl", "0.5", "--no-quality"],

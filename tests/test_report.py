@@ -164,3 +164,11 @@ def test_a_non_monotone_search_is_called_noise() -> None:
     notes = noise_notes(sel, FULL)
     assert any("not monotone in depth here (2 removed retains 0.860, more than 0.700 at 1)" in n for n in notes)
     assert not any("monotone" in n for n in noise_notes(selection(), FULL))
+
+
+def test_the_retained_cell_shows_the_monotone_fit_where_it_differs() -> None:
+    pooled = {**SHORTENED, "retained_ci": [0.80, 0.92], "retained_fit": 0.78}
+    rows = candidate_rows(selection(pooled), FULL, TASKS)
+    assert rows[1][10] == "0.860 [0.80, 0.92] (fit 0.780)"
+    same = {**SHORTENED, "retained_fit": SHORTENED["retained"]}
+    assert candidate_rows(selection(same), FULL, TASKS)[1][10] == "0.860 ±0.04"

@@ -97,27 +97,82 @@ def linear_curve(drop_per_layer: float) -> Curve:
 BI = [0.9, 0.2] + [0.05 + 0.001 * i for i in range(27)] + [0.3]
 
 
-def test_floor_met_at_budget_depth_needs_one_evaluation() -> None:
+N_BUDGET = len(select_depth(plan_bi(BI), smol_cost(512), 0.75).removed)
+
+
+def test_floor_met_at_budget_depth_is_confirmed_by_its_neighbour() -> None:
     curve = linear_curve(0.01)
     sel = select_depth(plan_bi(BI), smol_cost(512), 0.75, evaluate=curve, min_quality=0.85)
-    n_budget = len(select_depth(plan_bi(BI), smol_cost(512), 0.75).removed)
-    assert sel.n_removed == n_budget and curve.asked == [n_budget]
+    assert sel.n_removed == N_BUDGET and curve.asked == [N_BUDGET, N_BUDGET - 1]
     assert sel.latency_met and sel.quality_met
-    assert sel.quality == {"retained": 1.0 - 0.01 * n_budget}
-    assert "above the floor 0.85" in sel.reason
+    assert sel.quality == {"retained": 1.0 - 0.01 * N_BUDGET, "retained_fit": 1.0 - 0.01 * N_BUDGET}
+    assert "above the floor 0.85" in sel.reason and "monotone fit" in sel.reason
+    point = linear_curve(0.01)
+    sel = select_depth(plan_bi(BI), smol_cost(512), 0.75, evaluate=point, min_quality=0.85, decide="point")
+    assert sel.n_removed == N_BUDGET and point.asked == [N_BUDGET]  # the measurement alone: one evaluation
+    assert sel.quality == {"retained": 1.0 - 0.01 * N_BUDGET}
 
 
 def test_floor_binds_binary_search_finds_deepest_depth_keeping_it() -> None:
-    curve = linear_curve(0.04)  # retains >= 0.85 up to 3 layers
+    for decide, extra in (("point", 0), ("fit", 2)):
+        curve = linear_curve(0.04)  # retains >= 0.85 up to 3 layers
+        sel = select_depth(plan_bi(BI), smol_cost(512), 0.75, evaluate=curve, min_quality=0.85, decide=decide)
+        assert sel.n_removed == 3
+        assert not sel.latency_met and sel.quality_met
+        assert len(curve.asked) <= 1 + math.ceil(math.log2(N_BUDGET)) + extra
+        assert len(set(curve.asked)) == len(curve.asked)  # no depth measured twice
+        assert sel.reason.startswith("LATENCY BUDGET MISSED")
+        assert f"--budget {sel.cost_ratio:.3f} would be met" in sel.reason
+        assert sel.candidates[4].quality is not None and sel.candidates[4].quality["retained"] < 0.85
+
+
+class NoisyCurve(Curve):
+    """Measured points with a 95% interval of +-0.1 each (about 100 items per task)."""
+
+    def __call__(self, removed: list[int]) -> dict:
+        q = super().__call__(removed)
+        return {**q, "retained_ci": [q["retained"] - 0.1, q["retained"] + 0.1]}
+
+
+def test_a_single_lucky_point_at_the_budget_depth_is_not_trusted() -> None:
+    # True quality falls ~0.04 per layer; the budget depth measured high by chance, its neighbour did not.
+    at = {N_BUDGET: 0.86, N_BUDGET - 1: 0.70, 5: 0.82, 2: 0.93, 3: 0.88, 4: 0.84, 1: 0.97}
+    point = select_depth(plan_bi(BI), smol_cost(512), 0.75, evaluate=NoisyCurve(at), min_quality=0.85, decide="point")
+    assert point.n_removed == N_BUDGET
+    fit = select_depth(plan_bi(BI), smol_cost(512), 0.75, evaluate=NoisyCurve(at), min_quality=0.85)
+    assert fit.n_removed == 3 and not fit.latency_met
+    budget_row = fit.candidates[N_BUDGET].quality
+    assert budget_row is not None and budget_row["retained_fit"] == pytest.approx((0.86 + 0.70) / 2)
+    assert "read with its neighbours" in fit.reason
+    cautious = select_depth(
+        plan_bi(BI), smol_cost(512), 0.75, evaluate=NoisyCurve(at), min_quality=0.85, decide="lower-bound"
+    )
+    assert cautious.n_removed == 1  # 0.97 - 0.1 is the only lower bound above the floor
+    assert "lower end of its 95% interval" in cautious.reason
+
+
+def test_a_single_unlucky_point_at_the_boundary_is_confirmed_by_the_next_depth() -> None:
+    # The binary search meets 8 removed measured low by chance (0.84) and stops at 7; the depth after it says 8 was
+    # noise: read together, 8 and 9 keep the floor.
+    at = {N_BUDGET: 0.60, 5: 0.90, 7: 0.87, 8: 0.84, 6: 0.88, 9: 0.87}
+    assert N_BUDGET == 10
+    point = NoisyCurve(at)
+    assert (
+        select_depth(plan_bi(BI), smol_cost(512), 0.75, evaluate=point, min_quality=0.85, decide="point").n_removed == 7
+    )
+    curve = NoisyCurve(at)
     sel = select_depth(plan_bi(BI), smol_cost(512), 0.75, evaluate=curve, min_quality=0.85)
-    n_budget = len(select_depth(plan_bi(BI), smol_cost(512), 0.75).removed)
-    assert sel.n_removed == 3
-    assert not sel.latency_met and sel.quality_met
-    assert len(curve.asked) <= 1 + math.ceil(math.log2(n_budget))
-    assert len(set(curve.asked)) == len(curve.asked)  # no depth measured twice
-    assert sel.reason.startswith("LATENCY BUDGET MISSED")
-    assert f"--budget {sel.cost_ratio:.3f} would be met" in sel.reason
-    assert sel.candidates[4].quality is not None and sel.candidates[4].quality["retained"] < 0.85
+    assert sel.n_removed == 9 and sel.quality_met
+    assert sorted(curve.asked) == [5, 6, 7, 8, 9, 10]
+    assert sel.quality is not None and sel.quality["retained_fit"] == pytest.approx(0.855)
+    none = NoisyCurve(at)
+    assert select_depth(plan_bi(BI), smol_cost(512), 0.75, evaluate=none, min_quality=0.85, confirm=0).n_removed == 7
+    assert 9 not in none.asked
+
+
+def test_decide_must_be_known() -> None:
+    with pytest.raises(ConfigError, match="--decide must be one of fit, lower-bound, point"):
+        select_depth(plan_bi(BI), smol_cost(512), 0.75, evaluate=linear_curve(0.01), min_quality=0.85, decide="mean")
 
 
 def test_floor_allows_nothing() -> None:

@@ -14,6 +14,7 @@ Criterion = Literal["bi", "angular", "iterative-bi"]
 CompareMode = Literal["reuse", "measure", "off"]
 Dtype = Literal["auto", "float32", "bfloat16", "float16"]
 HealMethod = Literal["none", "linear", "distill"]
+Decide = Literal["fit", "lower-bound", "point"]
 CRITERIA: tuple[str, ...] = typing.get_args(Criterion)
 COMPARE_MODES: tuple[str, ...] = typing.get_args(CompareMode)
 DTYPES: tuple[str, ...] = typing.get_args(Dtype)

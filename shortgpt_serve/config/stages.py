@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from shortgpt_serve.config.fields import (
     PRUNE,
     Criterion,
+    Decide,
     Dtype,
     HealMethod,
     check_choices,
@@ -126,6 +127,19 @@ class SelectionConfig:
         on=(PRUNE,),
         default=None,
     )
+    decide: Decide = setting(  # noqa: RUF009 (a Literal alias: immutable)
+        "How a measured quality retained meets --min-quality: fit (the non-increasing fit of every depth the "
+        "search measured, each weighted by its interval, so one noisy point cannot steer the choice), lower-bound "
+        "(the lower end of its 95% paired bootstrap interval: conservative) or point (the measurement alone).",
+        "--decide",
+        on=(PRUNE,),
+        default="fit",
+    )
+    confirm: int = setting(
+        "With --decide fit: depths measured on each side of the boundary the binary search found, before every "
+        "depth measured is read again through the fit (0: the binary search alone).",
+        default=1,
+    )
     keep_first: int = setting("Never remove the first N decoder layers.", default=1)
     keep_last: int = setting("Never remove the last N decoder layers.", default=1)
 
@@ -145,6 +159,8 @@ class SelectionConfig:
             )
         if self.cost_context_tokens < 0:
             raise ConfigError("selection.cost_context_tokens must be >= 0.", param="selection.cost_context_tokens")
+        if self.confirm < 0:
+            raise ConfigError(f"selection.confirm must be >= 0, got {self.confirm}.", param="selection.confirm")
         if self.keep_first < 0 or self.keep_last < 0:
             raise ConfigError("selection.keep_first and keep_last must be >= 0.", param="selection.keep_first")
         if self.max_kl is not None and not self.max_kl > 0.0:
