@@ -62,6 +62,5 @@ def fit_retained(measured: Mapping[int, Mapping[str, Any]]) -> dict[int, float]:
     ses = {n: standard_error(q) for n, q in measured.items()}
     worst = max((se for se in ses.values() if se is not None), default=1.0)
     return nonincreasing_fit(
-        (n, float(q["retained"]), 1.0 / (se if (se := ses[n]) is not None else worst) ** 2)
-        for n, q in measured.items()
+        (n, float(q["retained"]), 1.0 / (se if (se := ses[n]) is not None else worst) ** 2) for n, q in measured.items()
     )

@@ -1,8 +1,9 @@
 """Depth selection: how many layers to remove to meet the latency budget without falling below the accuracy floor.
 
 Cost is predicted from the model's own shapes, per generated token: every decoder layer costs
-2 x its parameters in matmul FLOPs plus its attention over ``context`` cached tokens; the LM head costs
-2 x vocab x hidden (the embedding lookup is free, and tied weights are counted once in parameter totals).
+2 x the parameters a token uses in matmul FLOPs (an MoE layer's routed experts counted ``num_experts_per_tok``
+at a time) plus its attention over ``context`` cached tokens; the LM head costs 2 x vocab x hidden (the embedding
+lookup is free, and tied weights are counted once in parameter totals). Quantized weights count unpacked.
 The latency budget is the most the shortened model may cost as a fraction of the full model.
 
 A *plan* lists, for each depth n, which layers a criterion removes (``plan[n]``). The latency budget fixes the
@@ -19,7 +20,8 @@ from pathlib import Path
 from typing import Any
 
 from shortgpt_serve.errors import BudgetError, ConfigError, ModelError
-from shortgpt_serve.models.weights import params_by_layer, tensor_shapes
+from shortgpt_serve.models.params import active_params_by_layer, param_counts
+from shortgpt_serve.models.weights import params_by_layer
 from shortgpt_serve.monotone import fit_retained, lower_bound
 
 Evaluator = Callable[[list[int]], dict[str, Any]]
@@ -28,7 +30,10 @@ Evaluator = Callable[[list[int]], dict[str, Any]]
 
 @dataclass(frozen=True)
 class CostModel:
-    """Predicted per-token cost (FLOPs) of each decoder layer and of everything else."""
+    """Predicted per-token cost (FLOPs) of each decoder layer and of everything else.
+
+    Parameters are the stored ones (every expert of an MoE layer, quantized weights unpacked); FLOPs count the
+    parameters a token uses (``num_experts_per_tok`` routed experts, the router and any shared experts)."""
 
     layer_flops: list[float]
     head_flops: float
@@ -55,7 +60,9 @@ class CostModel:
     @classmethod
     def from_checkpoint(cls, folder: Path, config: dict[str, Any], layers_prefix: str, context: int) -> CostModel:
         n = int(config["num_hidden_layers"])
-        layer_params, other = params_by_layer(tensor_shapes(folder), layers_prefix, n)
+        counts = param_counts(folder, config)
+        layer_params, other = params_by_layer(counts, layers_prefix, n)
+        active = active_params_by_layer(counts, layers_prefix, n, config)
         text = config.get("text_config", config)
         try:
             hidden = int(text["hidden_size"])
@@ -67,7 +74,7 @@ class CostModel:
         # Per token: QK^T and attention x V over `context` positions, 2 FLOPs per multiply-add each.
         attention = 4.0 * heads * head_dim * context
         return cls(
-            layer_flops=[2.0 * p + attention for p in layer_params],
+            layer_flops=[2.0 * p + attention for p in active],
             head_flops=2.0 * vocab * hidden,
             layer_params=layer_params,
             other_params=other,
@@ -373,7 +380,7 @@ def select_depth(
     )
     reason = (
         f"LATENCY BUDGET MISSED: meeting --budget {budget:.2f} needs {n_budget} layers removed (cost "
-        f"{rows[n_budget].cost_ratio:.3f}), which misses the floor ({missed}). Keeping the floor instead: {kept}"
-        f"{DECIDE[decide]}; pass --strict to fail instead."
+        f"{rows[n_budget].cost_ratio:.3f}), which misses the floor ({missed}){DECIDE[decide]}. Keeping the floor "
+        f"instead: {kept}; pass --strict to fail instead."
     )
     return done(lo, reason, latency_met=False, quality_met=True)

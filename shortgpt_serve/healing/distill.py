@@ -13,6 +13,10 @@ exactly as it was. The result is one trained copy per kept layer, in the model's
 standard architecture and its kept layers' tensors are replaced by the copies' (KD healing of pruned LLMs, as in
 Minitron, 2024; here a few steps only, on the calibration text).
 
+The teacher's side costs one pass: the full model's states leaving its last decoder layer are computed once for
+every calibration sequence (by the pass engine, one layer at a time) and kept (sequence x hidden per sequence, far
+smaller than its logits); each step turns them into the teacher's logits with the final norm and the head only.
+
 Training: the calibration batches are re-split into micro-batches of ``batch_size`` sequences, shuffled with the
 seed (and reshuffled each time the data runs out); AdamW without weight decay, a linear warm-up over the first 5% of
 the steps then cosine decay, gradient norm clipped at 1.0. The seed fixes the order and the global torch seed, so
@@ -27,7 +31,8 @@ back in the model's dtype, so the residual stream between layers, the final norm
 the served model.
 
 Memory: the kept layers' float32 weights, their gradients and AdamW's two moment buffers (16 bytes per trained
-parameter) on top of the model itself, plus one micro-batch's activations and two logit tensors (sequence x vocab).
+parameter) on top of the model itself, the teacher's final states (tokens x hidden), plus one micro-batch's
+activations and two logit tensors (sequence x vocab).
 That fits a small or mid-sized model in memory; a model near the memory's limit would need the layers trained one
 at a time, or low-rank adapters in place of full layers, which this module does not do.
 """
@@ -169,11 +174,30 @@ def _sequences(batches: Sequence[Batch]) -> list[tuple[torch.Tensor, torch.Tenso
     return out
 
 
+def _teacher_states(engine: PassEngine, batches: Sequence[Batch]) -> list[torch.Tensor]:
+    """The full model's states leaving its last decoder layer (before the final norm) for each calibration
+    sequence's real tokens, in :func:`_sequences`' order: one pass, so each step needs only the head for the
+    teacher's logits instead of a whole forward."""
+    from shortgpt_serve.passes import Route
+    from shortgpt_serve.quality.divergence import FinalStates
+
+    final = FinalStates(engine.num_layers - 1, 0, len(batches))
+    engine.run(batches, [Route(observers=[final])], stop_after=engine.num_layers - 1)
+    out = []
+    for b, states in zip(batches, final.states, strict=True):
+        assert states is not None
+        for row, mask in zip(states, b.attention_mask, strict=True):
+            n = int(mask.sum())
+            if n:
+                out.append(row[:n].clone())
+    return out
+
+
 def _micro_batches(
     sequences: list[tuple[torch.Tensor, torch.Tensor]], batch_size: int, steps: int, seed: int
-) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """``steps`` right-padded micro-batches of up to ``batch_size`` sequences, in a seeded order, reshuffled each
-    time the sequences run out."""
+) -> Iterator[tuple[list[int], torch.Tensor, torch.Tensor]]:
+    """``steps`` right-padded micro-batches of up to ``batch_size`` sequences (their indices, ids and mask), in a
+    seeded order, reshuffled each time the sequences run out."""
     import torch
 
     g = torch.Generator().manual_seed(seed)
@@ -181,16 +205,26 @@ def _micro_batches(
     while True:
         order = torch.randperm(len(sequences), generator=g).tolist()
         for at in range(0, len(order), batch_size):
-            group = [sequences[i] for i in order[at : at + batch_size]]
+            chosen = order[at : at + batch_size]
+            group = [sequences[i] for i in chosen]
             width = max(len(ids) for ids, _ in group)
             ids = torch.zeros(len(group), width, dtype=group[0][0].dtype)
             mask = torch.zeros(len(group), width, dtype=group[0][1].dtype)
             for row, (i, m) in enumerate(group):
                 ids[row, : len(i)], mask[row, : len(m)] = i, m
-            yield ids, mask
+            yield chosen, ids, mask
             made += 1
             if made == steps:
                 return
+
+
+def _padded(states: list[torch.Tensor], width: int) -> torch.Tensor:
+    """Per-sequence states [n_i, hidden] right-padded with zeros to [len(states), width, hidden]."""
+
+    out = states[0].new_zeros(len(states), width, states[0].shape[-1])
+    for row, s in enumerate(states):
+        out[row, : s.shape[0]] = s
+    return out
 
 
 def _schedule(steps: int) -> Any:
@@ -282,11 +316,12 @@ def distill(
     history: list[float] = []
     ema, seen = 0.0, 0
     bar = tqdm(total=steps, desc="Distilling the kept layers", unit="step", disable=not progress, leave=False)
+    teacher_states = _teacher_states(engine, batches)
     try:
-        for ids, mask in _micro_batches(sequences, batch_size, steps, seed):
+        for chosen, ids, mask in _micro_batches(sequences, batch_size, steps, seed):
             ids, mask = ids.to(device), mask.to(device)
-            with torch.no_grad():
-                teacher = model(input_ids=ids, attention_mask=mask, use_cache=False).logits
+            states = _padded([teacher_states[i] for i in chosen], ids.shape[1])
+            teacher = engine.logits(states, Batch(ids, mask))
             with _student(engine, sorted(drop), run):
                 student = model(input_ids=ids, attention_mask=mask, use_cache=False).logits
             loss = kl_loss(teacher, student, mask)
