@@ -4,15 +4,18 @@
 
 Generates a Llama-shaped checkpoint of random bf16 bits (about 2.7 GB with the defaults, in 500 MB shards), then
 alternates, ``--repeats`` times: `write_checkpoint` removing a quarter of the layers, in a fresh child process
-(peak RSS read from its VmHWM), and `cp` of exactly the files it wrote (the kept bytes) to another folder. Both
-read the source from the page cache. Targets: time <= 1.5x cp, peak RSS <= largest shard + 300 MB. Results are
-appended to benchmarks/results/streaming.md.
+(peak RSS read from its VmHWM, CPU seconds of all its threads), and `cp` of exactly the files it wrote (the kept
+bytes) to another folder. Both read the source from the page cache. The load average is recorded beside the
+figures: on a shared machine the wall-clock ratio says little, the CPU seconds more. Targets: time <= 1.5x cp,
+peak RSS <= largest shard + 300 MB. Results are appended to benchmarks/results/streaming.md.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
+import resource
 import shutil
 import statistics
 import subprocess
@@ -86,12 +89,12 @@ def child(src: str, out: str, removed: list[int]) -> None:
 
     config = read_config(Path(src))
     source = ModelSource(Path(src), "bench", src, "0" * 64, config, family_for(config, src))
-    start = time.perf_counter()
+    start, cpu = time.perf_counter(), time.process_time()
     write_checkpoint(source, removed, Path(out))
-    elapsed = time.perf_counter() - start
+    elapsed, cpu = time.perf_counter() - start, time.process_time() - cpu
     with open("/proc/self/status") as f:
         hwm = next(int(line.split()[1]) for line in f if line.startswith("VmHWM:"))
-    print(json.dumps({"seconds": elapsed, "peak_mib": hwm / 1024}))
+    print(json.dumps({"seconds": elapsed, "cpu_seconds": cpu, "peak_mib": hwm / 1024}))
 
 
 def main() -> None:
@@ -115,7 +118,7 @@ def main() -> None:
         gen_s = time.perf_counter() - t0
         shard_sizes = [f.stat().st_size for f in src.glob("*.safetensors")]
         removed = list(range(args.layers // 2 - args.layers // 8, args.layers // 2 + args.layers // 8))
-        writes, copies, hashed, peaks = [], [], [], []
+        writes, copies, hashed, peaks, write_cpu, copy_cpu = [], [], [], [], [], []
         kept_bytes = 0
         for r in range(args.repeats):
             out = Path(tmp) / f"out{r}"
@@ -128,15 +131,19 @@ def main() -> None:
                 raise SystemExit(f"the writer failed:\n{res.stderr[-3000:]}")
             stats = json.loads(res.stdout.strip().splitlines()[-1])
             writes.append(stats["seconds"])
+            write_cpu.append(stats["cpu_seconds"])
             peaks.append(stats["peak_mib"])
             files = sorted(out.glob("*.safetensors"))
             kept_bytes = sum(f.stat().st_size for f in files)
             dst = Path(tmp) / f"cp{r}"
             dst.mkdir()
             (Path(tmp) / f"cps{r}").mkdir()
+            before = resource.getrusage(resource.RUSAGE_CHILDREN)
             start = time.perf_counter()
             subprocess.run(["cp", *map(str, files), str(dst)], check=True)
             copies.append(time.perf_counter() - start)
+            after = resource.getrusage(resource.RUSAGE_CHILDREN)
+            copy_cpu.append(after.ru_utime - before.ru_utime + after.ru_stime - before.ru_stime)
             # The same integrity as the writer records: cp, then sha256 of what was written.
             start = time.perf_counter()
             subprocess.run(["cp", *map(str, files), str(dst2 := Path(tmp) / f"cps{r}")], check=False)
@@ -146,6 +153,7 @@ def main() -> None:
             shutil.rmtree(out)
             shutil.rmtree(dst)
     w, c, h = statistics.median(writes), statistics.median(copies), statistics.median(hashed)
+    load, cores = os.getloadavg(), len(os.sched_getaffinity(0))
     largest = max(shard_sizes) / 2**20
     peak = max(peaks)
     lines = [
@@ -156,6 +164,9 @@ def main() -> None:
         f"- write_checkpoint: median {w:.2f} s, runs {[round(x, 2) for x in writes]}",
         f"- cp of the same files: median {c:.2f} s, runs {[round(x, 2) for x in copies]}",
         f"- **time ratio {w / c:.2f}** (target <= 1.5)",
+        f"- CPU seconds (user + system, all threads): writer median {statistics.median(write_cpu):.2f}, cp median "
+        f"{statistics.median(copy_cpu):.2f}; {cores} cores, load average {load[0]:.1f} / {load[1]:.1f} / "
+        f"{load[2]:.1f} (1 / 5 / 15 min) when the runs ended",
         f"- cp then sha256sum of the same files (the integrity the writer records): median {h:.2f} s, runs "
         f"{[round(x, 2) for x in hashed]}; writer / (cp + sha256sum) = {w / h:.2f}",
         f"- peak RSS of the writer process {peak:.0f} MiB; largest shard {largest:.0f} MiB: **{peak:.0f} <= "

@@ -14,7 +14,7 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 
 from shortgpt_serve.errors import CheckpointError, ModelError
-from shortgpt_serve.fsutil import atomic_dir, check_output_free, sha256_file
+from shortgpt_serve.fsutil import atomic_dir, check_output_free, cores, map_threads, sha256_file
 from shortgpt_serve.models.convert import SOURCE_RECORD
 from shortgpt_serve.models.families import shortened_config
 from shortgpt_serve.models.source import ModelSource
@@ -62,10 +62,17 @@ def rename_map(names: list[str], prefix: str, num_layers: int, removed: list[int
 
 
 def _write_weights(
-    source: ModelSource, removed: list[int], out: Path, overrides: Mapping[str, bytes] | None = None
+    source: ModelSource,
+    removed: list[int],
+    out: Path,
+    overrides: Mapping[str, bytes] | None = None,
+    threads: int | None = None,
 ) -> dict[str, str]:
     """Stream the kept tensors, renamed, shard by shard into ``out`` (``overrides``: new data for some, by source
-    name); returns each written shard's sha256."""
+    name); returns each written shard's sha256.
+
+    sha256 is sequential within a file and costs more than the copy, so shards are written ``threads`` at a time
+    (default: one per core), the largest first; each holds about one copy window in memory."""
     mapping = weight_map(source.path)
     renames = rename_map(list(mapping), source.family.layers_module, source.num_layers, removed)
     stray = sorted(n for n in overrides or {} if renames.get(n) is None)
@@ -79,9 +86,7 @@ def _write_weights(
             kept_by_shard[file].append((old, new))
     nonempty = [s for s in shards if kept_by_shard[s]]
     single = len(nonempty) == 1
-    new_map: dict[str, str] = {}
-    hashes: dict[str, str] = {}
-    total_size = 0
+    jobs: list[tuple[str, str, dict[str, str], int]] = []
     for k, shard in enumerate(nonempty, 1):
         out_name = "model.safetensors" if single else f"model-{k:05d}-of-{len(nonempty):05d}.safetensors"
         header, _ = read_header(source.path / shard)
@@ -89,8 +94,15 @@ def _write_weights(
             **(header.get("__metadata__") or {}),
             "format": (header.get("__metadata__") or {}).get("format", "pt"),
         }
+        kept_bytes = sum(
+            int(header[old]["data_offsets"][1]) - int(header[old]["data_offsets"][0]) for old, _ in kept_by_shard[shard]
+        )
+        jobs.append((shard, out_name, metadata, kept_bytes))
+
+    def write(job: tuple[str, str, dict[str, str], int]) -> tuple[int, str]:
+        shard, out_name, metadata, _ = job
         try:
-            size, hashes[out_name] = copy_tensors(
+            return copy_tensors(
                 source.path / shard,
                 kept_by_shard[shard],
                 out / out_name,
@@ -99,6 +111,14 @@ def _write_weights(
             )
         except ModelError as exc:
             raise CheckpointError(exc.message) from exc
+
+    jobs.sort(key=lambda job: -job[3])  # the largest first: the last shard to finish is a small one
+    written = map_threads(write, jobs, cores() if threads is None else threads)
+    new_map: dict[str, str] = {}
+    hashes: dict[str, str] = {}
+    total_size = 0
+    for (shard, out_name, _, _), (size, digest) in zip(jobs, written, strict=True):
+        hashes[out_name] = digest
         total_size += size
         for _old, new in kept_by_shard[shard]:
             new_map[new] = out_name
@@ -254,17 +274,28 @@ def read_provenance(folder: Path) -> Provenance:
         ) from exc
 
 
-def verify_checkpoint(folder: Path, hasher: Callable[[Path], str] = sha256_file) -> Provenance:
+def verify_checkpoint(
+    folder: Path, hasher: Callable[[Path], str] = sha256_file, *, threads: int | None = None
+) -> Provenance:
     """Check every file listed in the provenance record against its sha256; returns the record.
 
-    ``hasher``: how a file's sha256 is found (the cache passes its memo, so unchanged files are not read again)."""
+    ``hasher``: how a file's sha256 is found (the cache passes its memo, so unchanged files are not read again).
+    ``threads``: how many files are hashed at once; by default one per core with the plain ``sha256_file``, and
+    one at a time with any other hasher, which may keep state that is not safe to share between threads."""
     record = read_provenance(folder)
     if not record.files:
         raise CheckpointError(f"{folder}/{PROVENANCE_NAME} lists no files to verify; rewrite the checkpoint.")
-    for name, digest in record.files.items():
+    for name in record.files:
         path = folder / name
         if not path.is_file():
             raise CheckpointError(f"{path} is missing; the checkpoint is incomplete, rewrite it.")
-        if hasher(path) != digest:
-            raise CheckpointError(f"{path} does not match its recorded sha256; the checkpoint is damaged, rewrite it.")
+    if threads is None:
+        threads = cores() if hasher is sha256_file else 1
+    names = sorted(record.files, key=lambda n: -(folder / n).stat().st_size)  # the largest first
+    digests = map_threads(lambda n: hasher(folder / n), names, threads)
+    for name, digest in zip(names, digests, strict=True):
+        if digest != record.files[name]:
+            raise CheckpointError(
+                f"{folder / name} does not match its recorded sha256; the checkpoint is damaged, rewrite it."
+            )
     return record

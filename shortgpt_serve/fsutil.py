@@ -6,11 +6,16 @@ import hashlib
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path
+from typing import TypeVar
 
 from shortgpt_serve.errors import CheckpointError
+
+A = TypeVar("A")
+R = TypeVar("R")
 
 
 def check_output_free(output: str | Path, *, overwrite: bool) -> None:
@@ -62,8 +67,37 @@ def atomic_dir(target: Path, *, overwrite: bool = False) -> Iterator[Path]:
 
 
 def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
+    """The file's sha256, read through one reused ``chunk``-byte buffer (memory stays at one chunk)."""
     h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
+    buf = bytearray(chunk)
+    view = memoryview(buf)
+    with open(path, "rb", buffering=0) as f:
+        while n := f.readinto(view):
+            h.update(view[:n])
     return h.hexdigest()
+
+
+def cores() -> int:
+    """The CPU cores this process may run on."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
+def map_threads(fn: Callable[[A], R], items: Sequence[A], threads: int) -> list[R]:
+    """``[fn(x) for x in items]``, on up to ``threads`` threads, started in the order given.
+
+    For work that releases the GIL (sha256 of large buffers, copies in the kernel). The first error is raised once
+    every call already running has returned; calls not yet started are skipped.
+    """
+    if threads <= 1 or len(items) <= 1:
+        return [fn(x) for x in items]
+    with ThreadPoolExecutor(max_workers=min(threads, len(items))) as pool:
+        futures = [pool.submit(fn, x) for x in items]
+        try:
+            return [f.result() for f in futures]
+        except BaseException:
+            for f in futures:
+                f.cancel()
+            raise

@@ -235,3 +235,54 @@ def test_quantization_config_module_names_are_renumbered() -> None:
     config["quantization_config"]["ignore"] = ["re:model.layers.3.*"]
     with pytest.raises(ModelError, match="regex naming layers by number"):
         shortened_config(config, [1])
+
+
+def test_shards_written_in_parallel_equal_one_at_a_time(make_tiny_model: Callable[..., Path], tmp_path: Path) -> None:
+    from shortgpt_serve.checkpoint import _write_weights
+    from shortgpt_serve.fsutil import sha256_file
+
+    source = resolve_model(str(make_tiny_model("llama", max_shard_size=60_000)), tmp_path / "cache")
+    outputs = {}
+    for threads in (1, 4):
+        out = tmp_path / f"threads-{threads}"
+        out.mkdir()
+        hashes = _write_weights(source, [2, 3], out, threads=threads)
+        assert len(hashes) > 2  # several shards, so several at once
+        assert hashes == {name: sha256_file(out / name) for name in hashes}
+        outputs[threads] = {f.name: f.read_bytes() for f in sorted(out.iterdir())}
+    assert outputs[1] == outputs[4]
+
+
+def test_a_shard_failing_among_parallel_ones_leaves_nothing(
+    make_tiny_model: Callable[..., Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from shortgpt_serve import checkpoint
+
+    source = resolve_model(str(make_tiny_model("llama", max_shard_size=60_000)), tmp_path / "cache")
+    real_copy = checkpoint.copy_tensors
+
+    def third_disk_full(src: Path, renames: list, dst: Path, *args: object, **kwargs: object) -> tuple[int, str]:
+        if dst.name.startswith("model-00003-"):  # the device fills up part-way through this shard
+            dst.write_bytes(b"partial")
+            raise OSError(28, "No space left on device")
+        return real_copy(src, renames, dst, *args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(checkpoint, "copy_tensors", third_disk_full)
+    with pytest.raises(CheckpointError, match="No space left on device"):
+        write_checkpoint(source, [2], tmp_path / "out" / "short")
+    assert list((tmp_path / "out").iterdir()) == []
+
+
+@pytest.mark.parametrize("threads", [1, 4])
+def test_verify_finds_a_damaged_shard_in_parallel(
+    make_tiny_model: Callable[..., Path], tmp_path: Path, threads: int
+) -> None:
+    source = resolve_model(str(make_tiny_model("llama", max_shard_size=60_000)), tmp_path / "cache")
+    out = write_checkpoint(source, [1], tmp_path / "short")
+    assert verify_checkpoint(out, threads=threads).removed_layers == (1,)
+    shard = sorted(out.glob("*.safetensors"))[1]
+    with open(shard, "r+b") as f:
+        f.seek(-4, 2)
+        f.write(b"\1\2\3\4")
+    with pytest.raises(CheckpointError, match=rf"{shard.name} does not match its recorded sha256"):
+        verify_checkpoint(out, threads=threads)

@@ -205,3 +205,64 @@ def test_plan_angular_removes_the_closest_block() -> None:
     assert plans[3] == [3, 4, 5]
     assert all(len(p) == k for k, p in enumerate(plans))
     assert all(0 not in p and n - 1 not in p for p in plans)
+
+
+def hand_active_params(c: dict, i: int) -> int:
+    """Parameters decoder layer i of a tiny Qwen2-MoE, Qwen3-MoE or Mixtral uses per token, from its config alone."""
+    h, heads, kv_heads = c["hidden_size"], c["num_attention_heads"], c["num_key_value_heads"]
+    head_dim = c.get("head_dim") or h // heads
+    q, kv = heads * head_dim, kv_heads * head_dim
+    params = 2 * h * q + 2 * h * kv + 2 * h  # q, k, v, o projections and the two norms
+    if c["model_type"] == "qwen2_moe":
+        params += q + 2 * kv  # q, k, v biases
+    if c["model_type"] == "qwen3_moe":
+        params += 2 * head_dim  # q and k norms
+    step = c.get("decoder_sparse_step") or 1
+    sparse = (i + 1) % step == 0 and i not in (c.get("mlp_only_layers") or [])
+    if not sparse:
+        return params + 3 * h * c["intermediate_size"]
+    experts = c.get("num_experts") or c["num_local_experts"]
+    inter = c.get("moe_intermediate_size") or c["intermediate_size"]
+    params += experts * h  # the router scores every expert
+    params += c["num_experts_per_tok"] * 3 * h * inter  # only the routed experts run
+    if c.get("shared_expert_intermediate_size"):
+        params += 3 * h * c["shared_expert_intermediate_size"] + h  # the shared expert and its gate always run
+    return params
+
+
+@pytest.mark.parametrize("model_type", ["qwen2_moe", "qwen3_moe", "mixtral"])
+def test_moe_cost_counts_routed_experts_per_token(make_tiny_model, model_type: str) -> None:  # type: ignore[no-untyped-def]
+    import json
+
+    from transformers import AutoModelForCausalLM
+
+    folder = make_tiny_model(model_type)
+    config = json.loads((folder / "config.json").read_text())
+    cost = CostModel.from_checkpoint(folder, config, "model.layers", context=0)
+    n = config["num_hidden_layers"]
+    assert cost.layer_flops == [2.0 * hand_active_params(config, i) for i in range(n)]
+    # Parameters stay what is stored: every expert, as the loaded model holds them.
+    model = AutoModelForCausalLM.from_pretrained(folder)
+    assert cost.layer_params == [sum(p.numel() for p in layer.parameters()) for layer in model.model.layers]
+    assert cost.full_params == sum(p.numel() for p in model.parameters())
+    sparse = [i for i in range(n) if 2.0 * cost.layer_params[i] > cost.layer_flops[i]]
+    assert sparse == ([1, 5] if model_type != "mixtral" else list(range(n)))
+    with_context = CostModel.from_checkpoint(folder, config, "model.layers", context=64)
+    head_dim = config.get("head_dim") or config["hidden_size"] // config["num_attention_heads"]
+    attention = 4.0 * config["num_attention_heads"] * head_dim * 64
+    assert [b - a for a, b in zip(cost.layer_flops, with_context.layer_flops, strict=True)] == [attention] * n
+
+
+def test_moe_cost_refuses_a_config_without_routing(make_tiny_model) -> None:  # type: ignore[no-untyped-def]
+    import json
+
+    from shortgpt_serve.errors import ModelError
+
+    folder = make_tiny_model("mixtral")
+    config = json.loads((folder / "config.json").read_text())
+    with pytest.raises(ModelError, match="no valid num_experts_per_tok"):
+        CostModel.from_checkpoint(folder, {**config, "num_experts_per_tok": None}, "model.layers", context=0)
+    with pytest.raises(ModelError, match=r"stores 4 experts but config\.json says 8"):
+        CostModel.from_checkpoint(folder, {**config, "num_local_experts": 8}, "model.layers", context=0)
+    with pytest.raises(ModelError, match=r"hold MoE experts but config\.json gives no expert count"):
+        CostModel.from_checkpoint(folder, {**config, "num_local_experts": None}, "model.layers", context=0)

@@ -135,3 +135,47 @@ def test_copy_tensors_refuses_a_truncated_source(shard: Path, tmp_path: Path) ->
     shard.write_bytes(shard.read_bytes()[:-4])
     with pytest.raises(ModelError, match="ends early"):
         copy_tensors(shard, [(name, name) for name in TENSORS], tmp_path / "out.safetensors")
+
+
+def test_tensor_infos_read_dtypes_and_shapes_from_headers(shard: Path) -> None:
+    from shortgpt_serve.models.weights import tensor_infos
+
+    dtypes = {torch.float32: "F32", torch.int32: "I32", torch.bfloat16: "BF16"}
+    assert tensor_infos(shard.parent) == {name: (dtypes[t.dtype], tuple(t.shape)) for name, t in TENSORS.items()}
+    counts = {name: t.numel() for name, t in TENSORS.items()}
+    assert params_by_layer(counts, "model.layers", 2) == params_by_layer(tensor_shapes(shard.parent), "model.layers", 2)
+
+
+def test_sha256_file_and_map_threads(tmp_path: Path) -> None:
+    import hashlib
+
+    from shortgpt_serve.fsutil import map_threads
+
+    files = []
+    for k, size in enumerate([0, 5, (1 << 22) + 3]):
+        f = tmp_path / f"f{k}"
+        f.write_bytes(bytes(range(256)) * (size // 256) + b"x" * (size % 256))
+        files.append(f)
+    expected = [hashlib.sha256(f.read_bytes()).hexdigest() for f in files]
+    assert map_threads(sha256_file, files, 3) == map_threads(sha256_file, files, 1) == expected
+
+    def fail_on_empty(path: Path) -> str:
+        if path.stat().st_size == 0:
+            raise ModelError(f"{path.name} is empty")
+        return sha256_file(path)
+
+    with pytest.raises(ModelError, match="f0 is empty"):
+        map_threads(fail_on_empty, files, 3)
+
+
+def test_copy_tensors_raises_what_the_hashing_thread_hit(
+    shard: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from shortgpt_serve.models import weights
+
+    def unmap_fails(*args: object) -> None:
+        raise OSError(12, "Cannot allocate memory")
+
+    monkeypatch.setattr(weights, "_drop_pages", unmap_fails)
+    with pytest.raises(OSError, match="Cannot allocate memory"):
+        copy_tensors(shard, [(name, name) for name in TENSORS], tmp_path / "out.safetensors")

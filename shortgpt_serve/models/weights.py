@@ -64,6 +64,18 @@ def tensor_shapes(folder: Path) -> dict[str, tuple[int, ...]]:
     return shapes
 
 
+def tensor_infos(folder: Path) -> dict[str, tuple[str, tuple[int, ...]]]:
+    """Tensor name -> (safetensors dtype, shape), from the shards' headers alone."""
+    mapping = weight_map(folder)
+    infos: dict[str, tuple[str, tuple[int, ...]]] = {}
+    for file in sorted(set(mapping.values())):
+        header, _ = read_header(folder / file)
+        for name, info in header.items():
+            if name != "__metadata__" and mapping.get(name) == file:
+                infos[name] = (str(info["dtype"]), tuple(int(d) for d in info["shape"]))
+    return infos
+
+
 def layer_pattern(prefix: str) -> re.Pattern[str]:
     """Matches ``<prefix>.<i>.<rest>`` and captures i and rest."""
     return re.compile(rf"^{re.escape(prefix)}\.(\d+)\.(.+)$")
@@ -74,22 +86,24 @@ def layer_of(name: str, pattern: re.Pattern[str]) -> int | None:
     return int(m.group(1)) if m else None
 
 
-def params_by_layer(shapes: dict[str, tuple[int, ...]], prefix: str, num_layers: int) -> tuple[list[int], int]:
-    """Parameters in each decoder layer, and outside all layers (embeddings, head, final norm)."""
+def params_by_layer(shapes: Mapping[str, tuple[int, ...] | int], prefix: str, num_layers: int) -> tuple[list[int], int]:
+    """Parameters in each decoder layer, and outside all layers (embeddings, head, final norm), from each tensor's
+    shape or its parameter count (``models.params.param_counts``: quantized tensors unpacked)."""
     pattern = layer_pattern(prefix)
     per_layer = [0] * num_layers
     other = 0
     for name, shape in shapes.items():
+        count = shape if isinstance(shape, int) else prod(shape)
         i = layer_of(name, pattern)
         if i is None:
-            other += prod(shape)
+            other += count
         elif i >= num_layers:
             raise ModelError(
                 f"weight {name} belongs to layer {i}, but config.json says num_hidden_layers={num_layers}; "
                 "the config and the weights disagree."
             )
         else:
-            per_layer[i] += prod(shape)
+            per_layer[i] += count
     return per_layer, other
 
 
@@ -199,11 +213,23 @@ def copy_tensors(
             raise ModelError(f"{src} ends early; the checkpoint is damaged (truncated).")
         # The copy runs in the kernel (copy_file_range) while a thread hashes the same bytes from a read-only
         # map of the source: both release the GIL, so two cores share the work and no byte passes through Python.
-        with _mapped(fin) as view:
+        # The map is hashed a window at a time and each hashed window is unmapped again, so the process holds
+        # about one window of the source's pages, not the whole shard.
+        with _mapped(fin) as (mm, view):
+            failed: list[BaseException] = []
 
             def hash_ranges() -> None:
-                for k, (a, b) in enumerate(ranges):
-                    digest.update(replaced[k] if k in replaced else view[data_start + a : data_start + b])
+                try:
+                    for k, (a, b) in enumerate(ranges):
+                        if k in replaced:
+                            digest.update(replaced[k])
+                            continue
+                        for at in range(data_start + a, data_start + b, chunk):
+                            end = min(at + chunk, data_start + b)
+                            digest.update(view[at:end])
+                            _drop_pages(mm, at, end)
+                except BaseException as exc:  # raised in the caller's thread below, never a wrong hash
+                    failed.append(exc)
 
             hasher = threading.Thread(target=hash_ranges)
             hasher.start()
@@ -217,21 +243,32 @@ def copy_tensors(
                 _copy_ranges(fin, fout, [(data_start + a, b - a) for a, b in ranges[at:]], chunk)
             finally:
                 hasher.join()
+            if failed:
+                raise failed[0]
     return offset, digest.hexdigest()
 
 
 @contextlib.contextmanager
-def _mapped(f: BinaryIO) -> Iterator[memoryview]:
+def _mapped(f: BinaryIO) -> Iterator[tuple[mmap.mmap | None, memoryview]]:
     size = os.fstat(f.fileno()).st_size
     if size == 0:
-        yield memoryview(b"")
+        yield None, memoryview(b"")
         return
     with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mm:
         view = memoryview(mm)
         try:
-            yield view
+            yield mm, view
         finally:
             view.release()
+
+
+def _drop_pages(mm: mmap.mmap | None, start: int, end: int) -> None:
+    """Unmap the pages of ``mm`` from the one holding ``start`` up to the one holding ``end`` (excluded) from this
+    process, once their bytes are hashed; they stay in the page cache, and a later read maps them again."""
+    first = start // mmap.PAGESIZE * mmap.PAGESIZE
+    last = end // mmap.PAGESIZE * mmap.PAGESIZE
+    if mm is not None and last > first and hasattr(mmap, "MADV_DONTNEED"):
+        mm.madvise(mmap.MADV_DONTNEED, first, last - first)
 
 
 def _copy_ranges(fin: BinaryIO, fout: BinaryIO, ranges: list[tuple[int, int]], chunk: int) -> None:
