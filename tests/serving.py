@@ -86,6 +86,38 @@ def descendants(proc: subprocess.Popen[bytes]) -> list[psutil.Process]:
         return []
 
 
+def is_watchdog(p: psutil.Process) -> bool:
+    from shortgpt_serve.serving.procgroup import WATCHDOG
+
+    try:
+        return WATCHDOG in p.cmdline()
+    except psutil.Error:
+        return False
+
+
+def engine_processes(proc: subprocess.Popen[bytes]) -> list[psutil.Process]:
+    """The launcher's descendants that are vLLM's (its API server and workers), not the watchdog."""
+    return [p for p in descendants(proc) if not is_watchdog(p)]
+
+
+def api_server(proc: subprocess.Popen[bytes]) -> psutil.Process:
+    """The vLLM API server: the launcher's own child that is not the watchdog."""
+    [child] = [c for c in psutil.Process(proc.pid).children() if not is_watchdog(c)]
+    return child
+
+
+def in_group(pgid: int) -> list[psutil.Process]:
+    """Live processes of process group ``pgid``."""
+    found = []
+    for p in psutil.process_iter():
+        try:
+            if os.getpgid(p.pid) == pgid and p.status() != psutil.STATUS_ZOMBIE:
+                found.append(p)
+        except (OSError, psutil.Error):
+            continue
+    return found
+
+
 def alive(processes: list[psutil.Process]) -> list[psutil.Process]:
     return [p for p in processes if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
 

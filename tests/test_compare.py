@@ -90,3 +90,52 @@ def test_result_cache_round_trip_and_damaged_entries(tmp_path: Path) -> None:
 def test_benchmark_settings_validated(cfg: BenchmarkConfig, message: str) -> None:
     with pytest.raises(ConfigError, match=message):
         cfg.validate()
+
+
+NOISY_FAILING_ENGINE = "import sys\nfor i in range(100): print(f'engine noise line {i}')\nsys.exit(3)"
+
+
+def test_a_private_engine_writes_to_its_log_and_its_tail_is_shown_when_it_fails(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, caplog: pytest.LogCaptureFixture, capfd: pytest.CaptureFixture[str]
+) -> None:
+    """The benchmark engine's output goes to its log file, not the terminal; when it fails, the file is named and
+    its last lines are shown (vLLM's command replaced by one that prints and fails; the rest is real)."""
+    import importlib
+    import logging
+    import sys
+
+    from shortgpt_serve.serving.compare import engine_log_path, measure_model
+    from shortgpt_serve.serving.serve import EngineExited
+
+    module = importlib.import_module("shortgpt_serve.serving.serve")
+    monkeypatch.setattr(module, "vllm_command", lambda *a, **kw: [sys.executable, "-c", NOISY_FAILING_ENGINE])
+    monkeypatch.setattr(logging.getLogger("shortgpt_serve"), "propagate", True)
+    caplog.set_level(logging.INFO, logger="shortgpt_serve")
+    log_path = engine_log_path(tmp_path / "cache", "tiny/model")
+    assert log_path.parent == tmp_path / "cache" / "logs" and "/" not in log_path.name.removeprefix("benchmark-")
+    workload = Workload.from_config(BenchmarkConfig(), vocab_size=1000)
+    with pytest.raises(EngineExited, match=f"exited with code 3 while starting; its log \\({log_path}\\) says why"):
+        measure_model(tmp_path, ServeConfig(), "tiny/model", workload, log_path=log_path)
+    assert log_path.read_text().count("engine noise line") == 100
+    terminal = capfd.readouterr()
+    assert "engine noise line" not in terminal.out + terminal.err
+    assert f"Benchmark engine log: {log_path}" in caplog.text
+    assert "the end of its log" in caplog.text
+    assert "engine noise line 99" in caplog.text and "engine noise line 59" not in caplog.text  # its tail: 40 lines
+
+
+def test_benchmark_engine_logs_are_pruned_to_the_newest(tmp_path: Path) -> None:
+    import os
+
+    from shortgpt_serve.serving.compare import KEEP_LOGS, engine_log_path
+
+    folder = tmp_path / "logs"
+    folder.mkdir()
+    for i in range(KEEP_LOGS + 5):
+        old = folder / f"benchmark-m-{i:03d}.log"
+        old.write_text("x")
+        os.utime(old, (1e9 + i, 1e9 + i))
+    new = engine_log_path(tmp_path, "m")
+    new.write_text("y")
+    kept = sorted(p.name for p in folder.iterdir())
+    assert len(kept) == KEEP_LOGS and new.name in kept and "benchmark-m-000.log" not in kept

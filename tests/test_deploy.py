@@ -43,6 +43,8 @@ ALERTS = {
     "ShortgptQualityBelowFloor",
     "ShortgptLatencyBudgetMissed",
     "ShortgptSlowerThanPredicted",
+    "ShortgptLiveAgreementLow",
+    "ShortgptLiveSavingBelowStartup",
     "ShortgptEngineRestarting",
 }
 K8S_VERSION = "1.30"  # the oldest Kubernetes the manifests target; the newest bundled schema is checked too
@@ -79,12 +81,17 @@ def serve_defaults() -> Any:
 
 
 def launcher_metric_names() -> set[str]:
-    """Every sample name the launcher exposes (counters with _total), from the real declarations."""
+    """Every sample name the launcher exposes (counters with _total, histograms with their series), from the real
+    declarations: its own metrics and the live comparison's, which the launcher registers beside them."""
+    from shortgpt_serve.serving.live import LiveMetrics
     from shortgpt_serve.serving.metrics import LauncherMetrics
 
+    registry = LauncherMetrics().registry
+    LiveMetrics(registry)
     names: set[str] = set()
-    for family in LauncherMetrics().registry.collect():
+    for family in registry.collect():
         names.add(family.name)
+        names |= {sample.name for sample in family.samples}
         names |= {f"{family.name}{suffix}" for suffix in ("_total",) if family.type == "counter"}
     return names
 

@@ -6,16 +6,21 @@ embedded default SmolLM2-135M-Instruct, with an API key and free ports. The last
 
 from __future__ import annotations
 
+import importlib
+import logging
+import os
+import re
 import signal
+import sys
+import threading
 import time
 import urllib.request
 from pathlib import Path
 
-import psutil
 import pytest
 
 from shortgpt_serve.config import ServeConfig
-from shortgpt_serve.errors import ServeError
+from shortgpt_serve.errors import ConfigError, ServeError
 from shortgpt_serve.serving.serve import check_port_free, check_serve_ports, is_loopback, local_url, vllm_command
 from tests.conftest import free_port
 from tests.serving import (
@@ -24,9 +29,12 @@ from tests.serving import (
     NAME,
     Launcher,
     alive,
+    api_server,
     checkpoint_of,
     descendants,
+    engine_processes,
     http_status,
+    in_group,
     launch,
     launcher_metrics,
     wait_for,
@@ -100,6 +108,110 @@ def test_vllm_command_keeps_model_code_and_request_logs_off_by_default() -> None
 )
 def test_is_loopback(host: str, loopback: bool) -> None:
     assert is_loopback(host) is loopback
+
+
+# A stand-in for the engine's server (the command is replaced, the supervision is the real one): answers /health,
+# says so on its output, and serves one request at a time, so a SIGSTOPped one accepts connections and never answers.
+TINY_ENGINE = """
+import http.server, sys
+class Health(http.server.BaseHTTPRequestHandler):
+    def do_GET(self):
+        self.send_response(200 if self.path == "/health" else 404)
+        self.end_headers()
+    def log_message(self, *args):
+        pass
+print("tiny engine up", flush=True)
+http.server.HTTPServer(("127.0.0.1", int(sys.argv[1])), Health).serve_forever()
+"""
+
+
+@pytest.fixture
+def tiny_engine(monkeypatch: pytest.MonkeyPatch) -> None:
+    """vLLM's command replaced by the tiny server, on the port the launcher chose; everything else is real."""
+    module = importlib.import_module("shortgpt_serve.serving.serve")  # the package exports a function `serve`
+
+    def command(model_dir: Path, cfg: ServeConfig, name: str, dist: str, **kw: object) -> list[str]:
+        return [sys.executable, "-c", TINY_ENGINE, str(cfg.port)]
+
+    monkeypatch.setattr(module, "vllm_command", command)
+    monkeypatch.setattr(logging.getLogger("shortgpt_serve"), "propagate", True)  # the CLI's tests turn it off
+
+
+def serve_and_hang(cfg: ServeConfig, hang_restarted: bool = False) -> dict[str, list[object]]:
+    """Serve the tiny engine, SIGSTOP it once it is up; stop serving once a restarted engine is up (or, when it is
+    never restarted, after 4 s of it hung)."""
+    from shortgpt_serve.serving.serve import Engine, serve
+
+    seen: dict[str, list[object]] = {"stopped": [], "restarts": [], "health": []}
+    control: dict[str, threading.Event] = {}
+
+    def ready(engine: Engine, stop: threading.Event) -> None:
+        control["stop"] = stop
+        seen["stopped"].append(engine.process)
+        os.kill(engine.process.pid, signal.SIGSTOP)
+        if not cfg.unhealthy_restarts_after:
+            threading.Timer(4.0, stop.set).start()
+
+    def health(up: bool) -> None:
+        seen["health"].append(up)
+        if up and seen["restarts"]:
+            control["stop"].set()
+
+    seen["code"] = [
+        serve(
+            Path("/unused"),
+            cfg,
+            "tiny",
+            on_ready=ready,
+            on_health=health,
+            on_restart=seen["restarts"].append,
+            poll_interval=0.2,
+        )
+    ]
+    return seen
+
+
+def test_a_hung_engine_is_killed_and_restarted(
+    tiny_engine: None, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Alive but failing /health 3 polls in a row: killed (it acts on nothing else), counted, restarted."""
+    engine_log = tmp_path / "engine.log"
+    cfg = ServeConfig(port=free_port(), unhealthy_restarts_after=3, engine_log=str(engine_log))
+    seen = serve_and_hang(cfg)
+    assert seen["code"] == [0]
+    assert seen["restarts"] == [-signal.SIGKILL]
+    [first] = seen["stopped"]
+    assert first.returncode == -signal.SIGKILL  # type: ignore[attr-defined]
+    assert seen["health"][:1] == [True] and seen["health"].count(False) >= 3
+    assert "stopped answering /health (3 checks in a row) and was killed; restarting it in 1 s" in caplog.text
+    # The serving engine's output went to --engine-log, once per start.
+    assert engine_log.read_text().count("tiny engine up") == 2
+
+
+def test_a_hung_engine_past_max_restarts_fails_and_zero_never_restarts(
+    tiny_engine: None, caplog: pytest.LogCaptureFixture
+) -> None:
+    from shortgpt_serve.serving.serve import EngineExited
+
+    with pytest.raises(EngineExited, match=r"stopped answering /health \(2 checks in a row\) and was killed"):
+        serve_and_hang(ServeConfig(port=free_port(), unhealthy_restarts_after=2, max_restarts=0))
+    never = serve_and_hang(ServeConfig(port=free_port(), unhealthy_restarts_after=0))
+    assert never["code"] == [0] and never["restarts"] == []
+    assert never["health"].count(False) >= 3  # it was seen failing, and left alone
+
+
+def test_an_engine_log_that_cannot_be_written_is_one_clear_error(tiny_engine: None, tmp_path: Path) -> None:
+    from shortgpt_serve.serving.serve import start_engine
+
+    blocked = tmp_path / "file"
+    blocked.write_text("")
+    with pytest.raises(ServeError, match=r"cannot write the engine log .*file/engine\.log .*--engine-log"):
+        start_engine(tmp_path, ServeConfig(port=free_port(), engine_log=str(blocked / "engine.log")), "tiny")
+
+
+def test_unhealthy_restarts_after_is_checked() -> None:
+    with pytest.raises(ConfigError, match="--unhealthy-restarts-after must be >= 0"):
+        ServeConfig(unhealthy_restarts_after=-1).validate()
 
 
 @pytest.mark.slow
@@ -210,6 +322,38 @@ def test_full_and_shortened_compared_on_the_same_engine(server: Launcher) -> Non
     assert "Benchmark: measuring the full model first" in server.output()
 
 
+# A line of vLLM's own logging (e.g. "INFO 12-02 14:31:07 [api_server.py:1] ..." or "(EngineCore_DP0 pid=12)
+# WARNING 12-02 ...") or a Python warning from inside an installed package.
+ENGINE_LINE = re.compile(r"^(\(\w+ pid=\d+\) )?(DEBUG|INFO|WARNING|ERROR|CRITICAL) \d\d-\d\d |site-packages/")
+
+
+@pytest.mark.slow
+def test_a_first_start_tells_its_own_story_without_benchmark_engine_noise(
+    server: Launcher, session_cache: Path
+) -> None:
+    """The session server's first start measured both private benchmark engines: their output is in log files in
+    the cache, named in the launcher's output; the terminal holds the tool's own account, and the serving
+    engine's output only once the serving engine starts."""
+    lines = server.output().splitlines()
+    serving_start = next(
+        i for i, line in enumerate(lines) if "Starting vLLM (" in line and f" --port {server.port} " in f"{line} "
+    )
+    before = lines[:serving_start]
+    noise = [line for line in before if ENGINE_LINE.search(line)]
+    assert noise == [], noise[:5]
+    logs = [Path(line.split("Benchmark engine log: ", 1)[1]) for line in before if "Benchmark engine log: " in line]
+    assert len(logs) == 2 and logs[0] != logs[1]
+    for log_file in logs:
+        assert log_file.parent.name == "logs" and log_file.parent.parent == session_cache
+        assert any(ENGINE_LINE.search(line) for line in log_file.read_text(errors="replace").splitlines())
+    story = "\n".join(before)
+    for own in ("Checkpoint: ", "retained", "Benchmark: measuring the full model first", "Full vs shortened on vllm"):
+        assert own in story, own
+    after = lines[serving_start:]
+    assert any(line.startswith("Serving ") for line in after)
+    assert any(ENGINE_LINE.search(line) for line in after)  # the serving engine's output stays on the terminal
+
+
 @pytest.mark.slow
 def test_soak_short(server: Launcher) -> None:
     """The CI variant of the soak test (loadtests/soak.py runs it for 10 minutes): 16 streaming requests in flight
@@ -278,9 +422,9 @@ def test_engine_death_while_loading_exits_non_zero_without_restarts(server: Laun
     port = free_port()
     args = ["serve", str(ckpt), "--port", str(port), "--metrics-port", "0", "--compare", "off", "--max-restarts", "0"]
     proc = launch(args, log)
-    wait_for(lambda: len(descendants(proc)) >= 2, 120, proc, log)  # the API server and its engine core
+    wait_for(lambda: len(engine_processes(proc)) >= 2, 120, proc, log)  # the API server and its engine core
     engine = descendants(proc)
-    psutil.Process(proc.pid).children()[0].kill()  # the API server, the launcher's own child
+    api_server(proc).kill()
     assert proc.wait(60) == 1
     assert "Error: the vLLM engine exited with code -9" in log.read_text()
     time.sleep(1)
@@ -328,7 +472,7 @@ def test_engine_death_is_restarted_with_backoff(server: Launcher, tmp_path: Path
     while "streaming" not in outcome and time.monotonic() < deadline:
         time.sleep(0.1)
     assert outcome.get("streaming"), outcome
-    first = psutil.Process(proc.pid).children()[0]
+    first = api_server(proc)
     first_engine = [first, *first.children(recursive=True)]
     first.kill()
     thread.join(90)
@@ -352,22 +496,31 @@ def test_engine_death_is_restarted_with_backoff(server: Launcher, tmp_path: Path
 
 
 @pytest.mark.slow
-def test_killed_launcher_leaves_no_engine(server: Launcher, tmp_path: Path) -> None:
-    """SIGKILL cannot be caught: the serving engine still goes, told by the kernel's parent-death signal.
+@pytest.mark.parametrize("when", ["loading", "serving"])
+def test_killed_launcher_leaves_no_engine(server: Launcher, tmp_path: Path, when: str) -> None:
+    """SIGKILL cannot be caught: the engine's whole process group still goes within seconds, taken down by its
+    watchdog, even while vLLM is loading (when it does not act on SIGTERM)."""
+    from shortgpt_serve.serving.procgroup import WATCHDOG_GRACE_S
 
-    Only once it serves: a vLLM server still loading does not act on SIGTERM until it has started."""
     ckpt = checkpoint_of(server)
     log = tmp_path / "killed.log"
     args = ["serve", str(ckpt), "--port", str(free_port()), "--metrics-port", "0", "--compare", "off"]
     proc = launch(args, log)
-    wait_for(lambda: "Serving " in log.read_text(), 600, proc, log)
+    if when == "loading":
+        wait_for(lambda: len(engine_processes(proc)) >= 2, 120, proc, log)  # the API server and its engine core
+        assert "Serving " not in log.read_text()
+    else:
+        wait_for(lambda: "Serving " in log.read_text(), 600, proc, log)
+    pgid = os.getpgid(api_server(proc).pid)
     engine = descendants(proc)
+    assert {os.getpgid(p.pid) for p in engine} == {pgid}  # every worker is in the group
     proc.kill()
     proc.wait(10)
-    deadline = time.monotonic() + 30
-    while alive(engine) and time.monotonic() < deadline:
-        time.sleep(0.5)
-    assert alive(engine) == []
+    start = time.monotonic()
+    while in_group(pgid) and time.monotonic() - start < 30:
+        time.sleep(0.2)
+    assert in_group(pgid) == [] and alive(engine) == []
+    assert time.monotonic() - start < WATCHDOG_GRACE_S + 5
 
 
 @pytest.mark.slow
@@ -377,7 +530,7 @@ def test_signal_while_loading_stops_everything(server: Launcher, tmp_path: Path,
     log = tmp_path / "term.log"
     port = free_port()
     proc = launch(["serve", str(ckpt), "--port", str(port), "--metrics-port", "0", "--compare", "off"], log)
-    wait_for(lambda: len(descendants(proc)) >= 2, 120, proc, log)
+    wait_for(lambda: len(engine_processes(proc)) >= 2, 120, proc, log)
     engine = descendants(proc)
     start = time.monotonic()
     proc.send_signal(sig)
@@ -430,7 +583,7 @@ def test_prompts_and_completions_stay_out_of_logs_and_metrics(server: Launcher, 
 def test_sigterm_stops_the_session_server(server: Launcher) -> None:
     """Runs last in this file: stops the shared server and checks nothing is left behind."""
     engine = descendants(server.process)
-    assert len(engine) >= 2
+    assert len(engine_processes(server.process)) >= 2
     start = time.monotonic()
     server.process.send_signal(signal.SIGTERM)
     assert server.process.wait(60) == 0

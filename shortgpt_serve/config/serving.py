@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import math
+import urllib.parse
 from dataclasses import dataclass
 
-from shortgpt_serve.config.fields import SERVE, CompareMode, check_choices, positive, setting
+from shortgpt_serve.config.fields import SERVE, CompareMode, check_choices, not_blank, positive, setting
 from shortgpt_serve.errors import ConfigError
 
+SHADOW_API_KEY_ENV = "SHORTGPT_SERVE_SHADOW_API_KEY"
+"""Where the shadow endpoint's API key is read from: never a flag (``ps`` shows those) nor a config file."""
 # vLLM flags that shortgpt-serve sets itself: after `--` they would silently override (or, for the key, expose) ours.
 OWN_VLLM_FLAGS = {
     "--host": "--host",
@@ -54,6 +57,49 @@ class ServeConfig:
         default=3,
     )
     vllm_args: tuple[str, ...] = setting("Extra arguments passed to vLLM as they are.", default=())
+    unhealthy_restarts_after: int = setting(
+        "Failed /health checks in a row (one every 2 s, each given 2 s) after which a running engine counts as hung: "
+        "it is killed and restarted like one that died, within --max-restarts. 0: never.",
+        "--unhealthy-restarts-after",
+        on=(SERVE,),
+        default=3,
+    )
+    engine_log: str = setting(
+        "Where the serving engine's output goes: '-' (the launcher's terminal) or a file it is appended to. The "
+        "private benchmark engines always write to a log file in the cache.",
+        "--engine-log",
+        on=(SERVE,),
+        default="-",
+    )
+    shadow_url: str | None = setting(
+        "A full-model OpenAI-compatible endpoint (e.g. http://full:8000) to compare with on live traffic: a proxy "
+        "then fronts --port, forwards every request to vLLM unchanged and also sends a sampled share of "
+        "completions to this endpoint in the background (its API key from SHORTGPT_SERVE_SHADOW_API_KEY).",
+        "--shadow-url",
+        on=(SERVE,),
+        env="SHADOW_URL",
+        default=None,
+    )
+    shadow_fraction: float = setting(
+        "Share of completions and chat completions also sent to --shadow-url (0..1).",
+        "--shadow-fraction",
+        on=(SERVE,),
+        env="SHADOW_FRACTION",
+        default=0.05,
+    )
+    shadow_model: str | None = setting(
+        "Model name asked of --shadow-url. Default: the first model its /v1/models lists.",
+        "--shadow-model",
+        on=(SERVE,),
+        default=None,
+    )
+    shadow_timeout: float = setting(
+        "Seconds a shadow request may take before it is abandoned (counted as an error).", default=120.0
+    )
+    shadow_max_in_flight: int = setting(
+        "Shadow requests in flight at most; a sampled request beyond that is not shadowed (counted as dropped).",
+        default=8,
+    )
 
     def validate(self) -> None:
         for key, port, flag in (
@@ -75,6 +121,40 @@ class ServeConfig:
         self._validate_names()
         if self.max_restarts < 0:
             raise ConfigError(f"--max-restarts must be >= 0, got {self.max_restarts}.", param="--max-restarts")
+        if self.unhealthy_restarts_after < 0:
+            raise ConfigError(
+                f"--unhealthy-restarts-after must be >= 0 (0: never), got {self.unhealthy_restarts_after}.",
+                param="--unhealthy-restarts-after",
+            )
+        self._validate_shadow()
+
+    def _validate_shadow(self) -> None:
+        f = self.shadow_fraction
+        if not (isinstance(f, (int, float)) and 0 <= f <= 1):
+            raise ConfigError(
+                f"--shadow-fraction must be a share between 0 and 1 (e.g. 0.05 for 5% of requests), got {f}.",
+                param="--shadow-fraction",
+            )
+        url = self.shadow_url
+        if url is not None:
+            parts = urllib.parse.urlsplit(url)
+            if parts.scheme not in ("http", "https") or not parts.hostname or any(c.isspace() for c in url):
+                raise ConfigError(
+                    f"--shadow-url must be an http(s) URL of a full-model OpenAI-compatible server, e.g. "
+                    f"http://full-model:8000, got {url!r}.",
+                    param="--shadow-url",
+                )
+        not_blank(
+            self.shadow_model,
+            "--shadow-model",
+            "name the shadow's model or leave it unset for the first one its /v1/models lists",
+        )
+        if not 0 < self.shadow_timeout < math.inf:
+            raise ConfigError(
+                f"serve.shadow_timeout must be a finite number of seconds > 0, got {self.shadow_timeout}.",
+                param="serve.shadow_timeout",
+            )
+        positive("serve.shadow_max_in_flight", self.shadow_max_in_flight, "serve.shadow_max_in_flight")
 
     def _validate_names(self) -> None:
         if not self.host.strip() or any(c.isspace() for c in self.host):

@@ -4,7 +4,8 @@ One fixed workload (``shortgpt_serve.serving.workload``) runs at each concurrenc
 measured on its own engine, started with the same vLLM arguments and environment on a private loopback port and
 stopped before the shortened model's engine starts: the two never run at once, so neither steals the other's
 compute. Results are cached by what determines them: the model's content hash, the engine and its settings, the
-machine, and the workload.
+machine, and the workload. The private engines' output goes to a log file in the cache (``logs/``), named in one
+line, and its tail is shown when the engine fails, so the launcher's own account is not buried in engine output.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import json
 import logging
 import os
 import platform
+import re
 import threading
 import time
 from dataclasses import dataclass
@@ -23,7 +25,7 @@ from typing import Any
 
 from shortgpt_serve import cache
 from shortgpt_serve.config import BenchmarkConfig, ServeConfig
-from shortgpt_serve.errors import CacheError
+from shortgpt_serve.errors import CacheError, ServeError
 from shortgpt_serve.provenance import Provenance
 from shortgpt_serve.serving.benchrun import BenchmarkRun, ratios
 from shortgpt_serve.serving.workload import Stopped, Workload, run_workload
@@ -35,6 +37,10 @@ log = logging.getLogger(__name__)
 HOW = "sequential: the full model's engine runs alone, then the shortened model's, with the same settings"
 # Environment that changes how vLLM runs (threads, KV cache, devices), part of a result's cache key.
 ENGINE_ENV_PREFIXES = ("VLLM_CPU_", "CUDA_VISIBLE_DEVICES", "OMP_NUM_THREADS")
+LOGS = "logs"
+"""The cache's folder of the private benchmark engines' logs."""
+KEEP_LOGS = 20
+"""Benchmark engine logs kept in the cache; older ones are removed when a new one starts."""
 
 # -- cache keys ----------------------------------------------------------------------------------------------------
 
@@ -122,7 +128,7 @@ def table(full: BenchmarkRun, short: BenchmarkRun, predicted_cost: float | None)
                     f"{r.output_tokens_per_s:.1f}",
                     f"{r.requests_per_s:.2f}",
                     f"{1000 * r.ttft_s['0.5']:.0f}",
-                    f"{1000 * r.tpot_s.get('0.5', 0.0):.1f}",
+                    f"{1000 * r.tpot_s['0.5']:.1f}" if "0.5" in r.tpot_s else "-",
                     f"{r.e2e_s['0.5']:.2f}",
                     f"{r.e2e_s['0.99']:.2f}",
                 ]
@@ -136,6 +142,19 @@ def table(full: BenchmarkRun, short: BenchmarkRun, predicted_cost: float | None)
     return "\n".join(lines)
 
 
+def engine_log_path(cache_dir: Path, model_name: str) -> Path:
+    """A new log file for a private benchmark engine in the cache's ``logs/``; the oldest beyond
+    :data:`KEEP_LOGS` are removed."""
+    folder = cache_dir / LOGS
+    with contextlib.suppress(OSError):
+        old = sorted(folder.glob("benchmark-*.log"), key=lambda p: p.stat().st_mtime)
+        for stale in old[: max(0, len(old) - KEEP_LOGS + 1)]:
+            stale.unlink(missing_ok=True)
+    stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+    safe = re.sub(r"[^A-Za-z0-9._-]+", "_", model_name)
+    return folder / f"benchmark-{safe}-{stamp}-{os.getpid()}.log"
+
+
 def measure_model(
     model_dir: Path,
     cfg: ServeConfig,
@@ -144,21 +163,31 @@ def measure_model(
     stop: threading.Event | None = None,
     *,
     trust_remote_code: bool = False,
+    log_path: Path | None = None,
 ) -> BenchmarkRun:
     """Start an engine on ``model_dir`` on a private loopback port, run ``workload``, stop it.
 
-    Raises :class:`Stopped` when ``stop`` is set (SIGTERM/SIGINT) before the measurement finished.
+    The engine's output goes to ``log_path`` (named in one line; its tail is logged if the engine or the workload
+    fails), or to the launcher's own output when None. Raises :class:`Stopped` when ``stop`` is set
+    (SIGTERM/SIGINT) before the measurement finished.
     """
-    from shortgpt_serve.serving.serve import free_loopback_port, start_engine
+    from shortgpt_serve.serving.serve import free_loopback_port, log_tail, start_engine
 
     private = dataclasses.replace(cfg, host="127.0.0.1", port=free_loopback_port(), api_key=None)
     log.info("Benchmark: starting a private engine for %s on port %d", model_name, private.port)
-    engine = start_engine(model_dir, private, model_name, trust_remote_code=trust_remote_code)
+    if log_path is not None:
+        log.info("Benchmark engine log: %s", log_path)
+    engine = start_engine(model_dir, private, model_name, trust_remote_code=trust_remote_code, log_path=log_path)
     try:
         engine.wait_ready(cfg.health_timeout, stop)
         if stop is not None and stop.is_set():
             raise Stopped
         return run_workload(engine.base_url, model_name, workload, stop=stop)
+    except ServeError:
+        tail = "" if log_path is None else log_tail(log_path)
+        if tail:
+            log.error("The benchmark engine for %s failed; the end of its log (%s):\n%s", model_name, log_path, tail)
+        raise
     finally:
         engine.stop(cfg.stop_timeout)
 
@@ -229,7 +258,13 @@ class Comparison:
             return
         log.info("Benchmark: measuring the full model first (%s; %s)", self.workload.describe(), HOW)
         run = measure_model(
-            model_dir, self.serve_cfg, self.full_name, self.workload, stop, trust_remote_code=trust_remote_code
+            model_dir,
+            self.serve_cfg,
+            self.full_name,
+            self.workload,
+            stop,
+            trust_remote_code=trust_remote_code,
+            log_path=engine_log_path(self.cache.cache_dir, self.full_name),
         )
         self.full = dataclasses.replace(run, how=HOW)
         self.cache.store(self.full_key, self.full)
@@ -242,7 +277,13 @@ class Comparison:
             return
         log.info("Benchmark: measuring the shortened model (%s)", self.workload.describe())
         run = measure_model(
-            checkpoint, self.serve_cfg, self.served_name, self.workload, stop, trust_remote_code=trust_remote_code
+            checkpoint,
+            self.serve_cfg,
+            self.served_name,
+            self.workload,
+            stop,
+            trust_remote_code=trust_remote_code,
+            log_path=engine_log_path(self.cache.cache_dir, self.served_name),
         )
         self.short = dataclasses.replace(run, how=HOW)
         self.cache.store(self.short_key, self.short)

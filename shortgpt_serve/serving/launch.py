@@ -7,15 +7,23 @@ then launch). Messages for the person at the terminal go to ``say`` (stderr by d
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
+import os
 import sys
 import threading
 from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from shortgpt_serve.config import Config
+from shortgpt_serve.config import Config, ServeConfig
+from shortgpt_serve.config.serving import SHADOW_API_KEY_ENV
 from shortgpt_serve.errors import CheckpointError, ShortGPTError
 from shortgpt_serve.provenance import Provenance
+
+if TYPE_CHECKING:
+    from shortgpt_serve.serving.live import LiveMetrics
+    from shortgpt_serve.serving.shadow import ProxyServer
 
 log = logging.getLogger("shortgpt_serve")
 
@@ -59,12 +67,15 @@ def launch(
     """Publish the launcher metrics, compare the full and the shortened model (``config.benchmark``), then serve
     ``checkpoint`` as ``name`` until SIGTERM/SIGINT, restarting the engine if it dies."""
     from shortgpt_serve.serving.compare import Comparison
+    from shortgpt_serve.serving.live import LiveMetrics
     from shortgpt_serve.serving.metrics import LauncherMetrics, start_metrics_server
     from shortgpt_serve.serving.serve import Engine, engine_dist, local_url, serve, stop_on_signals
+    from shortgpt_serve.serving.shadow import redact
     from shortgpt_serve.serving.workload import Stopped
 
     cfg = config.serve
     metrics = LauncherMetrics()
+    live = LiveMetrics(metrics.registry)  # at zero without a shadow, so dashboards and alerts see the series
     metrics.record_checkpoint(provenance)
     dist, version = engine_dist()
     metrics.record_build(dist, version, provenance, name)
@@ -76,13 +87,24 @@ def launch(
             config.benchmark, cfg, config.resolved_cache_dir(), checkpoint, provenance, name, (dist, version)
         )
 
+    proxy = None
+
     def ready(engine: Engine, stop: threading.Event) -> None:
         extra = f"; launcher metrics at {local_url(cfg.host, cfg.metrics_port)}/metrics" if server else ""
         auth = " (API key required)" if cfg.api_key else ""
+        base = local_url(cfg.host, cfg.port) if proxy is not None else engine.base_url
+        shadow = ""
+        if proxy is not None and cfg.shadow_url:
+            shadow = f"; {cfg.shadow_fraction:.0%} of completions also sent to {redact(cfg.shadow_url)} to compare"
         say(
-            f"Serving {name} at {engine.base_url}/v1{auth} (OpenAI-compatible); vLLM metrics at "
-            f"{engine.base_url}/metrics{extra}. Ctrl-C stops."
+            f"Serving {name} at {base}/v1{auth} (OpenAI-compatible); vLLM metrics at "
+            f"{base}/metrics{extra}{shadow}. Ctrl-C stops."
         )
+
+    def health(up: bool) -> None:
+        metrics.engine_up.set(1 if up else 0)
+        if proxy is not None:
+            proxy.proxy.ready = up
 
     try:
         if comparison is not None:
@@ -100,18 +122,46 @@ def launch(
             if comparison.full and comparison.short:
                 say(f"\nFull vs shortened on {dist} {version}, same settings:\n{comparison.table()}\n")
             metrics.record_benchmark(comparison.full, comparison.short, comparison.predicted_cost)
+        engine_cfg = cfg
+        if cfg.shadow_url:
+            engine_cfg, proxy = front_with_proxy(cfg, live)
         serve(
             checkpoint,
-            cfg,
+            engine_cfg,
             name,
             on_ready=ready,
-            on_health=lambda up: metrics.engine_up.set(1 if up else 0),
+            on_health=health,
             on_restart=lambda code: metrics.engine_restarts.inc(),
             trust_remote_code=trusted,
         )
     finally:
+        if proxy is not None:
+            proxy.stop()
         if server is not None:
             server.shutdown()
+
+
+def front_with_proxy(cfg: ServeConfig, live: LiveMetrics) -> tuple[ServeConfig, ProxyServer]:
+    """Start the shadow proxy on the public ``cfg.host:cfg.port``; returns the settings the engine runs with
+    (the same but on a private loopback port) and the running proxy. The shadow's key is read from
+    SHORTGPT_SERVE_SHADOW_API_KEY."""
+    from shortgpt_serve.serving.live import LiveComparison
+    from shortgpt_serve.serving.serve import free_loopback_port, is_loopback, local_url
+    from shortgpt_serve.serving.shadow import ProxyServer, ShadowProxy, ShadowTarget
+
+    assert cfg.shadow_url is not None
+    engine_cfg = dataclasses.replace(cfg, host="127.0.0.1", port=free_loopback_port())
+    if cfg.api_key is None and not is_loopback(cfg.host):
+        log.warning(
+            "--host %s is reachable from the network and no --api-key is set: anyone who reaches port %d can use "
+            "the model",
+            cfg.host,
+            cfg.port,
+        )
+    target = ShadowTarget.of(cfg.shadow_url, os.environ.get(SHADOW_API_KEY_ENV), cfg.shadow_model, cfg.shadow_timeout)
+    comparison = LiveComparison(live, cfg.shadow_fraction, cfg.shadow_max_in_flight)
+    proxy = ShadowProxy(local_url(engine_cfg.host, engine_cfg.port), target, comparison)
+    return engine_cfg, ProxyServer(proxy, cfg.host, cfg.port).start()
 
 
 def serve_checkpoint(checkpoint: Path, config: Config, say: Say = _stderr) -> None:

