@@ -81,6 +81,7 @@ def prepare(config: Config, progress: bool = True, in_use: ExitStack | None = No
     session = ModelSession(config, source, docs)
     # Fails on text too short for one sequence, or for healing, before anything is written.
     check_healing(config, source, session.calib().num_tokens)
+    session.memory_plan()  # a model that cannot fit even streamed is refused here, before any long work
     pkey = profile_key(config, source, docs, hashes)
     qkey = quality_key(config, source, docs.heldout, hashes) if config.quality.enabled else None
     hashes.save()

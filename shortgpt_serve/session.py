@@ -13,14 +13,16 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from shortgpt_serve import cache
+from shortgpt_serve import cache, memplan
 from shortgpt_serve.calibration import CalibrationSet, Documents, batches
 from shortgpt_serve.config import Config
 from shortgpt_serve.inputs import calibration_set
-from shortgpt_serve.models.loading import load_model, resolve_dtype
+from shortgpt_serve.memplan import Plan
+from shortgpt_serve.models.loading import load_model, resolve_device, resolve_dtype
 from shortgpt_serve.models.source import ModelSource
 from shortgpt_serve.passes import Batch, PassEngine
 from shortgpt_serve.profile import LayerProfile, profile_model
+from shortgpt_serve.streaming import Streamed, empty_model
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel
@@ -36,17 +38,66 @@ class ModelSession:
         self._calib: CalibrationSet | None = None
         self._model: PreTrainedModel | None = None
         self._engine: PassEngine | None = None
+        self._placement: Streamed | None = None
+        self._device = "cpu"
+        self._plan: Plan | None = None
 
     def calib(self) -> CalibrationSet:
         if self._calib is None:
             self._calib = calibration_set(self.config, self.source, self.docs)
         return self._calib
 
+    def memory_plan(self) -> Plan:
+        """Whether the weights are held whole or streamed (:mod:`shortgpt_serve.memplan`), from the checkpoint's
+        headers and the device's free memory when first asked."""
+        if self._plan is None:
+            plan = self._memory_plan()
+            log.info("%s", plan.describe(self.source.name, self.source.num_layers))
+            self._device = resolve_device(self.config.profile.device)
+            if plan.mode == "stream":  # built now: a family that cannot be streamed is refused before any work
+                import torch
+
+                device = torch.device(self._device)
+                dtype = resolve_dtype(self.config.profile.dtype, self._device)
+                model = empty_model(self.source.path, dtype, device, self.source.trust_remote_code)
+                self._placement = Streamed(model, self.source.family, self.source.path, device)
+            self._plan = plan
+        return self._plan
+
+    def _memory_plan(self) -> Plan:
+        import torch
+
+        from shortgpt_serve.models.weights import params_by_layer, tensor_infos
+        from shortgpt_serve.placement import free_bytes
+
+        device = resolve_device(self.config.profile.device)
+        dtype = getattr(torch, resolve_dtype(self.config.profile.dtype, device))
+        size = torch.empty((), dtype=dtype).element_size()
+        shapes = {name: shape for name, (_, shape) in tensor_infos(self.source.path).items()}
+        per_layer, other = params_by_layer(shapes, self.source.family.layers_module, self.source.num_layers)
+        config = self.source.config
+        hidden = int(config.get("hidden_size") or config.get("text_config", {}).get("hidden_size") or 0)
+        return memplan.plan(
+            weights=(sum(per_layer) + other) * size,
+            largest=max([*per_layer, other]) * size,
+            states=self.config.calibration.num_tokens * hidden * size,
+            memory=self.config.profile.memory,
+            free=free_bytes(torch.device(device)),
+            device=device,
+            name=self.source.name,
+        )
+
     def model(self) -> PreTrainedModel:
         if self._model is None:
             self.calib()  # fails on unusable text before the model is loaded
-            log.info("Loading %s", self.source.origin)
-            self._model = load_model(self.source, self.config.profile.device, self.config.profile.dtype)
+            plan = self.memory_plan()
+            if plan.mode == "resident":
+                log.info("Loading %s", self.source.origin)
+                self._model = load_model(self.source, self._device, self.config.profile.dtype)
+            else:
+                assert self._placement is not None
+                log.info("Streaming reads ~%.0f s of weights per pass at layer 0's read speed", self._placement.probe())
+                self._model = self._placement.model
         return self._model
 
     def engine(self, dtype: str | None = None) -> PassEngine:
@@ -55,10 +106,9 @@ class ModelSession:
 
         model = self.model()
         if dtype is not None:
-            device = str(next(model.parameters()).device)
-            model.to(getattr(torch, resolve_dtype(dtype, device)))
+            model.to(getattr(torch, resolve_dtype(dtype, self._device)))
         if self._engine is None:
-            self._engine = PassEngine(model, self.source.family)
+            self._engine = PassEngine(model, self.source.family, self._placement)
         return self._engine
 
     def calibration_batches(self) -> list[Batch]:
@@ -66,9 +116,16 @@ class ModelSession:
         return [Batch(ids, mask) for ids, mask in batches(self.calib().sequences, self.config.profile.batch_size, pad)]
 
     def close(self) -> None:
-        self._engine = None
+        """Drop the model and return its device memory (the serving engine boots next and needs it)."""
+        if self._placement is not None:
+            self._placement.close()
+        self._engine = self._placement = None
         self._model = None
         gc.collect()
+        if self._device.startswith("cuda"):
+            import torch
+
+            torch.cuda.empty_cache()
 
 
 def measure_profile(session: ModelSession, progress: bool = True) -> LayerProfile:

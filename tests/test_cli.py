@@ -342,7 +342,18 @@ BAD_INPUTS: list[tuple[str, Callable[[Path], list[str]], int, str]] = [
     ("model ships code", lambda t: ["--model", custom_code(t)], 1, "('auto_map' in config.json)"),
     ("model code names the flag", lambda t: ["--model", custom_code(t)], 1, "pass --trust-remote-code if you trust"),
     ("tokenizer ships code", lambda t: ["--model", custom_tokenizer_code(t)], 1, "'auto_map' in tokenizer_config.json"),
-    ("hub id while offline", lambda t: ["--model", "no-such-org/no-such-model"], 1, "could not download it"),
+    (
+        "hub id offline, not in the HF cache",
+        lambda t: ["--model", "no-such-org/no-such-model"],
+        1,
+        "--model no-such-org/no-such-model: the Hugging Face cache (",
+    ),
+    (
+        "hub id offline names the fix",
+        lambda t: ["--model", "no-such-org/no-such-model"],
+        1,
+        "(`hf download no-such-org/no-such-model`, or `huggingface-cli download no-such-org/no-such-model`), or mount",
+    ),
     # weights
     ("weights truncated", lambda t: damaged_weights(t, "truncated"), 1, "the checkpoint is damaged"),
     ("weights garbage", lambda t: damaged_weights(t, "garbage"), 1, "model.safetensors is not a readable safetensors"),
@@ -370,6 +381,20 @@ BAD_INPUTS: list[tuple[str, Callable[[Path], list[str]], int, str]] = [
     ("min agreement above one", lambda t: ["--min-agreement", "1.5"], 2, "--min-agreement must be in (0, 1]"),
     ("unknown decision rule", lambda t: ["--decide", "mean"], 2, "'mean' is not one of 'fit', 'lower-bound', 'point'."),
     ("confirm negative", lambda t: yaml_file(t, "selection:\n  confirm: -1\n"), 2, "selection.confirm must be >= 0"),
+    # memory
+    ("memory not a size", lambda t: ["--memory", "lots"], 2, "--memory must be auto, stream or a size such as 16GiB"),
+    (
+        "model cannot fit even streamed",
+        lambda t: ["--model", tiny_family(t, "llama"), "--memory", "1MB"],
+        1,
+        "even streamed layer by layer, profiling needs",
+    ),
+    (
+        "streaming a family converted on load",
+        lambda t: ["--model", tiny_family(t, "qwen2_moe"), "--memory", "stream"],
+        1,
+        "qwen2_moe: the checkpoint's tensor names differ from the model's",
+    ),
     (
         "kl floor without quality",
         lambda t: ["--max-kl", "0.5", "--no-quality"],

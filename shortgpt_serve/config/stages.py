@@ -67,10 +67,22 @@ class ProfileConfig:
         "bfloat16 or float16. Cosines are accumulated in float32 either way.",
         default="auto",
     )
+    memory: str = setting(
+        "Memory the model work (profiling, scoring, healing) may hold on its device: auto (90% of what the device "
+        "has free), stream (always stream: the least memory), or a size such as 16GiB or 800MB. Weights that fit "
+        "are held whole; a larger model is streamed one layer at a time from its safetensors shards (two layers "
+        "held at once).",
+        "--memory",
+        default="auto",
+    )
 
     def validate(self) -> None:
         positive("profile.batch_size", self.batch_size, "--batch-size")
         check_choices(self, "profile")
+        if self.memory not in ("auto", "stream"):
+            from shortgpt_serve.memplan import parse_size
+
+            parse_size(self.memory)
         if not (self.device in ("auto", "cpu") or re.fullmatch(r"cuda(:\d+)?", self.device)):
             raise ConfigError(
                 f"profile.device must be auto, cpu, cuda or cuda:N, got {self.device!r}.", param="--device"

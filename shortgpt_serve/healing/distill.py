@@ -275,7 +275,10 @@ def distill(
     if not removed:
         raise HealingError("--heal distill heals a removal; no layer is removed. Remove layers or use --heal none.")
     if not isinstance(engine.placement, Resident):
-        raise HealingError("--heal distill needs the whole model in memory on one device; use --heal linear.")
+        raise HealingError(
+            "--heal distill needs the whole model in memory on one device; give the model work enough "
+            "memory to hold it (--memory) or use --heal linear."
+        )
     if steps < 1 or batch_size < 1:
         raise ValueError(f"distill needs steps >= 1 and batch_size >= 1, got {steps} and {batch_size}.")
     drop = set(removed)

@@ -1,0 +1,266 @@
+"""The streamed placement: each decoder layer's weights read from the safetensors shards when the pass reaches it.
+
+The model is built empty (every parameter on the ``meta`` device; buffers such as rotary tables are real, on the
+pass's device). A pass holds at most two layers' weights: the one it runs and the next, which a reader thread
+brings from disk while the current one computes. The modules before the layers (the embeddings) and the head (the
+final norm and the output embeddings) are brought in for their own part of the pass only. Weights are cast to the
+model's dtype as they are read, so ``model.to(dtype)`` on the empty model changes what the next pass computes in.
+
+Streaming needs the checkpoint's tensor names to be the model's own parameter names (families that transformers
+converts on load, e.g. MoE models with fused experts, are refused with the setting to change).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import time
+from collections.abc import Iterator, Mapping
+from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from shortgpt_serve.errors import ModelError
+from shortgpt_serve.models.weights import layer_of, layer_pattern, read_header, weight_map
+from shortgpt_serve.placement import free_bytes
+
+if TYPE_CHECKING:
+    import torch
+    from transformers import PreTrainedModel
+
+    from shortgpt_serve.models.families import Family
+
+log = logging.getLogger(__name__)
+
+DTYPES = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16", "I64": "int64", "I32": "int32"}
+"""Safetensors dtypes the streamed placement reads."""
+
+
+@dataclass(frozen=True)
+class Stored:
+    """Where one tensor lies: its shard, the byte range of its data, its stored dtype and shape."""
+
+    path: Path
+    start: int
+    end: int
+    dtype: str
+    shape: tuple[int, ...]
+
+
+def stored_tensors(folder: Path) -> dict[str, Stored]:
+    """Every tensor of a safetensors checkpoint, from the shards' headers alone."""
+    out: dict[str, Stored] = {}
+    mapping = weight_map(folder)
+    for file in sorted(set(mapping.values())):
+        path = folder / file
+        header, data_start = read_header(path)
+        for name, info in header.items():
+            if name == "__metadata__" or mapping.get(name) != file:
+                continue
+            begin, end = info["data_offsets"]
+            out[name] = Stored(path, data_start + begin, data_start + end, str(info["dtype"]), tuple(info["shape"]))
+    return out
+
+
+def read_tensor(stored: Stored, dtype: torch.dtype, pin: bool = False) -> torch.Tensor:
+    """One tensor read from its shard with plain file reads (no memory map stays behind), cast to ``dtype``."""
+    import torch
+
+    if stored.dtype not in DTYPES:
+        raise ModelError(f"{stored.path} stores a tensor as {stored.dtype}; streaming reads {', '.join(DTYPES)} only.")
+    raw = torch.empty(stored.end - stored.start, dtype=torch.uint8, pin_memory=pin)
+    with open(stored.path, "rb") as f:
+        f.seek(stored.start)
+        view = memoryview(raw.numpy())  # type: ignore[arg-type]
+        got = 0
+        while got < len(view):
+            n = f.readinto(view[got:])
+            if not n:
+                raise ModelError(f"{stored.path} ends inside a tensor's data; the checkpoint is damaged.")
+            got += n
+    tensor = raw.view(getattr(torch, DTYPES[stored.dtype])).reshape(stored.shape)
+    return tensor if tensor.dtype == dtype else tensor.to(dtype)
+
+
+def _set(model: torch.nn.Module, name: str, value: torch.Tensor) -> None:
+    import torch
+
+    path, _, attr = name.rpartition(".")
+    module = model.get_submodule(path)
+    if attr in module._parameters:
+        module._parameters[attr] = torch.nn.Parameter(value, requires_grad=False)
+    else:
+        module._buffers[attr] = value
+
+
+class Streamed:
+    """Weights on disk; each part of the pass brings its own to ``device`` and drops them after (see the module
+    docstring)."""
+
+    def __init__(self, model: PreTrainedModel, family: Family, folder: Path, device: torch.device) -> None:
+        import torch
+
+        self.model, self.family, self.device = model, family, device
+        stored = stored_tensors(folder)
+        params = dict(model.named_parameters(remove_duplicate=False))
+        self._shapes = {n: tuple(p.shape) for n, p in params.items()}
+        source = {n: n for n in params if n in stored}
+        out_emb, in_emb = _embedding_names(model)
+        if out_emb and out_emb not in source and in_emb in stored:
+            source[out_emb] = in_emb  # tied: the checkpoint keeps the input embeddings only
+        missing = sorted(set(params) - set(source))
+        if missing:
+            raise ModelError(
+                f"{family.model_type}: the checkpoint's tensor names differ from the model's ({missing[0]} not found; "
+                "transformers converts this family's weights on load), so its layers cannot be streamed; give the "
+                "profile enough memory to hold the whole model (--memory)."
+            )
+        wrong = [n for n in source if tuple(stored[source[n]].shape) != self._shapes[n]]
+        if wrong:
+            raise ModelError(
+                f"{wrong[0]} has shape {stored[source[wrong[0]]].shape} in the checkpoint, not "
+                f"{self._shapes[wrong[0]]}; the config and the weights disagree."
+            )
+        self._stored = {n: stored[s] for n, s in source.items()}
+        pattern = layer_pattern(family.layers_module)
+        self.num_layers = int(model.config.num_hidden_layers)
+        self._layer_names: list[list[str]] = [[] for _ in range(self.num_layers)]
+        outside: list[str] = []
+        for n in params:
+            i = layer_of(n, pattern)
+            (outside if i is None else self._layer_names[i]).append(n)
+        head_modules = {_module_name(model, family.layers_module.rpartition(".")[0] + ".norm")}
+        if out_emb:
+            head_modules.add(out_emb.rpartition(".")[0])
+        self._head_names = [n for n in outside if n.rpartition(".")[0] in head_modules]
+        self._embed_names = [n for n in outside if n not in self._head_names]
+        self._layers = [model.get_submodule(f"{family.layers_module}.{i}") for i in range(self.num_layers)]
+        for module in model.modules():  # real buffers (rotary tables) go where the pass computes
+            for key, buf in list(module._buffers.items()):
+                if buf is not None and buf.device.type != "meta":
+                    module._buffers[key] = buf.to(device)
+        self._pin = device.type == "cuda" and torch.cuda.is_available()
+        self._reader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="shortgpt-stream")
+        self._next: tuple[int, Future[dict[str, torch.Tensor]]] | None = None
+        self.read_s = 0.0
+
+    # --- sizes ---------------------------------------------------------------------------------------------------
+
+    def _bytes(self, names: list[str]) -> int:
+        size = next(self.model.parameters()).element_size()
+        return sum(_numel(self._shapes[n]) * size for n in names)
+
+    def layer_bytes(self) -> int:
+        """The largest unit the pass brings in at once (a decoder layer, the embeddings or the head), as computed."""
+        return max(self._bytes(names) for names in [*self._layer_names, self._embed_names, self._head_names])
+
+    def total_bytes(self) -> int:
+        return self._bytes(list(self._shapes))
+
+    def free_bytes(self) -> int | None:
+        free = free_bytes(self.device)
+        return None if free is None else max(0, free - 2 * self.layer_bytes())
+
+    # --- reading ---------------------------------------------------------------------------------------------------
+
+    def _read(self, names: list[str]) -> dict[str, torch.Tensor]:
+        t0 = time.perf_counter()
+        dtype = next(self.model.parameters()).dtype
+        out = {n: read_tensor(self._stored[n], dtype, self._pin) for n in names}
+        self.read_s += time.perf_counter() - t0
+        return out
+
+    def _fetch(self, index: int) -> dict[str, torch.Tensor]:
+        """Layer ``index``'s weights on the host: the one prefetched, or read now; then the next one is started."""
+        ahead, self._next = self._next, None
+        tensors = ahead[1].result() if ahead is not None and ahead[0] == index else self._read(self._layer_names[index])
+        if index + 1 < self.num_layers:
+            self._next = (index + 1, self._reader.submit(self._read, self._layer_names[index + 1]))
+        return tensors
+
+    @contextmanager
+    def _brought(self, tensors: Mapping[str, torch.Tensor]) -> Iterator[None]:
+        import torch
+
+        try:
+            for n, t in tensors.items():
+                _set(self.model, n, t.to(self.device, non_blocking=True))
+            if self.device.type == "cuda":
+                torch.cuda.current_stream(self.device).synchronize()
+            yield
+        finally:
+            dtype = next(iter(tensors.values())).dtype if tensors else torch.float32
+            for n in tensors:
+                _set(self.model, n, torch.empty(self._shapes[n], dtype=dtype, device="meta"))
+
+    @contextmanager
+    def embedding(self) -> Iterator[None]:
+        with self._brought(self._read(self._embed_names)):
+            yield
+
+    @contextmanager
+    def layer(self, index: int) -> Iterator[torch.nn.Module]:
+        with self._brought(self._fetch(index)):
+            yield self._layers[index]
+
+    @contextmanager
+    def head(self) -> Iterator[torch.nn.Module]:
+        norm = self.model.get_submodule(self.family.layers_module.rpartition(".")[0] + ".norm")
+        with self._brought(self._read(self._head_names)):
+            yield norm
+
+    def probe(self) -> float:
+        """Seconds one pass spends reading weights, estimated from reading layer 0 now (kept for the first pass)."""
+        t0 = time.perf_counter()
+        tensors = self._read(self._layer_names[0])
+        seconds = time.perf_counter() - t0
+        done: Future[dict[str, torch.Tensor]] = Future()
+        done.set_result(tensors)
+        self._next = (0, done)
+        first = self._bytes(self._layer_names[0])
+        return seconds * self.total_bytes() / max(1, first)
+
+    def close(self) -> None:
+        if self._next is not None:
+            with contextlib.suppress(Exception):
+                self._next[1].result()
+            self._next = None
+        self._reader.shutdown(wait=True)
+
+
+def _numel(shape: tuple[int, ...]) -> int:
+    n = 1
+    for d in shape:
+        n *= d
+    return n
+
+
+def _module_name(model: torch.nn.Module, path: str) -> str:
+    model.get_submodule(path)  # raises when the family's final norm is elsewhere
+    return path
+
+
+def _embedding_names(model: PreTrainedModel) -> tuple[str | None, str | None]:
+    """The parameter names of the output and the input embeddings' weights."""
+    out_mod, in_mod = model.get_output_embeddings(), model.get_input_embeddings()
+    names = {id(m): n for n, m in model.named_modules(remove_duplicate=False)}
+    out = f"{names[id(out_mod)]}.weight" if out_mod is not None and id(out_mod) in names else None
+    inp = f"{names[id(in_mod)]}.weight" if in_mod is not None and id(in_mod) in names else None
+    return out, inp
+
+
+def empty_model(folder: Path, dtype: str, device: torch.device, trust_remote_code: bool = False) -> PreTrainedModel:
+    """The model built without weights (parameters on ``meta``, buffers real), in eval mode, in ``dtype``."""
+    import torch
+    from accelerate import init_empty_weights
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.from_pretrained(folder, trust_remote_code=trust_remote_code)
+    with init_empty_weights(include_buffers=False):
+        model = AutoModelForCausalLM.from_config(
+            config, dtype=getattr(torch, dtype), trust_remote_code=trust_remote_code
+        )
+    model.eval()
+    return model

@@ -1,0 +1,205 @@
+"""The streamed placement computes what the resident model computes, holding one decoder layer at a time."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from shortgpt_serve.errors import ConfigError, ModelError
+from shortgpt_serve.memplan import RESERVE, parse_size, plan
+from shortgpt_serve.models.families import FAMILIES
+from shortgpt_serve.passes import Batch, PassEngine, Route
+from shortgpt_serve.streaming import Streamed, empty_model
+
+DENSE = ["llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3_text", "phi3"]
+
+
+def batches() -> list[Batch]:
+    import torch
+
+    gen = torch.Generator().manual_seed(1)
+    ids = torch.randint(0, 100, (2, 24), generator=gen)
+    mask = torch.ones_like(ids)
+    mask[1, 17:] = 0
+    return [Batch(ids, mask), Batch(ids[:, :12].clone(), mask[:, :12].clone())]
+
+
+def run(engine: PassEngine) -> tuple[dict[tuple[int, int], object], dict[str, list[object]]]:
+    """Every layer's input and output seen by an observer, and the logits of the full model and a candidate."""
+    seen: dict[tuple[int, int], object] = {}
+    logits: dict[str, list[object]] = {"full": [], "skip": []}
+
+    def watch(layer: int, batch: int, h_in: object, h_out: object, mask: object) -> None:
+        seen[(layer, batch)] = (h_in.clone(), h_out.clone())  # type: ignore[attr-defined]
+
+    engine.run(
+        batches(),
+        [
+            Route(observers=[watch], on_logits=lambda b, lg: logits["full"].append(lg.clone())),
+            Route(frozenset([1, 2]), on_logits=lambda b, lg: logits["skip"].append(lg.clone())),
+        ],
+    )
+    return seen, logits
+
+
+def engines(folder: Path, model_type: str) -> tuple[PassEngine, PassEngine, Streamed]:
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    family = FAMILIES[model_type]
+    resident = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    skeleton = empty_model(folder, "float32", torch.device("cpu"))
+    placement = Streamed(skeleton, family, folder, torch.device("cpu"))
+    return PassEngine(resident, family), PassEngine(skeleton, family, placement), placement
+
+
+@pytest.mark.parametrize("model_type", DENSE)
+def test_streamed_pass_equals_the_resident_pass(make_tiny_model: Callable[..., Path], model_type: str) -> None:
+    import torch
+
+    resident, streamed, placement = engines(make_tiny_model(model_type), model_type)
+    seen_r, logits_r = run(resident)
+    seen_s, logits_s = run(streamed)
+    assert seen_r.keys() == seen_s.keys() and len(seen_r) == 2 * resident.num_layers
+    for key, (h_in, h_out) in seen_r.items():  # type: ignore[misc]
+        s_in, s_out = seen_s[key]  # type: ignore[misc]
+        assert torch.equal(h_in, s_in) and torch.equal(h_out, s_out), key
+    for name in ("full", "skip"):
+        assert all(torch.equal(a, b) for a, b in zip(logits_r[name], logits_s[name], strict=True)), name  # type: ignore[arg-type]
+    # Nothing stays on the model after the pass: every weight is back on the meta device.
+    assert all(p.device.type == "meta" for p in streamed.model.parameters())
+    placement.close()
+
+
+def test_a_pass_holds_one_layer_on_the_model_and_reads_the_next_ahead(
+    make_tiny_model: Callable[..., Path],
+) -> None:
+    _, streamed, placement = engines(make_tiny_model("llama"), "llama")
+    from shortgpt_serve.models.layers import decoder_layers
+
+    layers = decoder_layers(streamed.model, streamed.family)
+    held: list[list[int]] = []
+    ahead: list[int | None] = []
+
+    def watch(layer: int, batch: int, h_in: object, h_out: object, mask: object) -> None:
+        held.append([i for i, m in enumerate(layers) if any(p.device.type != "meta" for p in m.parameters())])
+        ahead.append(placement._next[0] if placement._next else None)
+
+    streamed.run(batches(), [Route(observers=[watch])])
+    assert held and all(h == [layer] for h, layer in zip(held, [i for i in range(6) for _ in range(2)], strict=True))
+    # While layer i runs, layer i + 1 is being read (none after the last).
+    assert ahead == [i + 1 if i + 1 < 6 else None for i in range(6) for _ in range(2)]
+    placement.close()
+
+
+@pytest.mark.parametrize("model_type", ["qwen2_moe", "mixtral"])
+def test_families_whose_weights_are_converted_on_load_are_refused(
+    make_tiny_model: Callable[..., Path], model_type: str
+) -> None:
+    import torch
+
+    folder = make_tiny_model(model_type)
+    skeleton = empty_model(folder, "float32", torch.device("cpu"))
+    with pytest.raises(ModelError, match="cannot be streamed; give the profile enough memory"):
+        Streamed(skeleton, FAMILIES[model_type], folder, torch.device("cpu"))
+
+
+def test_weights_stream_in_the_models_dtype(make_tiny_model: Callable[..., Path]) -> None:
+    """``model.to(dtype)`` on the empty model changes what the next pass computes in (scoring's dtype)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    folder = make_tiny_model("llama")
+    resident = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float64).eval()
+    skeleton = empty_model(folder, "float32", torch.device("cpu")).to(torch.float64)
+    placement = Streamed(skeleton, FAMILIES["llama"], folder, torch.device("cpu"))
+    _, want = run(PassEngine(resident, FAMILIES["llama"]))
+    _, got = run(PassEngine(skeleton, FAMILIES["llama"], placement))
+    assert got["full"][0].dtype == torch.float64  # type: ignore[attr-defined]
+    assert all(torch.equal(a, b) for a, b in zip(want["full"], got["full"], strict=True))  # type: ignore[arg-type]
+    placement.close()
+
+
+# --- the memory plan ---------------------------------------------------------------------------------------------
+
+GiB = 2**30
+
+
+@pytest.mark.parametrize(
+    ("text", "size"), [("16GiB", 16 * GiB), ("800MB", 800 * 10**6), ("1.5 GB", 1_500_000_000), ("4096", 4096)]
+)
+def test_sizes_parse(text: str, size: int) -> None:
+    assert parse_size(text) == size
+
+
+@pytest.mark.parametrize("text", ["lots", "-1GB", "0", "16 GiBs", ""])
+def test_bad_sizes_name_the_flag(text: str) -> None:
+    with pytest.raises(ConfigError, match="--memory must be auto, stream or a size such as 16GiB"):
+        parse_size(text)
+
+
+def plan_of(memory: str, free: int | None = 100 * GiB) -> str:
+    return plan(
+        weights=20 * GiB, largest=GiB, states=GiB // 4, memory=memory, free=free, device="cuda:0", name="m"
+    ).mode
+
+
+def test_weights_that_fit_are_held_whole_else_streamed() -> None:
+    assert plan_of("auto") == "resident"
+    assert plan_of("auto", free=10 * GiB) == "stream"
+    assert plan_of("8GiB") == "stream"
+    assert plan_of("22GiB") == "resident"
+    assert plan_of("22GiB", free=20 * GiB) == "stream"  # the setting cannot exceed what the device has free
+    assert plan_of("stream") == "stream"
+    assert plan_of("auto", free=None) == "resident"  # unknown free memory: no limit applied
+
+
+def test_a_model_that_cannot_fit_even_streamed_is_refused_with_what_it_needs() -> None:
+    need = 2 * GiB + 2 * (GiB // 4) + RESERVE
+    with pytest.raises(ModelError) as err:
+        plan_of("2GiB")
+    assert f"profiling needs {need / GiB:.1f} GiB (two layers of 1.0 GiB" in str(err.value)
+    assert "2.0 GiB is by --memory 2GiB; raise --memory, or lower --calibration-tokens" in str(err.value)
+
+
+def test_linear_maps_fitted_streamed_equal_the_resident_ones(make_tiny_model: Callable[..., Path]) -> None:
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from shortgpt_serve.healing.linear import fit_linear
+    from tests.conftest import padded_calibration
+
+    folder = make_tiny_model("llama")
+    resident = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float64).eval()
+    skeleton = empty_model(folder, "float64", torch.device("cpu"))
+    placement = Streamed(skeleton, FAMILIES["llama"], folder, torch.device("cpu"))
+    data = padded_calibration()
+    want = fit_linear(PassEngine(resident, FAMILIES["llama"]), data, [2, 4], progress=False)
+    got = fit_linear(PassEngine(skeleton, FAMILIES["llama"], placement), data, [2, 4], progress=False)
+    assert want.maps.keys() == got.maps.keys() == {1, 3}
+    assert all(torch.allclose(want.maps[k], got.maps[k], atol=1e-12) for k in want.maps)
+    placement.close()
+
+
+def test_prune_streamed_writes_the_same_profile_as_resident(
+    make_tiny_model: Callable[..., Path], tmp_path: Path
+) -> None:
+    import json
+
+    from tests.conftest import CORPUS, prune_args
+    from tests.test_cli import invoke
+
+    text = tmp_path / "cal.txt"
+    text.write_text("\n\n".join([CORPUS] * 4))
+    model = make_tiny_model("llama")
+    records = {}
+    for memory in ("auto", "stream"):
+        out = tmp_path / memory
+        args = prune_args(model, text, "--output", str(out), "--memory", memory, "--cache-dir", str(tmp_path / f"cache-{memory}"))
+        result = invoke(args)
+        assert result.exit_code == 0, result.output
+        records[memory] = json.loads((out / "shortgpt.json").read_text())
+    assert records["stream"]["block_influence"] == pytest.approx(records["auto"]["block_influence"], abs=1e-6)
+    assert records["stream"]["removed_layers"] == records["auto"]["removed_layers"]
