@@ -29,11 +29,15 @@ COPY shortgpt_serve ./shortgpt_serve
 COPY scripts ./scripts
 COPY deploy/shortgpt.yaml ./deploy/shortgpt.yaml
 RUN scripts/setup.sh --${ENGINE}
+# More PyPI packages in the image, e.g. EXTRA_PIP="ray[cgraph]" for deploy/k8s/overlays/multi-node (Ray across nodes).
+ARG EXTRA_PIP=""
+RUN if [ -n "$EXTRA_PIP" ]; then .venv/bin/python -m pip install $EXTRA_PIP; fi
 ENV SHORTGPT_SERVE_CONFIG=/app/deploy/shortgpt.yaml \
     SHORTGPT_SERVE_CACHE_DIR=/cache \
     SHORTGPT_SERVE_HOST=0.0.0.0 \
     SHORTGPT_SERVE_PORT=8000 \
-    SHORTGPT_SERVE_METRICS_PORT=8001
+    SHORTGPT_SERVE_METRICS_PORT=8001 \
+    HF_HOME=/cache/huggingface
 VOLUME ["/cache"]
 EXPOSE 8000 8001
 # Profiling, evaluation and engine boot come first: /health answers only once vLLM is up.

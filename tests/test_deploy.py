@@ -32,6 +32,8 @@ DEPLOY = REPO / "deploy"
 PROM = DEPLOY / "prometheus"
 DASHBOARD = DEPLOY / "grafana" / "dashboards" / "shortgpt.json"
 K8S = DEPLOY / "k8s"
+MULTI_NODE = "k8s/overlays/multi-node"
+LWS_SCHEMA = DEPLOY / "validate" / "leaderworkerset-v1.schema.json"
 BIN = Path(sys.executable).parent
 VALIDATORS = BIN.parent / "deploy-validate" / "node_modules"
 SETUP = "run scripts/setup.sh --dev"
@@ -233,16 +235,60 @@ def validate_service_monitors(objects: list[dict[str, Any]]) -> str:
     return result.stdout
 
 
-@pytest.mark.parametrize("folder", ["k8s", "k8s/overlays/tensor-parallel-2"])
-def test_k8s_manifests_validate(folder: str) -> None:
+def strict_crd_schema(schema: Any) -> Any:
+    """A CRD's structural schema as the API server applies it with strict field validation: an unknown field is
+    an error wherever the schema lists the fields (and does not preserve unknown ones)."""
+    if isinstance(schema, list):
+        return [strict_crd_schema(s) for s in schema]
+    if not isinstance(schema, dict):
+        return schema
+    out = {k: strict_crd_schema(v) for k, v in schema.items()}
+    if "properties" in out and "additionalProperties" not in out:
+        out.setdefault("x-kubernetes-preserve-unknown-fields", False)
+        if not out["x-kubernetes-preserve-unknown-fields"]:
+            out["additionalProperties"] = False
+    return out
+
+
+def validate_leader_worker_sets(obj: dict[str, Any]) -> None:
+    """A LeaderWorkerSet against its CRD's schema (deploy/validate/leaderworkerset-v1.schema.json, strict), and
+    its pod templates and volume claim templates against Kubernetes' own schemas, strictly, as core objects."""
+    import jsonschema
+    import kubernetes_validate
+
+    crd = json.loads(LWS_SCHEMA.read_text())
+    assert obj["apiVersion"] == f"{crd['group']}/{crd['version']}" and obj["kind"] == crd["kind"]
+    jsonschema.Draft7Validator(strict_crd_schema(crd["schema"])).validate(obj)
+    template = obj["spec"]["leaderWorkerTemplate"]
+    cores = [
+        {"apiVersion": "v1", "kind": "PodTemplate", "metadata": {"name": role}, "template": template[role]}
+        for role in ("leaderTemplate", "workerTemplate")
+        if role in template
+    ]
+    cores += [
+        {"apiVersion": "v1", "kind": "PersistentVolumeClaim", **c} for c in template.get("volumeClaimTemplates", [])
+    ]
+    for core in cores:
+        for version in (K8S_VERSION, kubernetes_validate.latest_version()):
+            kubernetes_validate.validate(core, version, strict=True)
+
+
+@pytest.mark.parametrize(
+    ("folder", "workload"),
+    [("k8s", "Deployment"), ("k8s/overlays/tensor-parallel-2", "Deployment"), (MULTI_NODE, "LeaderWorkerSet")],
+)
+def test_k8s_manifests_validate(folder: str, workload: str) -> None:
     """Rendered by kubectl's own kustomize, then validated strictly (unknown fields are errors)."""
     import kubernetes_validate
 
     objects = kustomize(DEPLOY / folder)
     kinds = by_kind(objects)
-    assert set(kinds) == {"ConfigMap", "PersistentVolumeClaim", "Deployment", "Service", "ServiceMonitor"}
+    assert set(kinds) == {"ConfigMap", "PersistentVolumeClaim", workload, "Service", "ServiceMonitor"}
     for obj in objects:
         if obj["kind"] == "ServiceMonitor":
+            continue
+        if obj["kind"] == "LeaderWorkerSet":
+            validate_leader_worker_sets(obj)
             continue
         for version in (K8S_VERSION, kubernetes_validate.latest_version()):
             kubernetes_validate.validate(obj, version, strict=True)
@@ -296,6 +342,7 @@ def test_k8s_matches_the_cli() -> None:
     mounts = {m["name"]: m["mountPath"] for m in container["volumeMounts"]}
     volumes = {v["name"]: v for v in pod["volumes"]}
     assert mounts["cache"] == env["SHORTGPT_SERVE_CACHE_DIR"] == "/cache"
+    assert env["HF_HOME"].startswith("/cache/"), "hub downloads (the Hugging Face cache) must be on the PVC"
     assert volumes["cache"]["persistentVolumeClaim"]["claimName"] == kinds["PersistentVolumeClaim"]["metadata"]["name"]
     config_map = kinds["ConfigMap"]
     assert volumes["config"]["configMap"]["name"] == config_map["metadata"]["name"]
@@ -400,6 +447,7 @@ def test_compose_references_exist_and_match_the_cli() -> None:
     mounts = dict(m.split(":")[:2] for m in app["volumes"])
     assert mounts["./shortgpt.yaml"] == env["SHORTGPT_SERVE_CONFIG"]
     assert mounts["shortgpt-cache"] == env["SHORTGPT_SERVE_CACHE_DIR"]
+    assert env["HF_HOME"].startswith(f"{env['SHORTGPT_SERVE_CACHE_DIR']}/"), "the Hugging Face cache on the volume"
     prom_mounts = dict(m.split(":")[:2] for m in services["prometheus"]["volumes"])
     assert prom_mounts["./prometheus/prometheus.yml"] == "/etc/prometheus/prometheus.yml"
     scrape = yaml.safe_load((PROM / "prometheus.yml").read_text())
@@ -456,8 +504,10 @@ def test_dockerfile_copies_real_files_and_runs_the_console_script() -> None:
     assert values["EXPOSE"].split() == [str(defaults.port), str(defaults.metrics_port)]
     assert json.loads(values["VOLUME"]) == ["/cache"]
     assert healthcheck_command()[0] == "/app/.venv/bin/python"
-    env = dict(re.findall(r"(SHORTGPT_SERVE_\w+)=(\S+)", " ".join(v for k, v in instructions if k == "ENV")))
+    env_text = " ".join(v for k, v in instructions if k == "ENV")
+    env = dict(re.findall(r"(SHORTGPT_SERVE_\w+)=(\S+)", env_text))
     assert set(env) <= cli_envvars(), set(env) - cli_envvars()
+    assert re.search(r"\bHF_HOME=/cache/\S+", env_text), "hub downloads (the Hugging Face cache) on the volume"
     assert env["SHORTGPT_SERVE_HOST"] == "0.0.0.0" and env["SHORTGPT_SERVE_CACHE_DIR"] == "/cache"
     assert env["SHORTGPT_SERVE_CONFIG"].removeprefix("/app/") in {f"{s}" for s in ["deploy/shortgpt.yaml"]}
     assert (REPO / env["SHORTGPT_SERVE_CONFIG"].removeprefix("/app/")).is_file()

