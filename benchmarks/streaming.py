@@ -27,7 +27,9 @@ from pathlib import Path
 from _record import record
 
 
-def generate(folder: Path, layers: int, hidden: int, shard_mb: int) -> None:
+def generate(folder: Path, layers: int, hidden: int, shard_mb: int, normal: bool = False) -> None:
+    """A Llama-shaped checkpoint of ``layers`` layers in bf16 shards of ``shard_mb``: random bits, or with
+    ``normal`` weights a model can run (N(0, 0.02), norms 1) for benchmarks that compute with it."""
     import torch
     from safetensors.torch import save_file
 
@@ -65,8 +67,12 @@ def generate(folder: Path, layers: int, hidden: int, shard_mb: int) -> None:
     shards: list[dict[str, torch.Tensor]] = [{}]
     size = 0
     for name, shape in shapes:
-        # Random bits read as bf16: the writer copies bytes, so their values do not matter.
-        t = torch.randint(-(1 << 15), 1 << 15, shape, dtype=torch.int16, generator=gen).view(torch.bfloat16)
+        if not normal:  # random bits read as bf16: the writer copies bytes, so their values do not matter
+            t = torch.randint(-(1 << 15), 1 << 15, shape, dtype=torch.int16, generator=gen).view(torch.bfloat16)
+        elif len(shape) == 1:
+            t = torch.ones(shape, dtype=torch.bfloat16)
+        else:
+            t = (torch.randn(shape, generator=gen) * 0.02).to(torch.bfloat16)
         nbytes = t.numel() * 2
         if size and size + nbytes > shard_mb << 20:
             shards.append({})

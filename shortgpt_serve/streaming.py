@@ -152,16 +152,18 @@ class Streamed:
         size = next(self.model.parameters()).element_size()
         return sum(_numel(self._shapes[n]) * size for n in names)
 
-    def layer_bytes(self) -> int:
-        """The largest unit the pass brings in at once (a decoder layer, the embeddings or the head), as computed."""
-        return max(self._bytes(names) for names in [*self._layer_names, self._embed_names, self._head_names])
+    def unit_bytes(self) -> dict[str, int]:
+        """Bytes, as computed, of each unit a pass brings in at once: the largest decoder layer, the embeddings, the
+        head (final norm and output embeddings)."""
+        layer = max(self._bytes(names) for names in self._layer_names)
+        return {"layer": layer, "embedding": self._bytes(self._embed_names), "head": self._bytes(self._head_names)}
 
     def total_bytes(self) -> int:
         return self._bytes(list(self._shapes))
 
     def free_bytes(self) -> int | None:
         free = free_bytes(self.device)
-        return None if free is None else max(0, free - 2 * self.layer_bytes())
+        return None if free is None else max(0, free - 2 * max(self.unit_bytes().values()))
 
     # --- reading ---------------------------------------------------------------------------------------------------
 

@@ -197,7 +197,9 @@ def test_prune_streamed_writes_the_same_profile_as_resident(
     records = {}
     for memory in ("auto", "stream"):
         out = tmp_path / memory
-        args = prune_args(model, text, "--output", str(out), "--memory", memory, "--cache-dir", str(tmp_path / f"cache-{memory}"))
+        args = prune_args(
+            model, text, "--output", str(out), "--memory", memory, "--cache-dir", str(tmp_path / f"cache-{memory}")
+        )
         result = invoke(args)
         assert result.exit_code == 0, result.output
         records[memory] = json.loads((out / "shortgpt.json").read_text())

@@ -1,0 +1,199 @@
+"""Profiling and scoring a model streamed layer by layer vs held whole, on a generated Llama-shaped checkpoint.
+
+    .venv/bin/python benchmarks/streaming_profile.py [--layers 28] [--hidden 3072] [--tokens 2048] [--rounds 2]
+
+Generates (once, into ``--dir``) a Llama-shaped checkpoint of random N(0, 0.02) bf16 weights, about 6 GB with the
+defaults, then alternates, ``--rounds`` times, two fresh child processes on the same calibration tokens:
+
+- ``resident``: the model loaded whole (``--memory auto``: it fits this machine);
+- ``stream``: the memory setting at a third of the weights' size (``--memory``), so the plan streams.
+
+Each child runs the tool's own profile (Block Influence of every layer, one pass) and a scoring pass (per-token
+log-likelihood of the full model and of the model without its 25% lowest-BI layers, one pass with two routes), and
+reports its seconds, peak RSS (VmHWM) and the BI it measured. Targets: the streamed peak RSS <= 2 x the largest
+layer + the hidden states + 500 MB; its time <= 1.3 x resident; the same BI to 1e-4. The load average is recorded
+beside the figures (the machine is shared). Results are appended to benchmarks/results/streaming_profile.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from _record import record
+from streaming import generate
+
+SEQ = 512
+
+
+def child(folder: Path, mode: str, tokens: int, memory: str) -> None:
+    import torch
+
+    from shortgpt_serve.calibration import CalibrationSet
+    from shortgpt_serve.config.files import config_from_dict
+    from shortgpt_serve.models.families import family_for
+    from shortgpt_serve.models.source import ModelSource, read_config
+    from shortgpt_serve.passes import Batch, Route
+    from shortgpt_serve.profile import profile_model
+    from shortgpt_serve.session import ModelSession
+
+    torch.manual_seed(0)
+    config_json = read_config(folder)
+    source = ModelSource(folder, "bench", str(folder), "0" * 64, config_json, family_for(config_json, str(folder)))
+    config = config_from_dict(
+        {"profile": {"memory": memory, "dtype": "bfloat16", "batch_size": 1}, "calibration": {"num_tokens": tokens}}
+    )
+    session = ModelSession(config, source, docs=None)  # type: ignore[arg-type]
+    gen = torch.Generator().manual_seed(1)
+    vocab = int(config_json["vocab_size"])
+    sequences = [torch.randint(0, vocab, (SEQ,), generator=gen).tolist() for _ in range(tokens // SEQ)]
+    session._calib = CalibrationSet(sequences, "random tokens", SEQ, "0" * 64, [])
+    plan = session.memory_plan()
+    t0 = time.perf_counter()
+    engine = session.engine()
+    setup_s = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    profile = profile_model(engine, session.calib(), batch_size=1)
+    profile_s = time.perf_counter() - t0
+    removed = sorted(range(len(profile.bi)), key=lambda i: profile.bi[i])[: len(profile.bi) // 4]
+    nll: dict[str, list[float]] = {"full": [], "short": []}
+
+    def reader(name: str, ids: torch.Tensor):  # type: ignore[no-untyped-def]
+        def on_logits(b: int, logits: torch.Tensor) -> None:
+            lp = torch.log_softmax(logits[0, :-1].float(), dim=-1)
+            nll[name].append(float(-lp.gather(1, ids[b, 1:, None]).mean()))
+
+        return on_logits
+
+    ids = torch.tensor(sequences)[:, None, :]
+    data = [Batch(ids[i], torch.ones_like(ids[i])) for i in range(len(sequences))]
+    t0 = time.perf_counter()
+    engine.run(
+        data,
+        [Route(on_logits=reader("full", ids[:, 0])), Route(frozenset(removed), on_logits=reader("short", ids[:, 0]))],
+    )
+    score_s = time.perf_counter() - t0
+    with open("/proc/self/status") as f:
+        hwm = next(int(line.split()[1]) for line in f if line.startswith("VmHWM:"))
+    placement = session._placement
+    print(
+        json.dumps(
+            {
+                "mode": plan.mode,
+                "units": placement.unit_bytes() if placement is not None else {},
+                "states": plan.states,
+                "weights": plan.weights,
+                "setup_s": setup_s,
+                "profile_s": profile_s,
+                "score_s": score_s,
+                "read_s": placement.read_s if placement is not None else 0.0,
+                "peak_mib": hwm / 1024,
+                "bi": profile.bi,
+                "nll": {k: statistics.fmean(v) for k, v in nll.items()},
+            }
+        )
+    )
+    session.close()
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--layers", type=int, default=28)
+    p.add_argument("--hidden", type=int, default=3072)
+    p.add_argument("--tokens", type=int, default=2048)
+    p.add_argument("--rounds", type=int, default=2)
+    p.add_argument("--dir", default="/tmp/shortgpt-bench/llama-streaming")
+    p.add_argument(
+        "--stream-memory", default=None, help="the streamed child's --memory (default: a third of the weights)"
+    )
+    p.add_argument("--child", nargs=4, metavar=("DIR", "MODE", "TOKENS", "MEMORY"))
+    args = p.parse_args()
+    if args.child:
+        child(Path(args.child[0]), args.child[1], int(args.child[2]), args.child[3])
+        return
+    folder = Path(args.dir)
+    if not (folder / "config.json").is_file():
+        folder.mkdir(parents=True, exist_ok=True)
+        t0 = time.perf_counter()
+        generate(folder, args.layers, args.hidden, 1000, normal=True)
+        print(f"generated {folder} in {time.perf_counter() - t0:.0f} s", flush=True)
+    size = sum(f.stat().st_size for f in folder.glob("*.safetensors"))
+    memory = args.stream_memory or f"{size // 3 // 2**20}MiB"
+    runs: dict[str, list[dict[str, object]]] = {"resident": [], "stream": []}
+    loads = []
+    for r in range(args.rounds):
+        for mode in ("resident", "stream") if r % 2 == 0 else ("stream", "resident"):
+            loads.append(os.getloadavg()[0])
+            res = subprocess.run(
+                [
+                    sys.executable,
+                    __file__,
+                    "--child",
+                    str(folder),
+                    mode,
+                    str(args.tokens),
+                    "auto" if mode == "resident" else memory,
+                ],
+                capture_output=True,
+                text=True,
+            )
+            if res.returncode:
+                raise SystemExit(f"the {mode} child failed:\n{res.stderr[-3000:]}")
+            out = json.loads(res.stdout.strip().splitlines()[-1])
+            assert out["mode"] == mode, f"the plan chose {out['mode']} for {mode}"
+            runs[mode].append(out)
+            print(mode, {k: v for k, v in out.items() if k not in ("bi",)}, flush=True)
+
+    def med(mode: str, key: str) -> float:
+        return statistics.median(float(x[key]) for x in runs[mode])  # type: ignore[arg-type]
+
+    s0 = runs["stream"][0]
+    units: dict[str, int] = s0["units"]  # type: ignore[assignment]
+    largest, states = max(units.values()), int(s0["states"])  # type: ignore[call-overload]
+    rss_target = (2 * largest + states) / 2**20 + 500
+    bi_diff = max(abs(a - b) for x in runs["stream"] for a, b in zip(x["bi"], runs["resident"][0]["bi"], strict=True))  # type: ignore[call-overload]
+    pass_r = med("resident", "profile_s") + med("resident", "score_s")
+    pass_s = med("stream", "profile_s") + med("stream", "score_s")
+    ratio = pass_s / pass_r
+    nll_r, nll_s = runs["resident"][0]["nll"], s0["nll"]
+    lines = [
+        f"\n## {time.strftime('%Y-%m-%d %H:%M')} — {args.layers} layers, hidden {args.hidden}, "
+        f"{size / 1e9:.2f} GB bf16; {args.tokens} calibration tokens; {args.rounds} rounds (alternating)",
+        "",
+        f"Streamed with `--memory {memory}` (a third of the weights); resident with `--memory auto`. "
+        f"Load average (1 min) before each child: {', '.join(f'{x:.1f}' for x in loads)}; {os.cpu_count()} CPUs.",
+        "",
+        "| mode | setup s | profile pass s | score pass s | read s (reader thread) | peak RSS MiB |",
+        "|---|---:|---:|---:|---:|---:|",
+    ]
+    for mode in ("resident", "stream"):
+        lines.append(
+            f"| {mode} | {med(mode, 'setup_s'):.1f} | {med(mode, 'profile_s'):.1f} | {med(mode, 'score_s'):.1f} | "
+            f"{med(mode, 'read_s'):.1f} | {med(mode, 'peak_mib'):.0f} |"
+        )
+    lines += [
+        "",
+        f"- Time, profile + score passes: streamed / resident = **{ratio:.3f}** (target <= 1.3: "
+        f"{'met' if ratio <= 1.3 else 'missed'}).",
+        f"- Peak RSS streamed: {med('stream', 'peak_mib'):.0f} MiB against 2 x the largest unit brought in "
+        f"({largest / 2**20:.0f} MiB; decoder layer "
+        f"{units['layer'] / 2**20:.0f}, embeddings {units['embedding'] / 2**20:.0f}, head {units['head'] / 2**20:.0f})"
+        f" + hidden states ({states / 2**20:.0f} MiB) + 500 MiB = {rss_target:.0f} MiB "
+        f"({'met' if med('stream', 'peak_mib') <= rss_target else 'missed'}); resident "
+        f"{med('resident', 'peak_mib'):.0f} MiB.",
+        f"- Block Influence, streamed vs resident: max |difference| {bi_diff:.2e} over {len(s0['bi'])} layers "  # type: ignore[arg-type]
+        f"(target 1e-4: {'met' if bi_diff <= 1e-4 else 'missed'}).",
+        f"- Scoring, mean NLL per token: full {nll_r['full']:.5f} resident / {nll_s['full']:.5f} streamed; "  # type: ignore[index]
+        f"25% removed {nll_r['short']:.5f} / {nll_s['short']:.5f}.",  # type: ignore[index]
+    ]
+    record("streaming_profile", lines)
+
+
+if __name__ == "__main__":
+    main()
