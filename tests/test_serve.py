@@ -320,6 +320,12 @@ def test_full_and_shortened_compared_on_the_same_engine(server: Launcher) -> Non
             assert 0 < ttft < p50 <= p99
     assert "Full vs shortened on vllm" in server.output()
     assert "Benchmark: measuring the full model first" in server.output()
+    # The KV-capacity dividend: the same KV memory holds L / (L - removed) times the tokens (to a block or two).
+    full_kv = values['shortgpt_kv_cache_capacity_tokens{model="full",model_name="SmolLM2-135M-Instruct"}']
+    short_kv = values[f'shortgpt_kv_cache_capacity_tokens{{model="shortened",model_name="{NAME}"}}']
+    kept = values['shortgpt_model_layers{model="shortened"}']
+    assert short_kv / full_kv == pytest.approx(30 / kept, rel=0.02)
+    assert "KV cache: full " in server.output()
 
 
 # A line of vLLM's own logging (e.g. "INFO 12-02 14:31:07 [api_server.py:1] ..." or "(EngineCore_DP0 pid=12)

@@ -11,7 +11,7 @@ from shortgpt_serve.errors import ConfigError
 
 # Literal aliases: the CLI offers their values as choices, and YAML values are checked against them.
 Criterion = Literal["bi", "angular", "iterative-bi"]
-CompareMode = Literal["reuse", "measure", "off"]
+CompareMode = Literal["auto", "reuse", "measure", "off"]
 Dtype = Literal["auto", "float32", "bfloat16", "float16"]
 HealMethod = Literal["none", "linear", "distill"]
 Decide = Literal["fit", "lower-bound", "point"]

@@ -72,9 +72,9 @@ class ServeConfig:
         default="-",
     )
     shadow_url: str | None = setting(
-        "A full-model OpenAI-compatible endpoint (e.g. http://full:8000) to compare with on live traffic: a proxy "
-        "then fronts --port, forwards every request to vLLM unchanged and also sends a sampled share of "
-        "completions to this endpoint in the background (its API key from SHORTGPT_SERVE_SHADOW_API_KEY).",
+        "A full-model OpenAI-compatible endpoint (e.g. http://full:8000) to compare with on live traffic: vLLM "
+        "then also sends a sampled share of completions to this endpoint in the background, from a middleware in "
+        "its own server (no extra hop; its API key from SHORTGPT_SERVE_SHADOW_API_KEY).",
         "--shadow-url",
         on=(SERVE,),
         env="SHADOW_URL",
@@ -190,12 +190,19 @@ class ServeConfig:
 @dataclass(frozen=True)
 class BenchmarkConfig:
     mode: CompareMode = setting(  # noqa: RUF009 (a Literal alias: immutable)
-        "Side-by-side benchmark of the full and the shortened model on the same engine at startup: reuse "
-        "(measure what the cache lacks), measure (always), off.",
+        "Side-by-side benchmark of the full and the shortened model on the same engine at startup: auto (reuse "
+        "cached results; measure what the cache lacks only for models up to benchmark.auto_max_gb, since each "
+        "measurement is a cold engine boot before serving), reuse (measure what the cache lacks), measure "
+        "(always), off.",
         "--compare",
         on=(SERVE,),
         env="COMPARE",
-        default="reuse",
+        default="auto",
+    )
+    auto_max_gb: float = setting(
+        "With --compare auto: the largest full model (GB of weights) measured before serving; larger ones are "
+        "served first and the comparison is skipped with a line saying so.",
+        default=20.0,
     )
     concurrency: tuple[int, ...] = setting(
         "Requests kept in flight, one workload per level.",
@@ -218,6 +225,10 @@ class BenchmarkConfig:
             )
         if self.requests < 0:
             raise ConfigError(f"benchmark.requests must be >= 0, got {self.requests}.", param="benchmark.requests")
+        if self.auto_max_gb < 0:
+            raise ConfigError(
+                f"benchmark.auto_max_gb must be >= 0, got {self.auto_max_gb}.", param="benchmark.auto_max_gb"
+            )
         positive("benchmark.prompt_tokens", self.prompt_tokens, "benchmark.prompt_tokens")
         positive("benchmark.output_tokens", self.output_tokens, "benchmark.output_tokens")
 

@@ -51,6 +51,8 @@ class BenchmarkRun:
     levels: dict[str, LevelResult] = field(default_factory=dict)
     how: str | None = None
     """How the two models were kept apart while measured."""
+    kv_cache_tokens: int | None = None
+    """Tokens the engine's KV cache holds (its blocks x block size, as vLLM reports them), when it said."""
 
     @classmethod
     def from_json(cls, data: Mapping[str, Any]) -> BenchmarkRun:
@@ -63,6 +65,7 @@ class BenchmarkRun:
             measured_at=float(data["measured_at"]),
             levels={str(k): LevelResult.from_json(v) for k, v in levels.items()},
             how=data.get("how"),
+            kv_cache_tokens=int(data["kv_cache_tokens"]) if data.get("kv_cache_tokens") is not None else None,
         )
 
     def to_json(self) -> dict[str, Any]:
@@ -73,6 +76,8 @@ class BenchmarkRun:
         }
         if self.how is not None:
             out["how"] = self.how
+        if self.kv_cache_tokens is not None:
+            out["kv_cache_tokens"] = self.kv_cache_tokens
         return out
 
 

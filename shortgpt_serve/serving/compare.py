@@ -134,6 +134,11 @@ def table(full: BenchmarkRun, short: BenchmarkRun, predicted_cost: float | None)
                 ]
             )
     lines = [markdown_table(TABLE_HEADER, rows, align="rlrrrrrr"), ""]
+    if full.kv_cache_tokens and short.kv_cache_tokens:
+        lines.append(
+            f"KV cache: full {full.kv_cache_tokens:,} tokens, shortened {short.kv_cache_tokens:,} tokens in the same "
+            f"memory ({short.kv_cache_tokens / full.kv_cache_tokens:.2f}x)"
+        )
     for level, q in ratios(full, short, predicted_cost).items():
         ideal = f" of an ideal {q['ideal_speedup']:.2f}x ({q['efficiency']:.0%} realised)" if "efficiency" in q else ""
         lines.append(
@@ -182,7 +187,8 @@ def measure_model(
         engine.wait_ready(cfg.health_timeout, stop)
         if stop is not None and stop.is_set():
             raise Stopped
-        return run_workload(engine.base_url, model_name, workload, stop=stop)
+        kv = kv_cache_tokens(engine.base_url)
+        return dataclasses.replace(run_workload(engine.base_url, model_name, workload, stop=stop), kv_cache_tokens=kv)
     except ServeError:
         tail = "" if log_path is None else log_tail(log_path)
         if tail:
@@ -190,6 +196,33 @@ def measure_model(
         raise
     finally:
         engine.stop(cfg.stop_timeout)
+
+
+INFO_LINE = re.compile(r"^vllm:cache_config_info\{(?P<labels>.*)\}\s", re.MULTILINE)
+LABEL = re.compile(r'(\w+)="((?:[^"\\]|\\.)*)"')
+
+
+def kv_capacity(metrics_text: str) -> int | None:
+    """Tokens the KV cache holds, from vLLM's ``vllm:cache_config_info`` (num_gpu_blocks x block_size)."""
+    m = INFO_LINE.search(metrics_text)
+    if m is None:
+        return None
+    labels = dict(LABEL.findall(m.group("labels")))
+    try:
+        return int(labels["num_gpu_blocks"]) * int(labels["block_size"])
+    except (KeyError, ValueError):
+        return None
+
+
+def kv_cache_tokens(base_url: str) -> int | None:
+    """:func:`kv_capacity` of a running engine (None when its /metrics does not say)."""
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(f"{base_url}/metrics", timeout=10) as resp:
+            return kv_capacity(resp.read().decode("utf-8", "replace"))
+    except OSError:
+        return None
 
 
 @dataclass
@@ -205,8 +238,11 @@ class Comparison:
     full_name: str
     served_name: str
     predicted_cost: float | None
+    auto_max_bytes: float = 0.0
     full: BenchmarkRun | None = None
     short: BenchmarkRun | None = None
+    skipped: str | None = None
+    """Why ``auto`` measured nothing (said once), or None."""
 
     @classmethod
     def plan(
@@ -233,10 +269,31 @@ class Comparison:
             full_name=provenance.source.name,
             served_name=served_name,
             predicted_cost=None if provenance.selection is None else provenance.selection.cost_ratio,
+            auto_max_bytes=bench.auto_max_gb * 1e9,
         )
 
+    def _too_big(self, model_dir: Path) -> bool:
+        """With ``auto``: whether measuring ``model_dir`` would cost a cold boot of a large model before serving;
+        the reason is said once."""
+        if self.mode != "auto":
+            return False
+        size = sum(f.stat().st_size for f in model_dir.glob("*.safetensors"))
+        if size <= self.auto_max_bytes:
+            return False
+        if self.skipped is None:
+            self.skipped = (
+                f"the full model's weights are {size / 1e9:.0f} GB (above benchmark.auto_max_gb "
+                f"{self.auto_max_bytes / 1e9:g}), so measuring before serving would add cold engine boots"
+            )
+            log.warning(
+                "Benchmark: skipped: %s. Serving first; --compare measure runs it anyway (cached, so later starts "
+                "reuse it), and --shadow-url compares on live traffic.",
+                self.skipped,
+            )
+        return True
+
     def _cached(self, key: dict[str, Any], what: str) -> BenchmarkRun | None:
-        if self.mode != "reuse":
+        if self.mode not in ("reuse", "auto"):
             return None
         found = self.cache.load(key)
         if found is not None:
@@ -256,6 +313,8 @@ class Comparison:
         if model_dir is None:
             log.warning("Benchmark: the full model is not available here; serving without the comparison")
             return
+        if self._too_big(model_dir):
+            return
         log.info("Benchmark: measuring the full model first (%s; %s)", self.workload.describe(), HOW)
         run = measure_model(
             model_dir,
@@ -273,8 +332,8 @@ class Comparison:
         """The shortened model's results: from the cache, or measured on a private engine like the full model's,
         before the serving engine starts (so live traffic never mixes with the measurement)."""
         self.short = self._cached(self.short_key, "shortened")
-        if self.short is not None:
-            return
+        if self.short is not None or self.full is None or self._too_big(checkpoint):
+            return  # without the full model's results there is nothing to compare with
         log.info("Benchmark: measuring the shortened model (%s)", self.workload.describe())
         run = measure_model(
             checkpoint,

