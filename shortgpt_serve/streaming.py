@@ -19,13 +19,13 @@ from collections import Counter
 from collections.abc import Callable, Iterator, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
-from dataclasses import dataclass
+from math import prod
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from shortgpt_serve.errors import ModelError
-from shortgpt_serve.models.weights import layer_of, layer_pattern, read_header, weight_map
-from shortgpt_serve.placement import free_bytes
+from shortgpt_serve.models.weights import Stored, layer_of, layer_pattern, stored_tensors
+from shortgpt_serve.placement import final_norm, free_bytes
 
 if TYPE_CHECKING:
     import torch
@@ -37,32 +37,6 @@ log = logging.getLogger(__name__)
 
 DTYPES = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16", "I64": "int64", "I32": "int32"}
 """Safetensors dtypes the streamed placement reads."""
-
-
-@dataclass(frozen=True)
-class Stored:
-    """Where one tensor lies: its shard, the byte range of its data, its stored dtype and shape."""
-
-    path: Path
-    start: int
-    end: int
-    dtype: str
-    shape: tuple[int, ...]
-
-
-def stored_tensors(folder: Path) -> dict[str, Stored]:
-    """Every tensor of a safetensors checkpoint, from the shards' headers alone."""
-    out: dict[str, Stored] = {}
-    mapping = weight_map(folder)
-    for file in sorted(set(mapping.values())):
-        path = folder / file
-        header, data_start = read_header(path)
-        for name, info in header.items():
-            if name == "__metadata__" or mapping.get(name) != file:
-                continue
-            begin, end = info["data_offsets"]
-            out[name] = Stored(path, data_start + begin, data_start + end, str(info["dtype"]), tuple(info["shape"]))
-    return out
 
 
 def read_tensor(
@@ -185,7 +159,8 @@ class Streamed:
         for n in params:
             i = layer_of(n, pattern)
             (outside if i is None else self._layer_names[i]).append(n)
-        head_modules = {_module_name(model, family.layers_module.rpartition(".")[0] + ".norm")}
+        self._norm = final_norm(model, family)
+        head_modules = {family.layers_module.rpartition(".")[0] + ".norm"}  # where final_norm finds it
         if out_emb:
             head_modules.add(out_emb.rpartition(".")[0])
         self._head_names = [n for n in outside if n.rpartition(".")[0] in head_modules]
@@ -209,7 +184,7 @@ class Streamed:
 
     def _bytes(self, names: list[str]) -> int:
         size = next(self.model.parameters()).element_size()
-        return sum(_numel(self._shapes[n]) * size for n in names)
+        return sum(prod(self._shapes[n]) * size for n in names)
 
     def unit_bytes(self) -> dict[str, int]:
         """Bytes, as computed, of each unit a pass brings in at once: the largest decoder layer, the embeddings, the
@@ -275,9 +250,8 @@ class Streamed:
 
     @contextmanager
     def head(self) -> Iterator[torch.nn.Module]:
-        norm = self.model.get_submodule(self.family.layers_module.rpartition(".")[0] + ".norm")
         with self._brought(self._read(self._head_names)):
-            yield norm
+            yield self._norm
 
     def probe(self) -> float:
         """Seconds one pass spends reading weights, estimated from reading layer 0 now (kept for the first pass)."""
@@ -296,18 +270,6 @@ class Streamed:
                 self._next[1].result()
             self._next = None
         self._reader.shutdown(wait=True)
-
-
-def _numel(shape: tuple[int, ...]) -> int:
-    n = 1
-    for d in shape:
-        n *= d
-    return n
-
-
-def _module_name(model: torch.nn.Module, path: str) -> str:
-    model.get_submodule(path)  # raises when the family's final norm is elsewhere
-    return path
 
 
 def _embedding_names(model: PreTrainedModel) -> tuple[str | None, str | None]:

@@ -15,6 +15,7 @@ import re
 import struct
 import threading
 from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
 from math import prod
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -64,16 +65,35 @@ def tensor_shapes(folder: Path) -> dict[str, tuple[int, ...]]:
     return shapes
 
 
+@dataclass(frozen=True)
+class Stored:
+    """Where one tensor lies: its shard, the byte range of its data, its stored dtype and shape."""
+
+    path: Path
+    start: int
+    end: int
+    dtype: str
+    shape: tuple[int, ...]
+
+
+def stored_tensors(folder: Path) -> dict[str, Stored]:
+    """Every tensor of a safetensors checkpoint, from the shards' headers alone."""
+    out: dict[str, Stored] = {}
+    mapping = weight_map(folder)
+    for file in sorted(set(mapping.values())):
+        path = folder / file
+        header, data_start = read_header(path)
+        for name, info in header.items():
+            if name == "__metadata__" or mapping.get(name) != file:
+                continue
+            begin, end = info["data_offsets"]
+            out[name] = Stored(path, data_start + begin, data_start + end, str(info["dtype"]), tuple(info["shape"]))
+    return out
+
+
 def tensor_infos(folder: Path) -> dict[str, tuple[str, tuple[int, ...]]]:
     """Tensor name -> (safetensors dtype, shape), from the shards' headers alone."""
-    mapping = weight_map(folder)
-    infos: dict[str, tuple[str, tuple[int, ...]]] = {}
-    for file in sorted(set(mapping.values())):
-        header, _ = read_header(folder / file)
-        for name, info in header.items():
-            if name != "__metadata__" and mapping.get(name) == file:
-                infos[name] = (str(info["dtype"]), tuple(int(d) for d in info["shape"]))
-    return infos
+    return {name: (t.dtype, t.shape) for name, t in stored_tensors(folder).items()}
 
 
 def layer_pattern(prefix: str) -> re.Pattern[str]:
