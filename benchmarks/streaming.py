@@ -3,12 +3,13 @@
     .venv/bin/python benchmarks/streaming.py [--layers 24] [--hidden 2048] [--shard-mb 500] [--repeats 3]
 
 Generates a Llama-shaped checkpoint of random bf16 bits (about 2.7 GB with the defaults, in 500 MB shards), then
-alternates, ``--repeats`` times: `write_checkpoint` removing a quarter of the layers, in a fresh child process
-(peak RSS read from its VmHWM, CPU seconds of all its threads), and `cp` of exactly the files it wrote (the kept
-bytes) to another folder. Both read the source from the page cache. The load average is recorded beside the
-figures: on a shared machine the wall-clock ratio says little, the CPU seconds more. Targets: time <= 1.5x cp,
-peak RSS <= largest shard + 300 MB. Results are appended to benchmarks/results/streaming.md.
-"""
+alternates, ``--repeats`` times: `write_checkpoint` removing a quarter of the layers (the middle ones), in a fresh
+child process (peak RSS read from its VmHWM, CPU seconds of all its threads), once with the cache's hash memo of the
+source (as the run calls it: shards that come out unchanged are copied whole and not hashed again) and once without;
+and `cp` of exactly the files it wrote (the kept bytes) to another folder. Both read the source from the page cache.
+The load average is recorded beside the figures: on a shared machine the wall-clock ratio says little, the CPU
+seconds more. Targets: time <= 1.5x cp, peak RSS <= largest shard + 300 MB. Results are appended to
+benchmarks/results/streaming.md."""
 
 from __future__ import annotations
 
@@ -88,7 +89,17 @@ def generate(folder: Path, layers: int, hidden: int, shard_mb: int, normal: bool
     (folder / "config.json").write_text(json.dumps(config))
 
 
-def child(src: str, out: str, removed: list[int]) -> None:
+def _unchanged(shard: Path, first_removed: int) -> bool:
+    """Whether every tensor of ``shard`` keeps its name when layers from ``first_removed`` on are renumbered."""
+    from shortgpt_serve.models.weights import read_header
+
+    header, _ = read_header(shard)
+    layers = [int(n.split(".")[2]) for n in header if n.startswith("model.layers.")]
+    return all(i < first_removed for i in layers)
+
+
+def child(src: str, out: str, removed: list[int], memo: str) -> None:
+    from shortgpt_serve.cache import FileHashes
     from shortgpt_serve.checkpoint import write_checkpoint
     from shortgpt_serve.models.families import family_for
     from shortgpt_serve.models.source import ModelSource, read_config
@@ -96,7 +107,7 @@ def child(src: str, out: str, removed: list[int]) -> None:
     config = read_config(Path(src))
     source = ModelSource(Path(src), "bench", src, "0" * 64, config, family_for(config, src))
     start, cpu = time.perf_counter(), time.process_time()
-    write_checkpoint(source, removed, Path(out))
+    write_checkpoint(source, removed, Path(out), known=FileHashes(Path(memo)).known if memo else None)
     elapsed, cpu = time.perf_counter() - start, time.process_time() - cpu
     with open("/proc/self/status") as f:
         hwm = next(int(line.split()[1]) for line in f if line.startswith("VmHWM:"))
@@ -109,11 +120,18 @@ def main() -> None:
     p.add_argument("--hidden", type=int, default=2048)
     p.add_argument("--shard-mb", type=int, default=500)
     p.add_argument("--repeats", type=int, default=3)
+    p.add_argument(
+        "--remove",
+        choices=["middle", "deep"],
+        default="middle",
+        help="the quarter of layers removed: the middle ones, or the deep ones before the last (where Block "
+        "Influence is lowest in the ShortGPT paper's Llama models)",
+    )
     p.add_argument("--workdir", default=None)
-    p.add_argument("--child", nargs=3, metavar=("SRC", "OUT", "REMOVED"))
+    p.add_argument("--child", nargs=4, metavar=("SRC", "OUT", "REMOVED", "MEMO"))
     args = p.parse_args()
     if args.child:
-        child(args.child[0], args.child[1], json.loads(args.child[2]))
+        child(args.child[0], args.child[1], json.loads(args.child[2]), args.child[3])
         return
 
     with tempfile.TemporaryDirectory(dir=args.workdir) as tmp:
@@ -123,22 +141,48 @@ def main() -> None:
         generate(src, args.layers, args.hidden, args.shard_mb)
         gen_s = time.perf_counter() - t0
         shard_sizes = [f.stat().st_size for f in src.glob("*.safetensors")]
-        removed = list(range(args.layers // 2 - args.layers // 8, args.layers // 2 + args.layers // 8))
-        writes, copies, hashed, peaks, write_cpu, copy_cpu = [], [], [], [], [], []
+        quarter = args.layers // 4
+        first = args.layers // 2 - args.layers // 8 if args.remove == "middle" else args.layers - 1 - quarter
+        removed = list(range(first, first + quarter))
+        # The run hashes the source for its cache key before it writes (the hash memo): do the same, once, after
+        # the memo's 2-second guard against files changed within one timestamp tick.
+        memo = Path(tmp) / "cache"
+        time.sleep(2.5)
+        from shortgpt_serve.cache import FileHashes
+
+        hashes = FileHashes(memo)
+        for f in src.glob("*.safetensors"):
+            hashes.sha256(f)
+        unchanged = sum(hashes.known(f) is not None and _unchanged(f, removed[0]) for f in src.glob("*.safetensors"))
+        copies, hashed, copy_cpu = [], [], []
+        writes: dict[str, list[float]] = {"memo": [], "none": []}
+        write_cpu: dict[str, list[float]] = {"memo": [], "none": []}
+        peaks: list[float] = []
         kept_bytes = 0
         for r in range(args.repeats):
-            out = Path(tmp) / f"out{r}"
-            res = subprocess.run(
-                [sys.executable, __file__, "--child", str(src), str(out), json.dumps(removed)],
-                capture_output=True,
-                text=True,
-            )
-            if res.returncode:
-                raise SystemExit(f"the writer failed:\n{res.stderr[-3000:]}")
-            stats = json.loads(res.stdout.strip().splitlines()[-1])
-            writes.append(stats["seconds"])
-            write_cpu.append(stats["cpu_seconds"])
-            peaks.append(stats["peak_mib"])
+            for variant in ("memo", "none"):
+                out = Path(tmp) / f"out{r}-{variant}"
+                res = subprocess.run(
+                    [
+                        sys.executable,
+                        __file__,
+                        "--child",
+                        str(src),
+                        str(out),
+                        json.dumps(removed),
+                        str(memo) if variant == "memo" else "",
+                    ],
+                    capture_output=True,
+                    text=True,
+                )
+                if res.returncode:
+                    raise SystemExit(f"the writer failed:\n{res.stderr[-3000:]}")
+                stats = json.loads(res.stdout.strip().splitlines()[-1])
+                writes[variant].append(stats["seconds"])
+                write_cpu[variant].append(stats["cpu_seconds"])
+                peaks.append(stats["peak_mib"])
+            shutil.rmtree(Path(tmp) / f"out{r}-none")
+            out = Path(tmp) / f"out{r}-memo"
             files = sorted(out.glob("*.safetensors"))
             kept_bytes = sum(f.stat().st_size for f in files)
             dst = Path(tmp) / f"cp{r}"
@@ -158,7 +202,8 @@ def main() -> None:
             shutil.rmtree(dst2, ignore_errors=True)
             shutil.rmtree(out)
             shutil.rmtree(dst)
-    w, c, h = statistics.median(writes), statistics.median(copies), statistics.median(hashed)
+    w, c, h = statistics.median(writes["memo"]), statistics.median(copies), statistics.median(hashed)
+    w0 = statistics.median(writes["none"])
     load, cores = os.getloadavg(), len(os.sched_getaffinity(0))
     largest = max(shard_sizes) / 2**20
     peak = max(peaks)
@@ -167,10 +212,16 @@ def main() -> None:
         f"{sum(shard_sizes) / 2**30:.2f} GiB in {len(shard_sizes)} shards, {len(removed)} layers removed",
         "",
         f"- generated in {gen_s:.0f} s; kept bytes {kept_bytes / 2**30:.2f} GiB",
-        f"- write_checkpoint: median {w:.2f} s, runs {[round(x, 2) for x in writes]}",
+        f"- removed layers {removed[0]}..{removed[-1]}; the source was hashed once before (as the run does for its "
+        f"cache key); {unchanged} of {len(shard_sizes)} shards hold only tensors kept under their own names",
+        f"- write_checkpoint with the hash memo (as the run calls it): median {w:.2f} s, runs "
+        f"{[round(x, 2) for x in writes['memo']]}",
+        f"- write_checkpoint without it (every shard hashed as written): median {w0:.2f} s, runs "
+        f"{[round(x, 2) for x in writes['none']]}",
         f"- cp of the same files: median {c:.2f} s, runs {[round(x, 2) for x in copies]}",
-        f"- **time ratio {w / c:.2f}** (target <= 1.5)",
-        f"- CPU seconds (user + system, all threads): writer median {statistics.median(write_cpu):.2f}, cp median "
+        f"- **time ratio {w / c:.2f}** with the memo (target <= 1.5); {w0 / c:.2f} without",
+        f"- CPU seconds (user + system, all threads): writer median {statistics.median(write_cpu['memo']):.2f} "
+        f"with the memo, {statistics.median(write_cpu['none']):.2f} without, cp median "
         f"{statistics.median(copy_cpu):.2f}; {cores} cores, load average {load[0]:.1f} / {load[1]:.1f} / "
         f"{load[2]:.1f} (1 / 5 / 15 min) when the runs ended",
         f"- cp then sha256sum of the same files (the integrity the writer records): median {h:.2f} s, runs "
@@ -179,7 +230,7 @@ def main() -> None:
         f"{largest + 300:.0f} MiB target: {'met' if peak <= largest + 300 else 'missed'}**",
         "",
         f"Command: `.venv/bin/python benchmarks/streaming.py --layers {args.layers} --hidden {args.hidden} "
-        f"--shard-mb {args.shard_mb} --repeats {args.repeats}`",
+        f"--shard-mb {args.shard_mb} --repeats {args.repeats} --remove {args.remove}`",
         "",
     ]
     record("streaming", lines)

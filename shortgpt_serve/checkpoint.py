@@ -18,7 +18,14 @@ from shortgpt_serve.fsutil import atomic_dir, check_output_free, cores, map_thre
 from shortgpt_serve.models.convert import SOURCE_RECORD
 from shortgpt_serve.models.families import shortened_config
 from shortgpt_serve.models.source import ModelSource
-from shortgpt_serve.models.weights import INDEX_NAME, copy_tensors, layer_pattern, read_header, weight_map
+from shortgpt_serve.models.weights import (
+    INDEX_NAME,
+    copy_tensors,
+    copy_verbatim,
+    layer_pattern,
+    read_header,
+    weight_map,
+)
 from shortgpt_serve.provenance import Provenance, build_provenance
 
 PROVENANCE_NAME = "shortgpt.json"
@@ -67,12 +74,15 @@ def _write_weights(
     out: Path,
     overrides: Mapping[str, bytes] | None = None,
     threads: int | None = None,
+    known: Callable[[Path], str | None] | None = None,
 ) -> dict[str, str]:
     """Stream the kept tensors, renamed, shard by shard into ``out`` (``overrides``: new data for some, by source
     name); returns each written shard's sha256.
 
     sha256 is sequential within a file and costs more than the copy, so shards are written ``threads`` at a time
-    (default: one per core), the largest first; each holds about one copy window in memory."""
+    (default: one per core), the largest first; each holds about one copy window in memory. A shard that comes
+    out unchanged (every tensor kept under its own name, none replaced) is copied whole, and when ``known`` (the
+    cache's hash memo) already holds the source file's sha256 it is not hashed again."""
     mapping = weight_map(source.path)
     renames = rename_map(list(mapping), source.family.layers_module, source.num_layers, removed)
     stray = sorted(n for n in overrides or {} if renames.get(n) is None)
@@ -87,6 +97,7 @@ def _write_weights(
     nonempty = [s for s in shards if kept_by_shard[s]]
     single = len(nonempty) == 1
     jobs: list[tuple[str, str, dict[str, str], int]] = []
+    unchanged: set[str] = set()  # shards whose every tensor is kept as it is: the output file equals the source
     for k, shard in enumerate(nonempty, 1):
         out_name = "model.safetensors" if single else f"model-{k:05d}-of-{len(nonempty):05d}.safetensors"
         header, _ = read_header(source.path / shard)
@@ -98,9 +109,22 @@ def _write_weights(
             int(header[old]["data_offsets"][1]) - int(header[old]["data_offsets"][0]) for old, _ in kept_by_shard[shard]
         )
         jobs.append((shard, out_name, metadata, kept_bytes))
+        names = {k for k in header if k != "__metadata__"}
+        if (
+            names == {old for old, new in kept_by_shard[shard] if old == new}
+            and metadata == header.get("__metadata__")
+            and not any(mapping.get(old) == shard for old in overrides or {})
+        ):
+            unchanged.add(shard)
 
     def write(job: tuple[str, str, dict[str, str], int]) -> tuple[int, str]:
-        shard, out_name, metadata, _ = job
+        shard, out_name, metadata, kept_bytes = job
+        src = source.path / shard
+        digest = known(src) if known is not None and shard in unchanged else None
+        if digest is not None:
+            copy_verbatim(src, out / out_name)
+            if known is not None and known(src) == digest:  # the file did not change while it was copied
+                return kept_bytes, digest
         try:
             return copy_tensors(
                 source.path / shard,
@@ -217,13 +241,15 @@ def write_checkpoint(
     overwrite: bool = False,
     seal: Callable[[Path], None] | None = None,
     overrides: Mapping[str, bytes] | None = None,
+    known: Callable[[Path], str | None] | None = None,
 ) -> Path:
     """Write ``source`` without the ``removed`` layers to ``output`` (a folder that must not exist unless
     ``overwrite``). ``provenance``: the record written beside the weights (default: the bare record of the cut,
     :func:`~shortgpt_serve.provenance.build_provenance`); the files' sha256 are added to it. ``extra_files``
     (name -> bytes, e.g. the report) are written into the folder too. ``seal(folder)`` runs on the complete temp
     folder just before it is renamed into place (the cache writes its manifest there). ``overrides``: new raw data
-    for some kept tensors, by source name (healed weights: same dtype and shape)."""
+    for some kept tensors, by source name (healed weights: same dtype and shape). ``known(path)``: a source file's
+    sha256 if already known (the cache's memo), else None; shards written unchanged are then not hashed again."""
     removed = check_removed(list(removed), source.num_layers)
     check_output_free(output, overwrite=overwrite)
     if output.exists() and not output.is_dir():
@@ -238,7 +264,7 @@ def write_checkpoint(
         )
     try:
         with atomic_dir(output, overwrite=overwrite) as tmp:
-            hashes = _write_weights(source, removed, tmp, overrides)
+            hashes = _write_weights(source, removed, tmp, overrides, known=known)
             config = shortened_config(source.config, removed)
             (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
             _copy_side_files(source.path, tmp)

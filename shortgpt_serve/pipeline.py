@@ -86,7 +86,7 @@ def prepare(config: Config, progress: bool = True, in_use: ExitStack | None = No
     qkey = quality_key(config, source, docs.heldout, hashes) if config.quality.enabled else None
     hashes.save()
     if config.output:
-        return _build(config, source, session, pkey, qkey, Path(config.output).expanduser(), None, progress)
+        return _build(config, source, session, pkey, qkey, Path(config.output).expanduser(), None, progress, hashes)
     ckey = checkpoint_key(config, pkey, qkey)
     name = cache.entry_name("checkpoints", ckey, label=source.name)
     output = cache_dir / "checkpoints" / name
@@ -95,7 +95,7 @@ def prepare(config: Config, progress: bool = True, in_use: ExitStack | None = No
         if cache.usable(cache_dir, "checkpoints", name, want, hashes.sha256):
             prepared = _reused(config, source, output)
         else:
-            prepared = _build(config, source, session, pkey, qkey, output, ckey, progress)
+            prepared = _build(config, source, session, pkey, qkey, output, ckey, progress, hashes)
         if in_use is not None:
             in_use.enter_context(cache.in_use(cache_dir, "checkpoints", name))
     return prepared
@@ -187,9 +187,11 @@ def _build(
     output: Path,
     ckey: dict[str, Any] | None,
     progress: bool,
+    hashes: cache.FileHashes,
 ) -> Prepared:
     """Profile (or reuse the cached profile), search the depth and write the checkpoint to ``output``;
-    ``ckey``: the checkpoint's cache key when ``output`` is its cache entry."""
+    ``ckey``: the checkpoint's cache key when ``output`` is its cache entry; ``hashes``: the memo that hashed the
+    source (shards written unchanged are not hashed again)."""
     from shortgpt_serve.report import build_json, describe_candidates, report_files, short_summary
 
     timings: dict[str, float] = {}
@@ -283,6 +285,7 @@ def _build(
             overwrite=config.overwrite or ckey is not None,
             seal=seal,
             overrides=overrides,
+            known=hashes.known,
         )
     except CheckpointError as exc:
         cause = exc.__cause__

@@ -10,6 +10,7 @@ import torch
 from safetensors import safe_open
 
 from shortgpt_serve.checkpoint import (
+    read_provenance,
     rename_map,
     verify_checkpoint,
     write_checkpoint,
@@ -286,3 +287,43 @@ def test_verify_finds_a_damaged_shard_in_parallel(
         f.write(b"\1\2\3\4")
     with pytest.raises(CheckpointError, match=rf"{shard.name} does not match its recorded sha256"):
         verify_checkpoint(out, threads=threads)
+
+
+def test_unchanged_shards_are_copied_whole_with_the_memo_hash(
+    make_tiny_model: Callable[..., Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from shortgpt_serve.cache import FileHashes, hashes
+
+    monkeypatch.setattr(hashes, "RACY_NS", 0)  # the shards were written just now; trust the memo at once
+    source = resolve_model(str(make_tiny_model("llama", max_shard_size=60_000)), tmp_path / "cache")
+    memo = FileHashes(tmp_path / "cache")
+    sources = {memo.sha256(f): f.read_bytes() for f in sorted(source.path.glob("*.safetensors"))}
+    plain = write_checkpoint(source, [source.num_layers - 1], tmp_path / "plain")
+    out = write_checkpoint(source, [source.num_layers - 1], tmp_path / "short", known=memo.known)
+
+    record = verify_checkpoint(out)  # every recorded sha256 is the file's own
+    shards = sorted(out.glob("*.safetensors"))
+    verbatim = [f for f in shards if f.read_bytes() == sources.get(record.files[f.name])]
+    assert 0 < len(verbatim) < len(shards)  # the shards before the removed layer, and only those
+    for f in shards:
+        with safe_open(f, framework="pt") as a, safe_open(plain / f.name, framework="pt") as b:
+            assert sorted(a.keys()) == sorted(b.keys())
+            assert all(torch.equal(a.get_tensor(k), b.get_tensor(k)) for k in a.keys())  # noqa: SIM118 (safe_open is not iterable)
+
+
+def test_a_memo_hash_is_used_only_while_the_source_is_unchanged(
+    make_tiny_model: Callable[..., Path], tmp_path: Path
+) -> None:
+    from shortgpt_serve.fsutil import sha256_file
+
+    source = resolve_model(str(make_tiny_model("llama", max_shard_size=60_000)), tmp_path / "cache")
+    first = sorted(source.path.glob("*.safetensors"))[0]
+    recorded = "0" * 64  # what the memo says: not the file's hash, so a written digest shows where it came from
+    out = write_checkpoint(source, [source.num_layers - 1], tmp_path / "trusted", known=lambda p: recorded)
+    assert recorded in read_provenance(out).files.values()  # an unchanged shard's digest was not recomputed
+
+    answers = iter([recorded, None] + [None] * 100)  # the memo no longer holds it after the copy: it changed
+    out = write_checkpoint(source, [source.num_layers - 1], tmp_path / "changed", known=lambda p: next(answers))
+    assert recorded not in read_provenance(out).files.values()
+    assert verify_checkpoint(out).files  # hashed from the bytes written instead
+    assert sha256_file(first) != recorded

@@ -41,17 +41,11 @@ class FileHashes:
     def sha256(self, path: Path) -> str:
         real = path.resolve()
         ident = _identity(real)
-        memo = self.folder / f"{hashlib.sha256(str(real).encode()).hexdigest()[:32]}.json"
-        with suppress(OSError, ValueError, KeyError, TypeError):
-            rec = json.loads(memo.read_text())
-            value = rec["sha256"]
-            if (
-                rec["identity"] == ident
-                and rec["recorded_ns"] - max(ident[4], ident[5]) > RACY_NS
-                and re.fullmatch(r"[0-9a-f]{64}", value)
-            ):
-                self.memo_hits += 1
-                return str(value)
+        memo = self._memo_path(real)
+        known = self._recorded(memo, ident)
+        if known is not None:
+            self.memo_hits += 1
+            return known
         value = sha256_file(real)
         self.bytes_read += int(ident[3])
         if _identity(real) == ident:  # unchanged while we read it
@@ -59,6 +53,32 @@ class FileHashes:
             if not self.deferred:
                 self.save()
         return value
+
+    def known(self, path: Path) -> str | None:
+        """The file's sha256 if the memo holds it for the file as it is now (recorded or computed this run), else
+        None; never reads the file."""
+        real = path.resolve()
+        try:
+            ident = _identity(real)
+        except OSError:
+            return None
+        return self._recorded(self._memo_path(real), ident)
+
+    def _memo_path(self, real: Path) -> Path:
+        return self.folder / f"{hashlib.sha256(str(real).encode()).hexdigest()[:32]}.json"
+
+    def _recorded(self, memo: Path, ident: list[Any]) -> str | None:
+        rec = self.pending.get(memo)
+        with suppress(OSError, ValueError, KeyError, TypeError):
+            rec = rec or json.loads(memo.read_text())
+            value = rec["sha256"]
+            if (
+                rec["identity"] == ident
+                and rec["recorded_ns"] - max(ident[4], ident[5]) > RACY_NS
+                and re.fullmatch(r"[0-9a-f]{64}", value)
+            ):
+                return str(value)
+        return None
 
     def save(self) -> None:
         for memo, record in self.pending.items():
