@@ -1,13 +1,16 @@
 """Plain removal vs linear healing (and the angular block, plain) at several depths on the default model, side by side.
 
     .venv/bin/python benchmarks/healing.py [--depths 4,8,10] [--eval-limit 100] [--distill 10]
+        [--objectives squared,relative]
 
 One process, one model: the BI profile (and all-pairs angular distances) on the calibration text, the full model's
 scores, then at each depth the lowest-BI removal scored plain and healed in one pass (the maps fitted on the
-calibration text, disjoint from everything evaluated), and the angular criterion's block plain; at the depths
-given to ``--distill``, also linear followed by distillation (heal.distill_* defaults). Each row: quality
-retained with its 95% paired bootstrap interval, held-out perplexity, mean KL(full || model) per token, top-1
-agreement with the full model, LAMBADA last-word greedy accuracy, and the healing time. Results are appended to
+calibration text, disjoint from everything evaluated; one healed row per least-squares objective given to
+``--objectives``), and the angular criterion's block plain; at the depths given to ``--distill``, also linear (the
+first objective) followed by distillation (heal.distill_* defaults). Each row: quality retained with its 95%
+paired bootstrap interval, held-out perplexity, mean KL(full || model) per token, top-1 agreement with the full
+model, LAMBADA last-word greedy accuracy, healed minus plain retained with its 95% paired interval (the same items
+resampled for the full, the plain and the healed model), and the healing time. Results are appended to
 benchmarks/results/healing.md.
 """
 
@@ -33,11 +36,21 @@ def fmt(q: dict[str, Any]) -> list[str]:
     ]
 
 
+def gain(q: dict[str, Any]) -> str:
+    """Healed minus plain retained with its paired 95% interval ('—' for an unhealed row)."""
+    ci, plain = q.get("gain_ci"), q.get("plain")
+    if plain is None:
+        return "—"
+    diff = f"{q['retained'] - plain['retained']:+.3f}"
+    return f"{diff} [{ci[0]:+.3f}, {ci[1]:+.3f}]" if ci else diff
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--depths", default="4,8,10")
     parser.add_argument("--eval-limit", type=int, default=100)
     parser.add_argument("--distill", default="", help="depths to distil too, e.g. 10")
+    parser.add_argument("--objectives", default="", help="linear objectives side by side (default: heal.objective)")
     args = parser.parse_args()
     depths = [int(d) for d in args.depths.split(",")]
     distilled = {int(d) for d in args.distill.split(",") if d}
@@ -83,9 +96,30 @@ def main() -> None:
     )
     meter.progress = False
     full = meter.measure_full()
-    healer = Healer(config, lambda: engine, session.calibration_batches, meter, progress=False)
+    objectives = [o for o in args.objectives.split(",") if o] or [config.heal.objective]
+    healers = [
+        Healer(
+            dataclasses.replace(config, heal=dataclasses.replace(config.heal, objective=o)),
+            lambda: engine,
+            session.calibration_batches,
+            meter,
+            progress=False,
+        )
+        for o in objectives
+    ]
 
-    header = ["removed", "method", "layers", "retained [95% CI]", "ppl", "KL", "top-1", "LAMBADA", "healing s"]
+    header = [
+        "removed",
+        "method",
+        "layers",
+        "retained [95% CI]",
+        "ppl",
+        "KL",
+        "top-1",
+        "LAMBADA",
+        "vs plain [95% CI]",
+        "healing s",
+    ]
     rows = [
         [
             "0",
@@ -97,20 +131,26 @@ def main() -> None:
             "1.000",
             f"{full['lambada']:.3f}",
             "—",
+            "—",
         ]
     ]
     for n in depths:
         removed = bi_plan[n]
-        healed = healer(removed)
-        healing = healer.fitted[tuple(sorted(removed))]
         layers = ",".join(map(str, removed))
-        rows.append([str(n), "bi plain", layers, *fmt(healed["plain"]), "—"])
-        rows.append([str(n), "bi linear", layers, *fmt(healed), f"{healing.seconds:.1f}"])
+        for i, healer in enumerate(healers):
+            healed = healer(removed)
+            healing = healer.fitted[tuple(sorted(removed))]
+            if i == 0:
+                rows.append([str(n), "bi plain", layers, *fmt(healed["plain"]), "—", "—"])
+            method = f"bi linear ({healer.config.heal.objective})"
+            rows.append([str(n), method, layers, *fmt(healed), gain(healed), f"{healing.seconds:.1f}"])
+        healer = healers[0]
         if n in distilled:
-            distilled_q, dist = healer.distilled(removed, healed["plain"])
-            rows.append([str(n), "bi distill", layers, *fmt(distilled_q), f"{healing.seconds + dist.seconds:.1f}"])
+            distilled_q, dist = healer.distilled(removed)
+            seconds = f"{healing.seconds + dist.seconds:.1f}"
+            rows.append([str(n), "bi distill", layers, *fmt(distilled_q), gain(distilled_q), seconds])
         angular = meter(angular_plan[n])
-        rows.append([str(n), "angular plain", ",".join(map(str, angular_plan[n])), *fmt(angular), "—"])
+        rows.append([str(n), "angular plain", ",".join(map(str, angular_plan[n])), *fmt(angular), "—", "—"])
 
     widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
     lines = [
@@ -123,7 +163,7 @@ def main() -> None:
         "|" + "|".join("-" * (w + 2) for w in widths) + "|",
         *("| " + " | ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)) + " |" for r in rows),
         "",
-        f"Settings: {dataclasses.asdict(config.heal)}; bootstrap {config.quality.bootstrap} resamples.",
+        f"Settings: {dataclasses.asdict(healers[0].config.heal)}; bootstrap {config.quality.bootstrap} resamples.",
         "",
     ]
     record("healing", lines)

@@ -126,6 +126,7 @@ OPTIONAL_QUALITY_KEYS = (
     "lambada_se",
     "lambada_n",
     "plain",
+    "gain_ci",
 )
 
 
@@ -153,6 +154,8 @@ class QualityRecord:
     lambada_n: int | None = None
     plain: QualityRecord | None = None
     """For a healed model: the same removal without healing, measured beside it."""
+    gain_ci: tuple[float, float] | None = None
+    """For a healed model: 95% paired bootstrap interval of its retained minus ``plain``'s (0 inside: noise)."""
 
     @classmethod
     def from_json(cls, data: Mapping[str, Any]) -> QualityRecord:
@@ -160,9 +163,10 @@ class QualityRecord:
         known["tasks"] = {t: TaskRecord(**_known(TaskRecord, v)) for t, v in (data.get("tasks") or {}).items()}
         if known.get("no_signal") is not None:
             known["no_signal"] = tuple(known["no_signal"])
-        if known.get("retained_ci") is not None:
-            lo, hi = known["retained_ci"]
-            known["retained_ci"] = (float(lo), float(hi))
+        for key in ("retained_ci", "gain_ci"):
+            if known.get(key) is not None:
+                lo, hi = known[key]
+                known[key] = (float(lo), float(hi))
         if known.get("plain") is not None:
             known["plain"] = QualityRecord.from_json(known["plain"])
         return cls(**known)
@@ -173,6 +177,8 @@ class QualityRecord:
             out["no_signal"] = list(self.no_signal)
         if self.retained_ci is not None:
             out["retained_ci"] = list(self.retained_ci)
+        if self.gain_ci is not None:
+            out["gain_ci"] = list(self.gain_ci)
         if self.plain is not None:
             out["plain"] = self.plain.to_json()
         return {k: v for k, v in out.items() if v is not None or k not in OPTIONAL_QUALITY_KEYS}
@@ -184,6 +190,8 @@ class HealingRecord:
 
     method: str = "none"
     ridge: float | None = None
+    objective: str | None = None
+    """linear: what the least squares weighs (heal.objective)."""
     calibration_tokens: int | None = None
     """Tokens of the calibration text (the profiled part, disjoint from every evaluation) the maps were fitted on."""
     seconds: float | None = None
@@ -214,8 +222,8 @@ class HealingRecord:
         out = dataclasses.asdict(self)
         out["runs"] = [dict(r) for r in self.runs]
         out["unhealed_runs"] = [list(r) for r in self.unhealed_runs]
-        distill_only = ("steps", "batch_size", "lr", "seed", "tokens", "kl_first", "kl_last", "linear_start")
-        return {k: v for k, v in out.items() if v is not None or k not in distill_only}
+        optional = ("objective", "steps", "batch_size", "lr", "seed", "tokens", "kl_first", "kl_last", "linear_start")
+        return {k: v for k, v in out.items() if v is not None or k not in optional}
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -158,6 +158,14 @@ def noise_notes(selection: Selection, full: dict[str, Any] | None) -> list[str]:
             f"{_num(plain.get('perplexity'), '.2f')} -> {_num(chosen.get('perplexity'), '.2f')}, KL "
             f"{_num(plain.get('kl'))} -> {_num(chosen.get('kl'))}."
         )
+        gain = chosen.get("gain_ci")
+        if gain:
+            within = (
+                "within noise: the item sample cannot tell them apart" if gain[0] <= 0.0 <= gain[1] else "beyond noise"
+            )
+            notes[-1] += (
+                f" Healed minus plain retained: 95% paired interval [{gain[0]:+.3f}, {gain[1]:+.3f}] ({within})."
+            )
     return notes
 
 

@@ -377,6 +377,12 @@ BAD_INPUTS: list[tuple[str, Callable[[Path], list[str]], int, str]] = [
     ),
     ("heal on too little text", too_little_text_to_heal, 1, "--heal linear needs at least 128 calibration tokens"),
     ("heal ridge negative", lambda t: yaml_file(t, "heal:\n  ridge: -1\n"), 2, "heal.ridge must be >= 0"),
+    (
+        "heal objective unknown",
+        lambda t: yaml_file(t, "heal:\n  objective: cosine\n"),
+        2,
+        "heal.objective must be one of squared, relative, got 'cosine'.",
+    ),
     ("max kl zero", lambda t: ["--max-kl", "0"], 2, "--max-kl must be > 0 (nats per token)"),
     ("min agreement above one", lambda t: ["--min-agreement", "1.5"], 2, "--min-agreement must be in (0, 1]"),
     ("unknown decision rule", lambda t: ["--decide", "mean"], 2, "'mean' is not one of 'fit', 'lower-bound', 'point'."),

@@ -33,13 +33,20 @@ def tiny(model_type: str = "llama", **overrides: Any) -> Any:
 
 
 def reference_map(
-    model: Any, short_model: Any, batches: list[Batch], kept: int, end: int, removed_before: list[int]
+    model: Any,
+    short_model: Any,
+    batches: list[Batch],
+    kept: int,
+    end: int,
+    removed_before: list[int],
+    objective: str = "squared",
 ) -> torch.Tensor:
     """T by ridge least squares from plain forwards: ``short_model`` (a copy with earlier maps folded in) with
     ``removed_before`` and kept+1..end deleted gives x (layer ``kept``'s down-projection output) and its state
-    leaving ``kept``; the full ``model`` gives the target leaving ``end``."""
+    leaving ``kept``; the full ``model`` gives the target leaving ``end``. ``relative``: each token's row scaled
+    by 1 / |its target| before an ordinary least squares."""
     family = FAMILIES["llama"]
-    xs, ys = [], []
+    xs, ys, ws = [], [], []
     for b in batches:
         real = b.attention_mask.bool()
         with torch.no_grad():
@@ -59,7 +66,9 @@ def reference_map(
         x = got[0][real]
         xs.append(x)
         ys.append(x + target - short)
-    x, y = torch.cat(xs), torch.cat(ys)
+        ws.append(1.0 / target.norm(dim=1) if objective == "relative" else torch.ones(len(x), dtype=x.dtype))
+    w = torch.cat(ws)[:, None]
+    x, y = torch.cat(xs) * w, torch.cat(ys) * w
     gram = x.T @ x
     lam = DEFAULT_RIDGE * float(torch.trace(gram)) / gram.shape[0]
     return torch.linalg.solve(gram + lam * torch.eye(gram.shape[0], dtype=gram.dtype), x.T @ y)
@@ -70,22 +79,28 @@ def test_runs_of_consecutive_layers() -> None:
     assert runs_of([]) == []
 
 
-def test_maps_match_a_least_squares_reference_fitted_in_order() -> None:
+@pytest.mark.parametrize("objective", ["squared", "relative"])
+def test_maps_match_a_least_squares_reference_fitted_in_order(objective: str) -> None:
     """Two runs, [2] healed into layer 1 and [4] into layer 3, the second fitted on the model with the first run
     removed and its map folded in."""
     model = tiny()
     engine = PassEngine.of(model)
     batches = calibration()
-    healing = fit_linear(engine, batches, [2, 4], progress=False)
+    healing = fit_linear(engine, batches, [2, 4], objective=objective, progress=False)
     assert sorted(healing.maps) == [1, 3]
+    assert healing.record()["objective"] == objective
     short = copy.deepcopy(model)
-    want_first = reference_map(model, short, batches, kept=1, end=2, removed_before=[])
+    want_first = reference_map(model, short, batches, kept=1, end=2, removed_before=[], objective=objective)
     assert torch.allclose(healing.maps[1], want_first, atol=1e-8, rtol=1e-6)
     fold(decoder_layers(short, FAMILIES["llama"])[1], want_first)
-    want_second = reference_map(model, short, batches, kept=3, end=4, removed_before=[2])
+    want_second = reference_map(model, short, batches, kept=3, end=4, removed_before=[2], objective=objective)
     assert torch.allclose(healing.maps[3], want_second, atol=1e-8, rtol=1e-6)
     for fit in healing.fits:
         assert fit.error_healed < fit.error_plain
+    if objective == "relative":
+        other = fit_linear(engine, batches, [2, 4], progress=False)
+        assert not torch.allclose(healing.maps[1], other.maps[1], atol=1e-6)  # the weighting changes the fit
+        return
     assert healing.record()["runs"][0] == {
         "kept_layer": 1,
         "removed": [2],
@@ -144,6 +159,11 @@ def test_granite_scales_the_residual() -> None:
 def test_models_it_cannot_fold_into_are_refused(model_type: str, quantized: bool, moe: bool, match: str) -> None:
     with pytest.raises(HealingError, match=match):
         check_foldable(model_type, None, quantized=quantized, moe=moe)
+
+
+def test_an_unknown_objective_is_refused() -> None:
+    with pytest.raises(HealingError, match=r"heal\.objective must be one of squared, relative, got 'cosine'"):
+        fit_linear(PassEngine.of(tiny()), calibration(), [2], objective="cosine", progress=False)
 
 
 def test_too_little_calibration_text_is_refused() -> None:

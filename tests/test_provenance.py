@@ -85,6 +85,7 @@ RECORD: dict[str, Any] = {
     "healing": {
         "method": "linear",
         "ridge": 0.0001,
+        "objective": "squared",
         "calibration_tokens": 16384,
         "seconds": 12.5,
         "runs": [{"kept_layer": 1, "removed": [2], "error_plain": 0.2, "error_healed": 0.1}],
@@ -211,3 +212,10 @@ def test_checkpoint_carries_the_built_record(tiny_llama: Path, tmp_path: Path) -
     (out / "shortgpt.json").write_text(json.dumps({"tool": "shortgpt-serve"}))
     with pytest.raises(CheckpointError, match="is not a provenance record"):
         read_provenance(out)
+
+
+def test_a_healed_record_keeps_its_plain_twin_and_gain_interval() -> None:
+    healed = {**SHORTENED, "retained_ci": [0.8, 0.9], "plain": SHORTENED, "gain_ci": [0.01, 0.2]}
+    q = QualityRecord.from_json(healed)
+    assert q.gain_ci == (0.01, 0.2) and q.plain is not None and q.plain.gain_ci is None
+    assert q.to_json() == healed

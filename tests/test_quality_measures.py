@@ -13,11 +13,12 @@ import pytest
 import torch
 
 from shortgpt_serve.calibration import default_documents
+from shortgpt_serve.errors import QualityError
 from shortgpt_serve.models.families import FAMILIES
 from shortgpt_serve.models.layers import skipped_layers
 from shortgpt_serve.passes import Batch, PassEngine, Route
 from shortgpt_serve.quality import Request, TaskScore, encode_request, quality_retained
-from shortgpt_serve.quality.bootstrap import retained_interval
+from shortgpt_serve.quality.bootstrap import gain_interval, retained_interval
 from shortgpt_serve.quality.divergence import Divergence, FinalStates
 from shortgpt_serve.quality.lambada import GreedyScore, lambada_requests, last_word_request
 from shortgpt_serve.quality.perplexity import perplexity_batches
@@ -201,3 +202,37 @@ def test_paired_bootstrap_interval() -> None:
     assert retained_interval(full, short, chances, 0, seed=1) is None
     # Pairing: the same outcomes for both models leave no doubt that everything is retained.
     assert retained_interval(full, full, chances, 200, seed=1) == (1.0, 1.0)
+
+
+def test_paired_gain_interval() -> None:
+    """Healed minus plain retained: zero-width at zero for the same outcomes, excluding zero for a model that
+    gets clearly more items right, holding zero for the same gain on a tenth of the items."""
+    n = 400
+    fa, plain_a = outcomes(n, 0.80, 0.55, seed=3)
+    fb, plain_b = outcomes(n, 0.75, 0.55, seed=4)
+    full, plain = {"a": fa, "b": fb}, {"a": plain_a, "b": plain_b}
+    chances = {"a": [0.5] * n, "b": [0.5] * n}
+    assert gain_interval(full, plain, plain, chances, 500, seed=7) == (0.0, 0.0)
+    # A healed model that recovers a quarter of the items plain removal lost.
+    rng = random.Random(5)
+    better = {t: [p or (f and rng.random() < 0.25) for f, p in zip(full[t], plain[t], strict=True)] for t in full}
+    point = (
+        quality_retained(scores_of(full, 0.5), scores_of(better, 0.5)).retained
+        - quality_retained(scores_of(full, 0.5), scores_of(plain, 0.5)).retained
+    )
+    ci = gain_interval(full, plain, better, chances, 1000, seed=7)
+    assert ci is not None and 0.0 < ci[0] < point < ci[1]
+    # The same gain on a tenth of the items is within noise.
+    few = {t: v[:40] for t, v in full.items()}
+    small = gain_interval(
+        few,
+        {t: v[:40] for t, v in plain.items()},
+        {t: v[:40] for t, v in better.items()},
+        {t: v[:40] for t, v in chances.items()},
+        1000,
+        seed=7,
+    )
+    assert small is not None and small[0] <= 0.0 < small[1]
+    assert gain_interval(full, plain, better, chances, 0, seed=7) is None
+    with pytest.raises(QualityError, match="same items"):
+        gain_interval(full, plain, {"a": better["a"][:-1], "b": better["b"]}, chances, 10, seed=7)

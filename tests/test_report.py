@@ -96,6 +96,11 @@ def test_a_healed_candidate_shows_plain_and_healed_rows() -> None:
     notes = noise_notes(selection(healed), FULL)
     assert any("interval 0.800-0.920), which contains the floor 0.85: the choice is within noise" in n for n in notes)
     assert any("Healing (linear) at the chosen depth: retained 0.700 -> 0.860" in n for n in notes)
+    assert not any("paired interval" in n for n in notes)  # no gain interval measured: none claimed
+    for gain, verdict in (([-0.02, 0.30], "within noise"), ([0.05, 0.27], "beyond noise")):
+        notes = noise_notes(selection({**healed, "gain_ci": gain}), FULL)
+        want = f"Healed minus plain retained: 95% paired interval [{gain[0]:+.3f}, {gain[1]:+.3f}] ({verdict}"
+        assert any(want in n for n in notes), notes
 
 
 def test_short_summary_prints_the_table_right_aligned() -> None:

@@ -14,6 +14,7 @@ Criterion = Literal["bi", "angular", "iterative-bi"]
 CompareMode = Literal["auto", "reuse", "measure", "off"]
 Dtype = Literal["auto", "float32", "bfloat16", "float16"]
 HealMethod = Literal["none", "linear", "distill"]
+HealObjective = Literal["squared", "relative"]
 Decide = Literal["fit", "lower-bound", "point"]
 CRITERIA: tuple[str, ...] = typing.get_args(Criterion)
 COMPARE_MODES: tuple[str, ...] = typing.get_args(CompareMode)

@@ -11,6 +11,7 @@ from shortgpt_serve.config.fields import (
     Decide,
     Dtype,
     HealMethod,
+    HealObjective,
     check_choices,
     not_blank,
     positive,
@@ -257,6 +258,12 @@ class HealConfig:
     ridge: float = setting(
         "Ridge term of the linear maps' least squares, relative to the mean eigenvalue of their Gram matrix.",
         default=1e-4,
+    )
+    objective: HealObjective = setting(  # noqa: RUF009 (a Literal alias: immutable)
+        "What the linear maps' least squares weighs: relative (each token's error relative to its own state's "
+        "norm: what the next layer, which normalises its input, sees) or squared (every token's squared error "
+        "alike, ReplaceMe's least squares; the few tokens with very large states dominate).",
+        default="squared",
     )
     distill_steps: int = setting(
         "distill: optimizer steps of the distillation toward the full model's next-token distribution.",

@@ -79,7 +79,12 @@ class Healer:
         if key not in self.fitted:
             log.info("Healing %d layers removed (%s): %s", len(key), self.config.heal.method, list(key))
             self.fitted[key] = fit_linear(
-                self._engine(), self._batches(), key, ridge=self.config.heal.ridge, progress=self.progress
+                self._engine(),
+                self._batches(),
+                key,
+                ridge=self.config.heal.ridge,
+                objective=self.config.heal.objective,
+                progress=self.progress,
             )
         return self.fitted[key]
 
@@ -90,7 +95,7 @@ class Healer:
         healing = self.fit(removed)
         if healing is None or not healing.maps:
             return self.meter(removed)
-        plain, healed = self.meter.evaluate_many([removed, removed], [{}, healed_layers(self._engine(), healing.maps)])
+        plain, healed = self.meter.healed_pair(removed, healed_layers(self._engine(), healing.maps))
         return {**healed, "plain": plain, "heal": healing.record()}
 
     def distill(self, removed: Sequence[int]) -> Distillation:
@@ -111,11 +116,12 @@ class Healer:
             progress=self.progress,
         )
 
-    def distilled(self, removed: list[int], plain: dict[str, Any] | None) -> tuple[dict[str, Any], Distillation]:
-        """The distilled candidate's quality record (``plain`` beside it) and the distillation."""
+    def distilled(self, removed: list[int]) -> tuple[dict[str, Any], Distillation]:
+        """The distilled candidate's quality record (plain removal scored beside it, in the same pass, for the
+        paired gain) and the distillation."""
         assert self.meter is not None
         dist = self.distill(removed)
-        [record] = self.meter.evaluate_many([removed], [dist.layers])
+        plain, record = self.meter.healed_pair(removed, dist.layers)
         healing = self.fitted.get(tuple(sorted(removed)))
         heal = {**dist.record(), "linear_start": None if healing is None else healing.record()}
         return {**record, "plain": plain, "heal": heal}, dist
@@ -140,8 +146,8 @@ def distill_choice(
         row = rows[depth]
         removed = list(plan[depth])
         linear = row.quality
-        plain = (linear or {}).get("plain") or healer.meter(removed)
-        record, dist = healer.distilled(removed, plain)
+        record, dist = healer.distilled(removed)
+        plain = record["plain"]
         missed = floors.misses(record)
         log.info("Distilled %d removed: %s", depth, "; ".join(missed) or f"holds {floors.describe()}")
         if missed:

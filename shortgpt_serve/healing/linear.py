@@ -39,6 +39,13 @@ so N ≥ 4 d keeps that optimism under a quarter (the ridge term keeps the solve
 DEFAULT_RIDGE = 1e-4
 """Ridge term, relative to the mean eigenvalue of the Gram matrix (trace / d)."""
 
+OBJECTIVES = ("squared", "relative")
+"""What the least squares weighs: ``squared``, every token's squared error of the state alike (ReplaceMe's least
+squares), so the few tokens with very large states (the first of a sequence, mostly) dominate the fit; ``relative``,
+each token's squared error divided by its target state's squared norm, so every token counts by its error
+relative to its own state. The next layer normalises its input, so it reads the state's direction: the relative
+error is what it sees (ReplaceMe's cosine objective, in closed form)."""
+
 POST_NORM_FAMILIES = {"gemma2": "Gemma 2", "gemma3_text": "Gemma 3", "olmo2": "OLMo 2"}
 """Families that normalise the MLP output before it joins the residual stream: a linear map of the
 down-projection output cannot be folded through that norm."""
@@ -70,12 +77,14 @@ class LinearHealing:
     seconds: float
     unhealed: list[list[int]] = field(default_factory=list)
     """Runs with no kept layer before them (a run starting at layer 0): left as plain removal."""
+    objective: str = "squared"
 
     def record(self) -> dict[str, Any]:
         """What the provenance and the report keep (no tensors)."""
         return {
             "method": "linear",
             "ridge": self.ridge,
+            "objective": self.objective,
             "calibration_tokens": self.tokens,
             "seconds": round(self.seconds, 2),
             "runs": [
@@ -172,24 +181,31 @@ def healed_layers(engine: PassEngine, maps: dict[int, torch.Tensor]) -> dict[int
 
 
 class _Gram:
-    """For the fit x T ≈ y over real tokens, accumulated in float64: XᵀX, XᵀY, |Y|², |Y - X|² (the error without
-    the map) and |target|² (to make the errors relative)."""
+    """For the fit x T ≈ y over real tokens, each token weighted by w, accumulated in float64: XᵀWX, XᵀWY, Σw|y|²,
+    Σw|y - x|² (the error without the map) and Σw|target|² (to make the errors relative)."""
 
-    def __init__(self, d: int) -> None:
+    def __init__(self, d: int, objective: str = "squared") -> None:
         import torch
 
+        self.objective = objective
         self.xx = torch.zeros(d, d, dtype=torch.float64)
         self.xy = torch.zeros(d, d, dtype=torch.float64)
         self.yy = self.plain = self.target = 0.0
         self.n = 0
 
-    def add(self, x: torch.Tensor, y: torch.Tensor, target_sq: float) -> None:
-        x, y = x.cpu(), y.cpu()
-        self.xx += x.T @ x
-        self.xy += x.T @ y
-        self.yy += float((y * y).sum())
-        self.plain += float(((y - x) ** 2).sum())
-        self.target += target_sq
+    def add(self, x: torch.Tensor, y: torch.Tensor, target_sq: torch.Tensor) -> None:
+        """``target_sq``: each token's squared target norm (in the units of ``y``)."""
+        import torch
+
+        x, y, target_sq = x.cpu(), y.cpu(), target_sq.cpu()
+        relative = self.objective == "relative"
+        w = 1.0 / target_sq.clamp_min(1e-30) if relative else torch.ones_like(target_sq)
+        wx = x * w[:, None] if relative else x
+        self.xx += wx.T @ x
+        self.xy += wx.T @ y
+        self.yy += float((w * (y * y).sum(1)).sum())
+        self.plain += float((w * ((y - x) ** 2).sum(1)).sum())
+        self.target += float((w * target_sq).sum())
         self.n += x.shape[0]
 
     def solve(self, ridge: float) -> tuple[torch.Tensor, float, float]:
@@ -212,6 +228,7 @@ def _fit_run(
     run: list[int],
     done: list[int],
     healed: dict[int, torch.nn.Module],
+    objective: str,
     progress: bool,
 ) -> tuple[torch.nn.Module, _Gram]:
     """One pass: the full model to the run's end beside the shortened model (earlier runs removed and healed)
@@ -219,7 +236,7 @@ def _fit_run(
     end, scale = run[-1], residual_scale(engine.model.config)
     with engine.placement.layer(kept) as layer:
         fitting = copy.deepcopy(layer)
-    gram = _Gram(int(engine.model.config.hidden_size))
+    gram = _Gram(int(engine.model.config.hidden_size), objective)
     slot: list[torch.Tensor] = []
     held: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
 
@@ -236,7 +253,7 @@ def _fit_run(
             target = h_out[mask.bool()].double()
             # Wanted: short + scale (x T - x) = target, so x T ≈ x + (target - short) / scale. The errors are
             # those of the state, divided by scale² on both sides of the ratio.
-            gram.add(x, x + (target - short) / scale, float((target * target).sum()) / scale**2)
+            gram.add(x, x + (target - short) / scale, (target * target).sum(1) / scale**2)
 
     routes = [
         Route(observers=[at_end]),
@@ -261,9 +278,13 @@ def fit_linear(
     removed: Sequence[int],
     *,
     ridge: float = DEFAULT_RIDGE,
+    objective: str = "squared",
     progress: bool = True,
 ) -> LinearHealing:
-    """Fit the maps for ``removed`` in order, one pass over ``batches`` (calibration text) per run of layers."""
+    """Fit the maps for ``removed`` in order, one pass over ``batches`` (calibration text) per run of layers,
+    minimising the :data:`OBJECTIVES` ``objective``."""
+    if objective not in OBJECTIVES:
+        raise HealingError(f"heal.objective must be one of {', '.join(OBJECTIVES)}, got {objective!r}.")
     t0 = time.perf_counter()
     config = engine.model.config
     tokens = sum(int(b.attention_mask.sum()) for b in batches)
@@ -280,7 +301,7 @@ def fit_linear(
             unhealed.append(run)
             done += run
             continue
-        fitting, gram = _fit_run(engine, batches, kept, run, done, healed, progress)
+        fitting, gram = _fit_run(engine, batches, kept, run, done, healed, objective, progress)
         t, plain, after = gram.solve(ridge)
         fold(fitting, t)
         maps[kept], healed[kept] = t, fitting
@@ -294,4 +315,6 @@ def fit_linear(
             gram.n,
         )
         done += run
-    return LinearHealing(sorted(removed), maps, fits, ridge, tokens, time.perf_counter() - t0, unhealed)
+    return LinearHealing(
+        sorted(removed), maps, fits, ridge, tokens, time.perf_counter() - t0, unhealed, objective=objective
+    )

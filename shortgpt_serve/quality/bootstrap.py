@@ -12,11 +12,64 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
+from typing import Any
 
 from shortgpt_serve.errors import QualityError
 from shortgpt_serve.quality.retained import SIGNAL_SE
 
 LEVEL = 0.95
+
+
+def _check(*outcomes: Mapping[str, Sequence[Any]]) -> None:
+    if any(set(o) != set(outcomes[0]) for o in outcomes):
+        raise QualityError("the bootstrap needs per-item outcomes of both models and chances on the same tasks.")
+    for task in outcomes[0]:
+        if len({len(o[task]) for o in outcomes}) != 1:
+            raise QualityError(f"{task}: the bootstrap needs the same items for both models.")
+
+
+def _draws(chances: Mapping[str, Sequence[float]], resamples: int, seed: int) -> dict[str, Any]:
+    """Per task, ``resamples`` draws of its item indices with replacement (seeded, in task order)."""
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    n = {t: len(chances[t]) for t in sorted(chances)}
+    return {t: rng.integers(0, n[t], size=(resamples, n[t])) for t in n if n[t]}
+
+
+def _resampled(
+    full: Mapping[str, Sequence[bool]],
+    short: Mapping[str, Sequence[bool]],
+    chances: Mapping[str, Sequence[float]],
+    draws: Mapping[str, Any],
+    resamples: int,
+) -> tuple[Any, Any]:
+    """Quality retained in each resample, and whether any task had signal in it."""
+    import numpy as np
+
+    total = np.zeros(resamples)
+    counted = np.zeros(resamples)
+    for task, idx in draws.items():
+        n = idx.shape[1]
+        f = np.asarray(full[task], dtype=float)[idx].mean(1)
+        s = np.asarray(short[task], dtype=float)[idx].mean(1)
+        c = np.asarray(chances[task], dtype=float)[idx].mean(1)
+        margin = f - c
+        signal = margin > SIGNAL_SE * np.sqrt(c * (1.0 - c) / n)
+        share = np.clip((s - c) / np.where(signal, margin, 1.0), 0.0, 1.0)
+        total += np.where(signal, share, 0.0)
+        counted += signal
+    ok = counted > 0
+    return np.where(ok, total / np.maximum(counted, 1), np.nan), ok
+
+
+def _percentiles(values: Any, ok: Any, resamples: int, level: float) -> tuple[float, float] | None:
+    import numpy as np
+
+    if ok.sum() * 2 < resamples:
+        return None
+    low, high = np.quantile(values[ok], [(1.0 - level) / 2, (1.0 + level) / 2])
+    return float(low), float(high)
 
 
 def retained_interval(
@@ -33,37 +86,32 @@ def retained_interval(
     ``full``, ``short``: per task, whether each item is right on the task's primary metric (same items, same
     order); ``chances``: per task, each item's chance accuracy (1 / its number of choices).
     """
-    import numpy as np
-
     if resamples <= 0:
         return None
-    if set(full) != set(short) or set(full) != set(chances):
-        raise QualityError("the bootstrap needs per-item outcomes of both models and chances on the same tasks.")
-    rng = np.random.default_rng(seed)
-    total = np.zeros(resamples)
-    counted = np.zeros(resamples)
-    for task in sorted(full):
-        f = np.asarray(full[task], dtype=float)
-        s = np.asarray(short[task], dtype=float)
-        c = np.asarray(chances[task], dtype=float)
-        n = len(f)
-        if len(s) != n or len(c) != n:
-            raise QualityError(f"{task}: the bootstrap needs the same items for both models.")
-        if n == 0:
-            continue
-        draws = rng.integers(0, n, size=(resamples, n))
-        f_score, s_score, c_score = f[draws].mean(1), s[draws].mean(1), c[draws].mean(1)
-        margin = f_score - c_score
-        signal = margin > SIGNAL_SE * np.sqrt(c_score * (1.0 - c_score) / n)
-        share = np.clip((s_score - c_score) / np.where(signal, margin, 1.0), 0.0, 1.0)
-        total += np.where(signal, share, 0.0)
-        counted += signal
-    ok = counted > 0
-    if ok.sum() * 2 < resamples:
+    _check(full, short, chances)
+    values, ok = _resampled(full, short, chances, _draws(chances, resamples, seed), resamples)
+    return _percentiles(values, ok, resamples, level)
+
+
+def gain_interval(
+    full: Mapping[str, Sequence[bool]],
+    base: Mapping[str, Sequence[bool]],
+    other: Mapping[str, Sequence[bool]],
+    chances: Mapping[str, Sequence[float]],
+    resamples: int,
+    seed: int,
+    level: float = LEVEL,
+) -> tuple[float, float] | None:
+    """[low, high] of retained(other) - retained(base) at ``level``: all three models' items resampled together
+    (the same draws), so the difference item difficulty makes in both is paired away. An interval that holds 0
+    says the two are within noise of each other. None as :func:`retained_interval`."""
+    if resamples <= 0:
         return None
-    values = total[ok] / counted[ok]
-    low, high = np.quantile(values, [(1.0 - level) / 2, (1.0 + level) / 2])
-    return float(low), float(high)
+    _check(full, base, other, chances)
+    draws = _draws(chances, resamples, seed)
+    a, ok_a = _resampled(full, base, chances, draws, resamples)
+    b, ok_b = _resampled(full, other, chances, draws, resamples)
+    return _percentiles(b - a, ok_a & ok_b, resamples, level)
 
 
 def interval_or_none(value: tuple[float, float] | None) -> list[float] | None:

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 from shortgpt_serve import cache
 from shortgpt_serve.errors import QualityError
 from shortgpt_serve.passes import Batch, Boundary, PassEngine, Route
-from shortgpt_serve.quality.bootstrap import interval_or_none, retained_interval
+from shortgpt_serve.quality.bootstrap import gain_interval, interval_or_none, retained_interval
 from shortgpt_serve.quality.divergence import Divergence, DivergenceStats, FinalStates, block_positions
 from shortgpt_serve.quality.lambada import GreedyScore, lambada_requests, requests_sha256
 from shortgpt_serve.quality.perplexity import NegLogLikelihood, perplexity_batches
@@ -291,11 +291,9 @@ class QualityMeter:
             m.scores, retained, m.perplexity, divergence=m.divergence, lambada=lambada, retained_ci=interval_or_none(ci)
         )
 
-    def evaluate_many(
-        self, removals: Sequence[Sequence[int]], replacements: Sequence[Replacement] | None = None
-    ) -> list[dict[str, Any]]:
-        """Each candidate's quality record (as :func:`quality_record`), all scored in one pass. ``replacements``:
-        parallel to ``removals``, the layers each candidate runs through its own (healed) modules."""
+    def _evaluate(
+        self, removals: Sequence[Sequence[int]], replacements: Sequence[Replacement] | None
+    ) -> list[tuple[dict[str, Any], Measured]]:
         reps: list[Replacement] = list(replacements) if replacements is not None else [{} for _ in removals]
         if len(reps) != len(removals):
             raise QualityError(f"{len(reps)} sets of replacement layers for {len(removals)} candidates.")
@@ -309,14 +307,40 @@ class QualityMeter:
         todo = [i for i in range(len(removals)) if not ahead(i)]
         fresh = self._measure([removals[i] for i in todo], [reps[i] for i in todo]) if todo else []
         measured = dict(zip(todo, fresh, strict=True))
-        records = []
+        out = []
         for i, removed in enumerate(removals):
             m = measured[i] if i in measured else self._ahead[tuple(sorted(removed))]
             self.evaluations += 1
             record = self._record(m)
-            records.append(record)
+            out.append((record, m))
             log.info(describe(list(removed), record))
-        return records
+        return out
+
+    def evaluate_many(
+        self, removals: Sequence[Sequence[int]], replacements: Sequence[Replacement] | None = None
+    ) -> list[dict[str, Any]]:
+        """Each candidate's quality record (as :func:`quality_record`), all scored in one pass. ``replacements``:
+        parallel to ``removals``, the layers each candidate runs through its own (healed) modules."""
+        return [record for record, _ in self._evaluate(removals, replacements)]
+
+    def healed_pair(self, removed: Sequence[int], replace: Replacement) -> tuple[dict[str, Any], dict[str, Any]]:
+        """The plain and the healed candidate's records, scored in one pass; the healed one also carries
+        ``gain_ci``: the 95% paired bootstrap interval of its retained minus the plain one's (None when not
+        computed), so a reader can tell a gain from noise."""
+        (plain, p), (healed, h) = self._evaluate([removed, removed], [{}, replace])
+        q = self.config.quality
+        gain = gain_interval(self.full_correct, p.correct, h.correct, self.chances, q.bootstrap, q.seed)
+        healed["gain_ci"] = interval_or_none(gain)
+        if healed["gain_ci"]:
+            low, high = healed["gain_ci"]
+            log.info(
+                "  healed minus plain retained %+.3f, 95%% CI [%+.3f, %+.3f]%s",
+                healed["retained"] - plain["retained"],
+                low,
+                high,
+                " (within noise)" if low <= 0.0 <= high else "",
+            )
+        return plain, healed
 
     def __call__(self, removed: list[int], replace: Replacement | None = None) -> dict[str, Any]:
         return self.evaluate_many([removed], None if replace is None else [replace])[0]
