@@ -381,7 +381,7 @@ BAD_INPUTS: list[tuple[str, Callable[[Path], list[str]], int, str]] = [
         "heal objective unknown",
         lambda t: yaml_file(t, "heal:\n  objective: cosine\n"),
         2,
-        "heal.objective must be one of squared, relative, got 'cosine'.",
+        "config key 'heal.objective' must be one of squared, relative, got 'cosine'.",
     ),
     ("max kl zero", lambda t: ["--max-kl", "0"], 2, "--max-kl must be > 0 (nats per token)"),
     ("min agreement above one", lambda t: ["--min-agreement", "1.5"], 2, "--min-agreement must be in (0, 1]"),
