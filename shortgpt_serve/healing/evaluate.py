@@ -117,8 +117,8 @@ class Healer:
         )
 
     def distilled(self, removed: list[int]) -> tuple[dict[str, Any], Distillation]:
-        """The distilled candidate's quality record (plain removal scored beside it, in the same pass, for the
-        paired gain) and the distillation."""
+        """The distilled candidate's quality record, with plain removal's beside it (its per-item outcomes, for
+        the paired gain: from the linear step's pass, else scored in the same pass), and the distillation."""
         assert self.meter is not None
         dist = self.distill(removed)
         plain, record = self.meter.healed_pair(removed, dist.layers)

@@ -92,7 +92,8 @@ class QualityMeter:
         self._final: list[torch.Tensor | None] | None = None
         """The full model's states leaving its last layer on each perplexity block, once a pass computed them."""
         self._ahead: dict[tuple[int, ...], Measured] = {}
-        """Candidates measured ahead of being asked for (in the full model's pass); only removals, no healing."""
+        """Plain removals (no healing) already measured: ahead of being asked for (in the full model's pass) or by
+        an earlier call; asked again (a healed candidate's plain twin), they are not measured again."""
         self.resume_at: set[int] = set()
         """Layer boundaries where the full model's states are kept, once a pass computes them, so that a later
         candidate whose first changed layer lies at or after one starts there (set by the caller, which knows
@@ -307,6 +308,7 @@ class QualityMeter:
         todo = [i for i in range(len(removals)) if not ahead(i)]
         fresh = self._measure([removals[i] for i in todo], [reps[i] for i in todo]) if todo else []
         measured = dict(zip(todo, fresh, strict=True))
+        self._ahead.update((tuple(sorted(removals[i])), m) for i, m in measured.items() if not reps[i])
         out = []
         for i, removed in enumerate(removals):
             m = measured[i] if i in measured else self._ahead[tuple(sorted(removed))]
