@@ -367,6 +367,7 @@ class PassEngine:
                             for r in group:
                                 assert r.on_logits is not None
                                 r.on_logits(b, logits)
+                            del logits  # before the next batch's are computed: one batch's logits at a time
         return kept
 
     def logits(self, hidden: torch.Tensor, batch: Batch) -> torch.Tensor:

@@ -236,3 +236,25 @@ def test_paired_gain_interval() -> None:
     assert gain_interval(full, plain, better, chances, 0, seed=7) is None
     with pytest.raises(QualityError, match="same items"):
         gain_interval(full, plain, {"a": better["a"][:-1], "b": better["b"]}, chances, 10, seed=7)
+
+
+def test_negative_log_likelihood_in_slices_matches_the_whole_batch() -> None:
+    """The reader scores positions in slices (CHUNK at a time, across row boundaries, pads skipped): the same sum
+    and count as one cross-entropy over the whole batch."""
+    from shortgpt_serve.quality.perplexity import CHUNK, NegLogLikelihood
+
+    gen = torch.Generator().manual_seed(0)
+    rows, width, vocab = 3, CHUNK // 2 + 7, 50  # the rows' positions straddle slice boundaries
+    ids = torch.randint(0, vocab, (rows, width), generator=gen)
+    mask = torch.ones(rows, width, dtype=torch.long)
+    mask[1, width - 20 :] = 0  # a padded row
+    logits = torch.randn(rows, width, vocab, generator=gen).to(torch.bfloat16)
+    reader = NegLogLikelihood([Batch(ids, mask)])
+    reader(0, logits)
+    targets = ids[:, 1:].masked_fill(mask[:, 1:] == 0, -100)
+    want = torch.nn.functional.cross_entropy(
+        logits[:, :-1].float().reshape(-1, vocab), targets.reshape(-1), ignore_index=-100, reduction="sum"
+    )
+    assert reader.count == rows * (width - 1) - 20
+    assert reader.total == pytest.approx(float(want), rel=1e-6)
+    assert rows * (width - 1) > CHUNK  # more than one slice was read

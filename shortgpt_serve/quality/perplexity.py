@@ -11,6 +11,9 @@ from shortgpt_serve.errors import QualityError
 from shortgpt_serve.passes import Batch, PassEngine, Route
 from shortgpt_serve.quality.scoring import max_positions, pad_id, special_prefix
 
+CHUNK = 256
+"""Positions scored at once."""
+
 if TYPE_CHECKING:
     import torch
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -59,12 +62,16 @@ class NegLogLikelihood:
         import torch
 
         ids, mask = self.blocks[b].input_ids.to(logits.device), self.blocks[b].attention_mask.to(logits.device)
-        targets = ids[:, 1:].masked_fill(mask[:, 1:] == 0, -100)
-        shifted = logits[:, :-1].float()
-        nll = torch.nn.functional.cross_entropy(
-            shifted.reshape(-1, shifted.shape[-1]), targets.reshape(-1), ignore_index=-100, reduction="sum"
-        )
-        self.total += float(nll.double())
+        targets = ids[:, 1:].masked_fill(mask[:, 1:] == 0, -100).reshape(-1)
+        shifted = logits[:, :-1].reshape(-1, logits.shape[-1])  # a view where the rows are contiguous
+        total = 0.0
+        # In slices of positions: a slice's float32 copy and log-softmax are CHUNK x vocab, not the batch's.
+        for at in range(0, shifted.shape[0], CHUNK):
+            nll = torch.nn.functional.cross_entropy(
+                shifted[at : at + CHUNK].float(), targets[at : at + CHUNK], ignore_index=-100, reduction="sum"
+            )
+            total += float(nll.double())
+        self.total += total
         self.count += int((targets != -100).sum())
 
     @property
