@@ -5,6 +5,7 @@ from __future__ import annotations
 import socket
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -154,15 +155,10 @@ VLLM_TINY: dict[str, object] = {
 }
 
 
-@pytest.fixture(scope="session")
-def w8a8_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A real compressed-tensors W8A8 (int8 weights per channel, dynamic int8 activations) tiny Llama.
-
-    Quantized with the compressed-tensors library itself: weight scales from each output channel's absolute
-    maximum (what a min-max observer computes), then compressed to int8 and saved with its quantization_config,
-    which ignores the LM head and one layer's down_proj so layer-naming entries are exercised.
-    """
-    import torch
+def compressed_tensors_checkpoint(model: Any, scheme: str, ignore: list[str], fmt: str, folder: Path) -> Path:
+    """``model`` quantized with the compressed-tensors library itself and saved to ``folder``: each weight group's
+    scale from its absolute maximum (what a min-max observer computes; a group is a whole output channel for
+    channel-wise schemes), zero points at 0, compressed in ``fmt`` and saved with its quantization_config."""
     from compressed_tensors.compressors import ModelCompressor
     from compressed_tensors.quantization import (
         QuantizationConfig,
@@ -170,28 +166,45 @@ def w8a8_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
         apply_quantization_config,
         preset_name_to_scheme,
     )
-    from transformers import AutoModelForCausalLM
 
-    torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(tiny_config("llama", **VLLM_TINY)).to(torch.bfloat16)
+    preset = preset_name_to_scheme(scheme, ["Linear"])
+    assert preset.weights is not None
+    qmax = 2 ** (preset.weights.num_bits - 1) - 1
     qconfig = QuantizationConfig(
-        config_groups={"group_0": preset_name_to_scheme("W8A8", ["Linear"])},
-        ignore=["lm_head", "model.layers.3.mlp.down_proj"],
-        quantization_status=QuantizationStatus.INITIALIZED,
+        config_groups={"group_0": preset}, ignore=ignore, quantization_status=QuantizationStatus.INITIALIZED
     )
     apply_quantization_config(model, qconfig)
     for module in model.modules():
         if hasattr(module, "weight_scale"):
-            amax = module.weight.data.float().abs().amax(dim=1, keepdim=True)
-            scale = (amax / 127.0).clamp(min=1e-8)
-            module.weight_scale.data = scale.to(module.weight_scale.dtype).reshape(module.weight_scale.shape)
+            w, shape = module.weight.data.float(), module.weight_scale.shape
+            amax = w.reshape(w.shape[0], shape[-1], -1).abs().amax(dim=-1)
+            scale = (amax / qmax).clamp(min=1e-8)
+            module.weight_scale.data = scale.to(module.weight_scale.dtype).reshape(shape)
             if hasattr(module, "weight_zero_point"):
                 module.weight_zero_point.data.zero_()
-    compressor = ModelCompressor.from_pretrained_model(model, quantization_format="int-quantized")
+    compressor = ModelCompressor.from_pretrained_model(model, quantization_format=fmt)
     compressor.compress_model(model)
-    folder = tmp_path_factory.mktemp("w8a8")
     model.save_pretrained(folder)
     compressor.update_config(str(folder))
+    return folder
+
+
+@pytest.fixture(scope="session")
+def w8a8_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A real compressed-tensors W8A8 (int8 weights per channel, dynamic int8 activations) tiny Llama, which
+    ignores the LM head and one layer's down_proj so layer-naming entries are exercised."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(tiny_config("llama", **VLLM_TINY)).to(torch.bfloat16)
+    folder = compressed_tensors_checkpoint(
+        model,
+        "W8A8",
+        ["lm_head", "model.layers.3.mlp.down_proj"],
+        "int-quantized",
+        tmp_path_factory.mktemp("w8a8"),
+    )
     build_tiny_tokenizer(folder)
     return folder
 

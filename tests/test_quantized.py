@@ -16,7 +16,7 @@ from shortgpt_serve.models.families import FAMILIES
 from shortgpt_serve.models.layers import remove_layers_in_memory
 from shortgpt_serve.models.source import resolve_model
 from shortgpt_serve.selection import CostModel
-from tests.conftest import VLLM_TINY, tiny_config
+from tests.conftest import VLLM_TINY, compressed_tensors_checkpoint, tiny_config
 
 
 def test_w8a8_checkpoint_is_shortened_as_it_is(w8a8_model: Path, tmp_path: Path) -> None:
@@ -73,34 +73,11 @@ def test_packed_w4a16_counts_its_unquantized_twins_parameters(
     make_tiny_model: Callable[..., Path], tmp_path: Path
 ) -> None:
     """compressed-tensors pack-quantized: eight int4 weights per int32 in ``weight_packed``, ``weight_shape`` beside."""
-    from compressed_tensors.compressors import ModelCompressor
-    from compressed_tensors.quantization import (
-        QuantizationConfig,
-        QuantizationStatus,
-        apply_quantization_config,
-        preset_name_to_scheme,
-    )
     from transformers import AutoModelForCausalLM
 
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(tiny_config("llama", **W4_SHAPES)).to(torch.bfloat16)
-    qconfig = QuantizationConfig(
-        config_groups={"group_0": preset_name_to_scheme("W4A16", ["Linear"])},
-        ignore=["lm_head"],
-        quantization_status=QuantizationStatus.INITIALIZED,
-    )
-    apply_quantization_config(model, qconfig)
-    for module in model.modules():
-        if hasattr(module, "weight_scale"):
-            w = module.weight.data.float()
-            groups = module.weight_scale.shape[-1]
-            amax = w.reshape(w.shape[0], groups, -1).abs().amax(dim=-1)
-            module.weight_scale.data = (amax / 7.0).clamp(min=1e-8).to(module.weight_scale.dtype)
-    compressor = ModelCompressor.from_pretrained_model(model, quantization_format="pack-quantized")
-    compressor.compress_model(model)
-    folder = tmp_path / "w4a16"
-    model.save_pretrained(folder)
-    compressor.update_config(str(folder))
+    folder = compressed_tensors_checkpoint(model, "W4A16", ["lm_head"], "pack-quantized", tmp_path / "w4a16")
     with safe_open(folder / "model.safetensors", "pt") as f:
         packed = f.get_slice("model.layers.0.mlp.down_proj.weight_packed")
         assert packed.get_dtype() == "I32" and packed.get_shape() == [256, 512 // 8]
