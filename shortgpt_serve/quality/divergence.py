@@ -22,12 +22,10 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from shortgpt_serve.passes import Batch, PassEngine
+from shortgpt_serve.quality.perplexity import CHUNK
 
 if TYPE_CHECKING:
     import torch
-
-CHUNK = 256
-"""Positions compared at once: a chunk's float32 log-softmaxes are CHUNK x vocab each."""
 
 
 class FinalStates:
@@ -83,6 +81,8 @@ class Divergence:
         """Per sequence: (summed KL, agreeing positions, predicted positions)."""
 
     def __call__(self, b: int, logits: torch.Tensor) -> None:
+        import torch
+
         states = self.full_states[b]
         if states is None:
             raise RuntimeError(f"the full model's final states for perplexity block {b} were not kept.")
@@ -95,13 +95,16 @@ class Divergence:
             row = Batch(block.input_ids[r : r + 1], block.attention_mask[r : r + 1])
             full = self.engine.logits(states[r : r + 1], row)[0, :-1][valid]
             short = logits[r, :-1][valid]
-            kl, agree = 0.0, 0
+            # Summed on the device and read once per sequence (one synchronisation, not one per chunk); each
+            # chunk's float32 log-softmaxes are CHUNK x vocab.
+            kl = torch.zeros((), dtype=torch.float64, device=logits.device)
+            agree = torch.zeros((), dtype=torch.int64, device=logits.device)
             for at in range(0, short.shape[0], CHUNK):
                 lp_full = full[at : at + CHUNK].float().log_softmax(-1)
                 lp_short = short[at : at + CHUNK].float().log_softmax(-1)
-                kl += float((lp_full.exp() * (lp_full - lp_short)).sum(-1).double().sum())
-                agree += int((lp_full.argmax(-1) == lp_short.argmax(-1)).sum())
-            self.rows.append((kl, agree, int(valid.sum())))
+                kl += (lp_full.exp() * (lp_full - lp_short)).sum(-1).double().sum()
+                agree += (lp_full.argmax(-1) == lp_short.argmax(-1)).sum()
+            self.rows.append((float(kl), int(agree), int(valid.sum())))
 
     @property
     def stats(self) -> DivergenceStats | None:

@@ -12,7 +12,7 @@ from shortgpt_serve.passes import Batch, PassEngine, Route
 from shortgpt_serve.quality.scoring import max_positions, pad_id, special_prefix
 
 CHUNK = 256
-"""Positions scored at once."""
+"""Positions scored at once: a slice's float32 copy and log-softmax are CHUNK x vocab, not the batch's."""
 
 if TYPE_CHECKING:
     import torch
@@ -64,14 +64,14 @@ class NegLogLikelihood:
         ids, mask = self.blocks[b].input_ids.to(logits.device), self.blocks[b].attention_mask.to(logits.device)
         targets = ids[:, 1:].masked_fill(mask[:, 1:] == 0, -100).reshape(-1)
         shifted = logits[:, :-1].reshape(-1, logits.shape[-1])  # a view where the rows are contiguous
-        total = 0.0
-        # In slices of positions: a slice's float32 copy and log-softmax are CHUNK x vocab, not the batch's.
+        # Summed on the device and read once per batch: one synchronisation, not one per slice.
+        total = torch.zeros((), dtype=torch.float64, device=logits.device)
         for at in range(0, shifted.shape[0], CHUNK):
             nll = torch.nn.functional.cross_entropy(
                 shifted[at : at + CHUNK].float(), targets[at : at + CHUNK], ignore_index=-100, reduction="sum"
             )
-            total += float(nll.double())
-        self.total += total
+            total += nll.double()
+        self.total += float(total)
         self.count += int((targets != -100).sum())
 
     @property
