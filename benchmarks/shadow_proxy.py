@@ -4,20 +4,25 @@
         [--shadow-fraction 0.05]
 
 Engines on the embedded default model (converted once into the cache), each started as the launcher starts it:
-"direct" without a shadow, "middleware f=0" with `--shadow-url` and fraction 0 (the pure cost of the middleware:
-a path check and, for completions, one random draw), and with ``--shadow-fraction F`` > 0 "middleware f=F", which
-shadows that share of requests to the "direct" engine (idle while this variant runs; so its figures include the
-shadow requests' load on the same CPUs, not only the middleware's work). Each round runs the launcher's fixed
-startup workload (seeded 128-token prompts, 64 output tokens, streamed) on every variant, alternating the order.
-Per level it prints the median over rounds of output tokens/s and p50 TTFT, and the difference from direct.
-Targets: at most 2% fewer output tokens/s and at most 2 ms added p50 TTFT. The 1-minute load average is recorded
-before and after. Results go on top of benchmarks/results/shadow_proxy.md (earlier sections kept below).
+"direct" without a shadow, "middleware f=0" with `--shadow-url` and fraction 0 (the pure cost of the middleware: a
+path check per request; at a fraction above 0, one random draw per completion too), and with ``--shadow-fraction F``
+> 0 "middleware f=F", which shadows that share of requests to the "direct" engine (idle while this variant runs; so
+its figures include the shadow requests' load on the same CPUs, not only the middleware's work). Each round runs the
+launcher's fixed startup workload (seeded 128-token prompts, 64 output tokens, streamed) on every variant,
+alternating the order.
+Per level it prints the median over rounds of output tokens/s and p50 TTFT, and the difference from direct; then,
+since each round runs every variant back to back, the per-round differences from direct paired within rounds, with
+a 95% bootstrap interval of their mean over rounds. Targets: at most 2% fewer output tokens/s and at most 2 ms added
+p50 TTFT; "met" when the interval's worse end is within the target, "missed" when its better end is outside it, and
+"not resolved" otherwise. The 1-minute load average is recorded before and after. Results go on top of
+benchmarks/results/shadow_proxy.md (earlier sections kept below).
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import random
 import statistics
 import time
 from pathlib import Path
@@ -28,6 +33,18 @@ MAX_TTFT_ADDED_S = 0.002
 RESULTS = Path(__file__).resolve().parent / "results" / "shadow_proxy.md"
 NOWHERE = "http://127.0.0.1:9"
 """The shadow of the fraction-0 engine: never asked."""
+
+
+def paired_interval(diffs: list[float], resamples: int = 10000) -> tuple[float, float, float]:
+    """(mean, low, high): the mean of per-round differences and its 95% percentile-bootstrap interval (seeded)."""
+    rng = random.Random(0)
+    means = sorted(statistics.fmean(rng.choices(diffs, k=len(diffs))) for _ in range(resamples))
+    return statistics.fmean(diffs), means[int(0.025 * resamples)], means[int(0.975 * resamples) - 1]
+
+
+def verdict(worst: float, best: float, limit: float) -> str:
+    """Against a "no more than ``limit``" target, given the interval's worse and better ends."""
+    return "met" if worst <= limit else "**missed**" if best > limit else "not resolved"
 
 
 def record_on_top(lines: list[str]) -> None:
@@ -117,6 +134,27 @@ def main() -> None:
             lines.append(
                 f"| {v} | {level} | {tps:.1f} | {-100 * loss:+.1f}% | {1000 * ttft:.1f} | {1000 * added:+.1f} | "
                 f"{met if v == 'middleware f=0' else '(includes shadow load)'} |"
+            )
+    lines += [
+        "",
+        "Paired within rounds (variant minus direct in the same round), mean over rounds [95% bootstrap interval]:",
+        "",
+        "| variant | level | tok/s loss | target | TTFT added ms | target |",
+        "|---|---:|---:|---|---:|---|",
+    ]
+    for level in map(str, workload.concurrency):
+        for v in variants[1:]:
+            pairs = list(zip(runs["direct"], runs[v], strict=True))
+            loss = paired_interval(
+                [1 - m.levels[level].output_tokens_per_s / d.levels[level].output_tokens_per_s for d, m in pairs]
+            )
+            added = paired_interval([m.levels[level].ttft_s["0.5"] - d.levels[level].ttft_s["0.5"] for d, m in pairs])
+            shadow_load = v != "middleware f=0"
+            lines.append(
+                f"| {v} | {level} | {100 * loss[0]:+.1f}% [{100 * loss[1]:+.1f}, {100 * loss[2]:+.1f}] | "
+                f"{'-' if shadow_load else verdict(loss[2], loss[1], MAX_TPS_LOSS)} | "
+                f"{1000 * added[0]:+.1f} [{1000 * added[1]:+.1f}, {1000 * added[2]:+.1f}] | "
+                f"{'-' if shadow_load else verdict(added[2], added[1], MAX_TTFT_ADDED_S)} |"
             )
     spread = []
     for v in variants:

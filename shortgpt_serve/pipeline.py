@@ -26,6 +26,7 @@ from shortgpt_serve.healing.tensors import folded_tensors, layer_tensors
 from shortgpt_serve.inputs import check_paths, check_quality_inputs, read_calibration, resolve_source, served_name
 from shortgpt_serve.keys import checkpoint_key, profile_key, quality_key
 from shortgpt_serve.models.loading import load_tokenizer
+from shortgpt_serve.models.rope import context_record
 from shortgpt_serve.models.source import ModelSource
 from shortgpt_serve.profile import LayerProfile, iterative_bi_order
 from shortgpt_serve.provenance import Provenance, build_provenance
@@ -197,6 +198,8 @@ def _build(
     timings: dict[str, float] = {}
     sel = config.selection
     tasks = list(config.quality.tasks)
+    context = context_record(source.config)
+    log.info("%s", context["summary"])
     try:
         t0 = time.perf_counter()
         profile, profile_reused = cached_profile(config, source, pkey, lambda: measure_profile(session, progress))
@@ -253,7 +256,13 @@ def _build(
     src_info = {"name": source.name, "origin": source.origin, "sha256": source.sha256, "num_layers": source.num_layers}
     settings = {k: v for k, v in config.to_dict().items() if k != "serve"}
     report = build_json(
-        source=src_info, profile=profile, selection=selection, full=full, settings=settings, timings=timings
+        source=src_info,
+        profile=profile,
+        selection=selection,
+        full=full,
+        settings=settings,
+        timings=timings,
+        context=context,
     )
     summary = short_summary(selection, full, tasks if full else [])
     record = build_provenance(

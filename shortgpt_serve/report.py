@@ -192,6 +192,7 @@ def build_json(
     full: dict[str, Any] | None,
     settings: dict[str, Any],
     timings: dict[str, float],
+    context: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     return {
         "source": source,
@@ -224,6 +225,7 @@ def build_json(
             for c in selection.candidates
         ],
         "block_influence": profile.bi,
+        "context": context,
         "calibration": {"source": profile.calibration_source, "tokens": profile.num_tokens, "seq_len": profile.seq_len},
         "settings": settings,
         "timings_seconds": timings,
@@ -278,6 +280,8 @@ def build_markdown(report: dict[str, Any], tasks: list[str], selection: Selectio
     ]
     if full is not None:
         lines += [f"![Quality retained vs layers removed]({QUALITY_PNG})", ""]
+    if report.get("context"):
+        lines += ["## Context length", "", report["context"]["summary"], ""]
     cal = report["calibration"]
     settings = report["settings"]
     lines += [

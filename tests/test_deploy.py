@@ -48,6 +48,7 @@ ALERTS = {
     "ShortgptLiveAgreementLow",
     "ShortgptLiveSavingBelowStartup",
     "ShortgptEngineRestarting",
+    "ShortgptContextBeyondRopeBound",
 }
 K8S_VERSION = "1.30"  # the oldest Kubernetes the manifests target; the newest bundled schema is checked too
 

@@ -289,6 +289,10 @@ def test_launcher_metrics_show_the_shortening(server: Launcher) -> None:
         )
         assert values[f'shortgpt_heldout_perplexity{{model="{model}"}}'] > 1
     assert values["shortgpt_engine_up"] == 1
+    # SmolLM2-135M's RoPE (base 100,000, 64 rotary dimensions) supports ~3.6k tokens; vLLM serves its 8,192.
+    assert values["shortgpt_served_context_tokens"] == 8192
+    assert 3000 < values["shortgpt_rope_context_bound_tokens"] < 4000
+    assert "Warning: serving up to 8,192 tokens (the model's max_position_embeddings)" in server.output()
     assert sum(1 for k in values if k.startswith("shortgpt_block_influence_ratio{")) == 30
     bi_removed = [k for k in values if k.startswith("shortgpt_block_influence_ratio{") and 'removed="true"' in k]
     assert len(bi_removed) == removed
@@ -418,6 +422,10 @@ def test_report_on_the_real_model(server: Launcher) -> None:
     assert (ckpt / "bi.png").read_bytes().startswith(b"\x89PNG")
     md = (ckpt / "report.md").read_text()
     assert "| removed |" in md and "quality retained" in md.lower()
+    context = report["context"]
+    assert context["max_position_embeddings"] == 8192 and context["within_bound"] is False
+    assert context["rope"]["base"] == 100_000 and context["rope"]["rotary_dims"] == 64
+    assert f"## Context length\n\n{context['summary']}" in md
     assert "Checkpoint:" in server.output() and "retained" in server.output()
 
 

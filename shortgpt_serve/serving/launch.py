@@ -61,7 +61,9 @@ def launch(
     ``checkpoint`` as ``name`` until SIGTERM/SIGINT, restarting the engine if it dies. With ``serve.shadow_url``
     the engine compares live requests with the full model itself (serving/shadow.py; ``shortgpt_live_*`` on
     vLLM's /metrics); the benchmark engines never do."""
+    from shortgpt_serve.models.source import read_config
     from shortgpt_serve.serving.compare import Comparison
+    from shortgpt_serve.serving.context import served_context
     from shortgpt_serve.serving.metrics import LauncherMetrics, start_metrics_server
     from shortgpt_serve.serving.serve import Engine, engine_dist, local_url, serve, stop_on_signals
     from shortgpt_serve.serving.shadow import redact
@@ -72,6 +74,13 @@ def launch(
     metrics.record_checkpoint(provenance)
     dist, version = engine_dist()
     metrics.record_build(dist, version, provenance, name)
+    context = served_context(read_config(checkpoint), cfg.vllm_args)
+    metrics.record_context(context)
+    if context.rope is not None:
+        log.info("%s", context.rope.describe())
+    warning = context.warning()
+    if warning is not None:
+        say(warning)
     server = start_metrics_server(metrics, cfg.host, cfg.metrics_port) if cfg.metrics_port else None
     trusted = config.trust_remote_code
     comparison = None

@@ -12,14 +12,14 @@ prometheus_client gauge would export 0 from the start, so those are registered o
 
 from __future__ import annotations
 
-import datetime as dt
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge
-from prometheus_client.core import GaugeMetricFamily
 
 from shortgpt_serve.provenance import Provenance
 from shortgpt_serve.serving.benchrun import BenchmarkRun, ratios
+from shortgpt_serve.serving.context import ServedContext
+from shortgpt_serve.serving.gauges import OptionalGauge, unix_time
 from shortgpt_serve.version import __version__
 
 MODEL_LABEL = "model"
@@ -29,39 +29,6 @@ SHORTENED = "shortened"
 # model), and the number of requests kept in flight by the fixed workload.
 BENCH_LABELS = [MODEL_LABEL, "model_name", "concurrency"]
 QUANTILES = ("0.5", "0.9", "0.99")
-
-
-class OptionalGauge:
-    """An unlabelled gauge with no sample until it is set: absent, for Prometheus, means "not measured". It is
-    declared (HELP and TYPE) from the start, so the family is known before it has a value."""
-
-    def __init__(self, name: str, documentation: str, registry: CollectorRegistry) -> None:
-        self.name, self.documentation = name, documentation
-        self._value: float | None = None
-        registry.register(self)
-
-    def set(self, value: float) -> None:
-        self._value = float(value)
-
-    def describe(self) -> list[GaugeMetricFamily]:
-        return [GaugeMetricFamily(self.name, self.documentation)]
-
-    def collect(self) -> list[GaugeMetricFamily]:
-        family = GaugeMetricFamily(self.name, self.documentation)
-        if self._value is not None:
-            family.add_metric([], self._value)
-        return [family]
-
-
-def unix_time(iso: str) -> float | None:
-    """An ISO 8601 time as Unix seconds (UTC when it names no zone); None when it is not one."""
-    try:
-        when = dt.datetime.fromisoformat(iso)
-    except ValueError:
-        return None
-    if when.tzinfo is None:
-        when = when.replace(tzinfo=dt.timezone.utc)
-    return when.timestamp()
 
 
 class LauncherMetrics:
@@ -167,6 +134,19 @@ class LauncherMetrics:
             "1, labelled with how the kept layers were healed (method='none' for plain removal).",
             ["method"],
             registry=r,
+        )
+        self.rope_bound = OptionalGauge(
+            "shortgpt_rope_context_bound_tokens",
+            "The context the model's RoPE base supports (Men et al. 2024): the last distance before "
+            "sum_i cos(m theta_i) turns negative; absent without RoPE or with no such distance within 4x the served "
+            "length. Layer removal leaves it unchanged.",
+            r,
+        )
+        self.served_context = OptionalGauge(
+            "shortgpt_served_context_tokens",
+            "Tokens per sequence vLLM serves (--max-model-len, else the model's max_position_embeddings); above "
+            "shortgpt_rope_context_bound_tokens, retrieval past the bound is superficial.",
+            r,
         )
         self.engine_up = Gauge("shortgpt_engine_up", "1 while the vLLM engine answers /health, else 0.", registry=r)
         self.engine_restarts = Counter(
@@ -363,6 +343,12 @@ class LauncherMetrics:
                 self.measured_cost.labels(level).set(row["measured_cost"])
                 if "efficiency" in row:
                     self.speedup_efficiency.labels(level).set(row["efficiency"])
+
+    def record_context(self, context: ServedContext) -> None:
+        if context.length is not None:
+            self.served_context.set(context.length)
+        if context.rope is not None and context.rope.bound is not None:
+            self.rope_bound.set(context.rope.bound)
 
     def record_build(self, engine: str, engine_version: str, provenance: Provenance, served_model_name: str) -> None:
         src = provenance.source
