@@ -6,9 +6,9 @@
 Engines on the embedded default model (converted once into the cache), each started as the launcher starts it:
 "direct" without a shadow, "middleware f=0" with `--shadow-url` and fraction 0 (the pure cost of the middleware: a
 path check per request; at a fraction above 0, one random draw per completion too), and with ``--shadow-fraction F``
-> 0 "middleware f=F", which shadows that share of requests to the "direct" engine (idle while this variant runs; so
-its figures include the shadow requests' load on the same CPUs, not only the middleware's work). Each round runs the
-launcher's fixed startup workload (seeded 128-token prompts, 64 output tokens, streamed) on every variant,
+above 0 "middleware f=F", which shadows that share of requests to the "direct" engine (idle while this variant runs;
+so its figures include the shadow requests' load on the same CPUs, not only the middleware's work). Each round runs
+the launcher's fixed startup workload (seeded 128-token prompts, 64 output tokens, streamed) on every variant,
 alternating the order.
 Per level it prints the median over rounds of output tokens/s and p50 TTFT, and the difference from direct; then,
 since each round runs every variant back to back, the per-round differences from direct paired within rounds, with
