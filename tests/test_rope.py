@@ -148,3 +148,8 @@ def test_the_report_records_the_bound_at_the_models_own_maximum() -> None:
     assert record["max_position_embeddings"] == 8192 and record["within_bound"] is False
     assert record["rope"]["bound"] < 8192 and "short of the model's own maximum of 8,192 tokens" in record["summary"]
     assert context_record(llama(1e6))["within_bound"] is True
+
+
+def test_rope_parameters_it_cannot_read_give_no_bound() -> None:
+    # YaRN without its factor: transformers refuses the config, so there are no frequencies to read.
+    assert rope_bound(llama(1e6, scaling={"rope_type": "yarn"})) is None

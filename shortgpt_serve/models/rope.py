@@ -143,15 +143,20 @@ def rotary_frequencies(config: Mapping[str, Any], length: int | None = None) -> 
             return None
     rope_type = str(params.get("rope_type") or "default")
     base = float(params["rope_theta"])
-    if rope_type == "default":
-        head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
-        dim = int(head_dim * float(params.get("partial_rotary_factor") or 1.0))
-        return rope_type, base, [base ** (-i / dim) for i in range(0, dim, 2)]
     compute = ROPE_INIT_FUNCTIONS.get(rope_type)
-    if compute is None:
+    if rope_type != "default" and compute is None:
         log.info("RoPE bound not computed: rope type %r is not one transformers knows", rope_type)
         return None
-    inv_freq, _ = compute(text, "cpu", seq_len=length, layer_type=layer_type)
+    try:
+        if rope_type == "default":
+            head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
+            dim = int(head_dim * float(params.get("partial_rotary_factor") or 1.0))
+            return rope_type, base, [base ** (-i / dim) for i in range(0, dim, 2)]
+        assert compute is not None
+        inv_freq, _ = compute(text, "cpu", seq_len=length, layer_type=layer_type)
+    except (AttributeError, KeyError, TypeError, ValueError, ZeroDivisionError) as exc:  # a config it cannot read
+        log.info("RoPE bound not computed: the %s rope parameters cannot be read (%s)", rope_type, exc)
+        return None
     return rope_type, base, [float(f) for f in inv_freq.tolist()]
 
 
