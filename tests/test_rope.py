@@ -123,7 +123,9 @@ def test_the_served_length_past_the_bound_is_warned_about_and_exported() -> None
     assert context.length == 8192 and context.source == "the model's max_position_embeddings"
     assert context.rope is not None and context.rope.bound is not None and context.rope.bound < 8192
     warning = context.warning()
-    assert warning is not None and warning.startswith("Warning: serving up to 8,192 tokens")
+    assert warning is not None and warning.startswith(
+        "The context served, 8,192 tokens (the model's max_position_embeddings), reaches past"
+    )
     assert f"-- --max-model-len {context.rope.bound + 1}" in warning
     within = served_context(default_model, ("--max-model-len", "2048"))
     assert within.length == 2048 and within.source == "--max-model-len" and within.warning() is None

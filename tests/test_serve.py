@@ -292,7 +292,7 @@ def test_launcher_metrics_show_the_shortening(server: Launcher) -> None:
     # SmolLM2-135M's RoPE (base 100,000, 64 rotary dimensions) supports ~3.6k tokens; vLLM serves its 8,192.
     assert values["shortgpt_served_context_tokens"] == 8192
     assert 3000 < values["shortgpt_rope_context_bound_tokens"] < 4000
-    assert "Warning: serving up to 8,192 tokens (the model's max_position_embeddings)" in server.output()
+    assert "[shortgpt-serve] The context served, 8,192 tokens (the model's max_position_embeddings)" in server.output()
     assert sum(1 for k in values if k.startswith("shortgpt_block_influence_ratio{")) == 30
     bi_removed = [k for k in values if k.startswith("shortgpt_block_influence_ratio{") and 'removed="true"' in k]
     assert len(bi_removed) == removed

@@ -54,9 +54,9 @@ class ServedContext:
         if rope is None or rope.bound is None or self.length is None or rope.covers(self.length):
             return None
         return (
-            f"Warning: serving up to {self.length:,} tokens ({self.source}), past the ~{rope.bound:,} its RoPE base "
-            f"{rope.base:,.0f} supports (Men et al. 2024): beyond that distance perplexity stays low but retrieval "
-            f"is superficial (the paper's fit wants base >= {paper_least_base(self.length):,.0f} for "
+            f"The context served, {self.length:,} tokens ({self.source}), reaches past the ~{rope.bound:,} its RoPE "
+            f"base {rope.base:,.0f} supports (Men et al. 2024): beyond that distance perplexity stays low but "
+            f"retrieval is superficial (the paper's fit wants base >= {paper_least_base(self.length):,.0f} for "
             f"{self.length:,}). To serve within it: -- {MAX_MODEL_LEN} {rope.bound + 1}."
         )
 

@@ -80,7 +80,7 @@ def launch(
         log.info("%s", context.rope.describe())
     warning = context.warning()
     if warning is not None:
-        say(warning)
+        log.warning("%s", warning)
     server = start_metrics_server(metrics, cfg.host, cfg.metrics_port) if cfg.metrics_port else None
     trusted = config.trust_remote_code
     comparison = None
