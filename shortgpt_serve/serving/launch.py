@@ -76,9 +76,7 @@ def launch(
     metrics.record_build(dist, version, provenance, name)
     context = served_context(read_config(checkpoint), cfg.vllm_args)
     metrics.record_context(context)
-    if context.rope is not None:
-        log.info("%s", context.rope.describe())
-    warning = context.warning()
+    warning = context.warning()  # the build's plan line already stated the bound; said again only when it matters
     if warning is not None:
         log.warning("%s", warning)
     server = start_metrics_server(metrics, cfg.host, cfg.metrics_port) if cfg.metrics_port else None
