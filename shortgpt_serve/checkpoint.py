@@ -26,7 +26,7 @@ from shortgpt_serve.models.weights import (
     read_header,
     weight_map,
 )
-from shortgpt_serve.provenance import Provenance, build_provenance
+from shortgpt_serve.provenance import HealingRecord, Provenance, build_provenance
 
 PROVENANCE_NAME = "shortgpt.json"
 MODEL_CARD_NAME = "README.md"
@@ -85,7 +85,8 @@ def _write_weights(
     cache's hash memo) already holds the source file's sha256 it is not hashed again."""
     mapping = weight_map(source.path)
     renames = rename_map(list(mapping), source.family.layers_module, source.num_layers, removed)
-    stray = sorted(n for n in overrides or {} if renames.get(n) is None)
+    given: Mapping[str, bytes] = overrides or {}  # read per shard as it is written: values may be computed when asked
+    stray = sorted(n for n in given if renames.get(n) is None)
     if stray:
         raise CheckpointError(f"new data given for tensors that are not kept: {stray[:3]}.")
     shards = sorted(set(mapping.values()))
@@ -113,7 +114,7 @@ def _write_weights(
         if (
             names == {old for old, new in kept_by_shard[shard] if old == new}
             and metadata == header.get("__metadata__")
-            and not any(mapping.get(old) == shard for old in overrides or {})
+            and not any(mapping.get(old) == shard for old in given)
         ):
             unchanged.add(shard)
 
@@ -131,7 +132,7 @@ def _write_weights(
                 kept_by_shard[shard],
                 out / out_name,
                 metadata,
-                overrides={old: d for old, d in (overrides or {}).items() if mapping.get(old) == shard},
+                overrides={old: given[old] for old in given if mapping.get(old) == shard},
             )
         except ModelError as exc:
             raise CheckpointError(exc.message) from exc
@@ -172,6 +173,22 @@ def _copy_side_files(src: Path, out: Path) -> list[str]:
     return copied
 
 
+def _healing_text(heal: HealingRecord) -> str:
+    if heal.method == "none":
+        return "the rest are unchanged."
+    text = (
+        "each run of removed layers was healed by a least-squares linear map, fitted on calibration text and folded "
+        "into the down-projection of the kept layer before it (ReplaceMe-style)"
+    )
+    if heal.method == "distill":
+        trained = f"rank-{heal.rank} adapters merged into their weights" if heal.rank else "the layers themselves"
+        text += (
+            "; then the kept layers were trained briefly toward the full model's next-token distribution on "
+            f"calibration text (KL distillation; {trained})"
+        )
+    return text + "; the architecture is the standard one, with fewer layers."
+
+
 def model_card(provenance: Provenance) -> str:
     src = provenance.source
     removed = list(provenance.removed_layers)
@@ -191,20 +208,20 @@ def model_card(provenance: Provenance) -> str:
         "",
         "Decoder layers with the lowest Block Influence (ShortGPT, Men et al. 2024: one minus the mean cosine between "
         "a layer's input and output hidden states over calibration text) were removed; "
-        + (
-            "the rest are unchanged."
-            if provenance.healing.method == "none"
-            else "each run of removed layers was healed by a least-squares linear map, fitted on calibration text "
-            "and folded into the down-projection of the kept layer before it (ReplaceMe-style); the architecture is "
-            "the standard one, with fewer layers."
-        ),
+        + _healing_text(provenance.healing),
         "",
         f"- Source: {src.origin} (sha256 {src.sha256[:16]}...)",
         f"- Removed layers (original indices): {removed}",
         f"- Calibration: {cal.source} ({cal.num_tokens} tokens)",
     ]
     heal = provenance.healing
-    if heal.method != "none":
+    if heal.method == "distill":
+        how = f"rank-{heal.rank} adapters merged" if heal.rank else "the kept layers trained"
+        lines.append(
+            f"- Healing: distill ({heal.steps} steps, {heal.tokens} calibration tokens, {how}; training KL "
+            f"{heal.kl_first} -> {heal.kl_last} nats/token)"
+        )
+    elif heal.method != "none":
         folded = ", ".join(f"{r['removed']} -> layer {r['kept_layer']}" for r in heal.runs)
         lines.append(f"- Healing: {heal.method} ({folded}; {heal.calibration_tokens} calibration tokens)")
     if sel is not None:

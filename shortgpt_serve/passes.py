@@ -267,6 +267,13 @@ class PassEngine:
         record.calls = calls
         return record
 
+    def capture(self, batch: Batch) -> tuple[torch.Tensor, list[tuple[tuple[Any, ...], dict[str, Any]]]]:
+        """The embedded states of ``batch`` and, per decoder layer, the arguments the model calls it with (after the
+        hidden state), the embeddings brought in by the placement; for code that runs the layers itself."""
+        with self.placement.embedding():
+            record = self._capture(batch)
+        return record.hidden, record.calls
+
     # --- the pass --------------------------------------------------------------------------------------------
 
     def run(
@@ -377,6 +384,11 @@ class PassEngine:
 
         with torch.inference_mode(), self.placement.head() as norm:
             return self._logits(norm, hidden.to(self.device), batch)
+
+    def head_logits(self, norm: torch.nn.Module, hidden: torch.Tensor, batch: Batch) -> torch.Tensor:
+        """The logits from states leaving the last decoder layer, with the final norm ``norm`` a placement's
+        ``head()`` gave (held by the caller), under the caller's gradient mode."""
+        return self._logits(norm, hidden, batch)
 
     def _logits(self, norm: torch.nn.Module, hidden: torch.Tensor, batch: Batch) -> torch.Tensor:
         keep = batch.logits_to_keep if self._slim_logits else 0

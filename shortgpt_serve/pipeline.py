@@ -11,6 +11,7 @@ import dataclasses
 import json
 import logging
 import time
+from collections.abc import Mapping
 from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,6 +22,7 @@ from shortgpt_serve.checkpoint import PROVENANCE_NAME, write_checkpoint
 from shortgpt_serve.config import Config
 from shortgpt_serve.errors import CheckpointError, QualityError
 from shortgpt_serve.fsutil import check_output_free
+from shortgpt_serve.healing.adapters import MergedTensors
 from shortgpt_serve.healing.evaluate import Healer, check_healing, distill_choice
 from shortgpt_serve.healing.tensors import folded_tensors, layer_tensors
 from shortgpt_serve.inputs import check_paths, check_quality_inputs, read_calibration, resolve_source, served_name
@@ -245,9 +247,13 @@ def _build(
             timings["linear healing (all candidates)"] = sum(h.seconds for h in healer.fitted.values())
     finally:
         session.close()
-    overrides = None
+    overrides: Mapping[str, bytes] | None = None
     heal_record = None if healing is None else healing.record()
-    if distilled is not None:
+    if distilled is not None and distilled.adapters is not None:
+        folded = folded_tensors(source.path, source.family.layers_module, healing.maps) if healing else None
+        overrides = MergedTensors(source.path, source.family.layers_module, distilled.adapters, folded)
+        heal_record = {**distilled.record(), "linear_start": heal_record}
+    elif distilled is not None:
         overrides = layer_tensors(source.path, source.family.layers_module, distilled.layers)
         heal_record = {**distilled.record(), "linear_start": heal_record}
     elif healing is not None and healing.maps:

@@ -208,6 +208,8 @@ class HealingRecord:
     kl_first: float | None = None
     """distill: mean training KL (nats/token, in-sample) of the first and the last steps."""
     kl_last: float | None = None
+    rank: int | None = None
+    """distill: 0 where the kept layers themselves were trained, else the rank of the adapters merged into them."""
     linear_start: dict[str, Any] | None = None
     """distill: the linear healing it started from."""
 
@@ -222,7 +224,10 @@ class HealingRecord:
         out = dataclasses.asdict(self)
         out["runs"] = [dict(r) for r in self.runs]
         out["unhealed_runs"] = [list(r) for r in self.unhealed_runs]
-        optional = ("objective", "steps", "batch_size", "lr", "seed", "tokens", "kl_first", "kl_last", "linear_start")
+        optional = (
+            *("objective", "steps", "batch_size", "lr", "seed", "tokens"),
+            *("kl_first", "kl_last", "rank", "linear_start"),
+        )
         return {k: v for k, v in out.items() if v is not None or k not in optional}
 
 

@@ -16,9 +16,10 @@ import contextlib
 import logging
 import time
 from collections import Counter
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
+from itertools import pairwise
 from math import prod
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -178,7 +179,9 @@ class Streamed:
         self._trim = _trimmer() if device.type == "cpu" else (lambda: None)
         self._reader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="shortgpt-stream")
         self._next: tuple[int, Future[dict[str, torch.Tensor]]] | None = None
+        self._after: dict[int, int] = {}  # the layer read ahead after each: the next one unless :meth:`expect` said
         self.read_s = 0.0
+        self._head_held = False
 
     # --- sizes ---------------------------------------------------------------------------------------------------
 
@@ -206,7 +209,9 @@ class Streamed:
 
         t0 = time.perf_counter()
         dtype = next(self.model.parameters()).dtype
-        with torch.inference_mode():  # in every thread: pooled tensors are filled in place wherever they were made
+        # Plain tensors, never inference-mode ones, even when read inside a pass's inference mode: a layer-by-layer
+        # distillation runs them with gradients, and pooled tensors are filled in place in any thread.
+        with torch.inference_mode(False), torch.no_grad():
             out = {
                 n: read_tensor(self._stored[n], dtype, self._pin, self._pool.take(self._shapes[n], dtype))
                 for n in names
@@ -218,9 +223,17 @@ class Streamed:
         """Layer ``index``'s weights on the host: the one prefetched, or read now; then the next one is started."""
         ahead, self._next = self._next, None
         tensors = ahead[1].result() if ahead is not None and ahead[0] == index else self._read(self._layer_names[index])
-        if index + 1 < self.num_layers:
-            self._next = (index + 1, self._reader.submit(self._read, self._layer_names[index + 1]))
+        after = self._after.get(index, index + 1)
+        if 0 <= after < self.num_layers:
+            self._next = (after, self._reader.submit(self._read, self._layer_names[after]))
         return tensors
+
+    def expect(self, order: Sequence[int]) -> None:
+        """The layers will be asked for in ``order`` (backwards, or some skipped): each is read ahead after the one
+        before it in ``order``, and nothing after the last; layers not in it are followed by the next one."""
+        self._after = dict(pairwise(order))
+        if order:
+            self._after[order[-1]] = -1
 
     @contextmanager
     def _brought(self, tensors: Mapping[str, torch.Tensor]) -> Iterator[None]:
@@ -250,8 +263,17 @@ class Streamed:
 
     @contextmanager
     def head(self) -> Iterator[torch.nn.Module]:
-        with self._brought(self._read(self._head_names)):
+        """Re-entrant: a logits reader inside a pass's head (the divergence measure computes the full model's
+        logits there) uses the weights already brought, not a second read that would drop them on its exit."""
+        if self._head_held:
             yield self._norm
+            return
+        self._head_held = True
+        try:
+            with self._brought(self._read(self._head_names)):
+                yield self._norm
+        finally:
+            self._head_held = False
 
     def probe(self) -> float:
         """Seconds one pass spends reading weights, estimated from reading layer 0 now (kept for the first pass)."""

@@ -151,3 +151,26 @@ def test_prepare_heals_the_checkpoint_and_records_how(setup: Callable[..., Any],
         assert record.healing.steps == 3 and record.healing.linear_start is not None
         assert changed and all(k.startswith("model.layers.") for k in changed)
         assert not any("embed" in k or "lm_head" in k or k == "model.norm.weight" for k in changed)
+
+
+def test_streamed_distillation_merges_adapters_into_every_projection(setup: Callable[..., Any]) -> None:
+    """With the layers streamed, --heal distill trains rank-16 adapters one layer at a time and writes them merged
+    into the kept layers' projection weights (norms, embeddings and head as plain removal writes them)."""
+    from safetensors.torch import load_file
+
+    from shortgpt_serve.checkpoint import MODEL_CARD_NAME, verify_checkpoint
+
+    settings = {"quality.enabled": False, "selection.budget": 0.8, "heal.distill_steps": 3, "profile.memory": "stream"}
+    plain = prepare(setup(**settings)[0], progress=False)
+    healed = prepare(setup(**settings, **{"heal.method": "distill"})[0], progress=False)
+    record = verify_checkpoint(healed.checkpoint)
+    assert record.healing.method == "distill" and record.healing.rank == 16 and record.healing.steps == 3
+    assert "rank-16 adapters merged" in (healed.checkpoint / MODEL_CARD_NAME).read_text()
+    got, want = load_file(healed.checkpoint / "model.safetensors"), load_file(plain.checkpoint / "model.safetensors")
+    changed = {k for k in got if not torch.equal(got[k], want[k])}
+    projections = {
+        k
+        for k in want
+        if k.startswith("model.layers.") and k.endswith("_proj.weight") and ("self_attn." in k or "mlp." in k)
+    }
+    assert changed == projections

@@ -205,3 +205,23 @@ def test_prune_streamed_writes_the_same_profile_as_resident(
         records[memory] = json.loads((out / "shortgpt.json").read_text())
     assert records["stream"]["block_influence"] == pytest.approx(records["auto"]["block_influence"], abs=1e-6)
     assert records["stream"]["removed_layers"] == records["auto"]["removed_layers"]
+
+
+def test_divergence_measured_streamed_equals_resident(make_tiny_model: Callable[..., Path]) -> None:
+    """KL and agreement read inside the pass's head (the reader computes the full model's logits there, a second
+    use of the head while the pass holds it) come out as on the resident model."""
+    from shortgpt_serve.quality.divergence import Divergence, FinalStates
+
+    def measure(engine: PassEngine) -> object:
+        blocks = batches()
+        final = FinalStates(engine.num_layers - 1, 0, len(blocks))
+        div = Divergence(engine, blocks, final.states)
+        engine.run(blocks, [Route(observers=[final]), Route(frozenset([1, 2]), on_logits=div)])
+        return div.stats
+
+    resident, streamed, placement = engines(make_tiny_model("llama"), "llama")
+    want, got = measure(resident), measure(streamed)
+    placement.close()
+    assert want is not None and got is not None and want.kl > 0  # type: ignore[attr-defined]
+    assert got.kl == pytest.approx(want.kl, rel=1e-5)  # type: ignore[attr-defined]
+    assert got.agreement == want.agreement  # type: ignore[attr-defined]

@@ -271,6 +271,12 @@ class HealConfig:
     )
     distill_batch: int = setting("distill: calibration sequences per step.", default=2)
     distill_lr: float = setting("distill: learning rate (AdamW, cosine decay after a short warm-up).", default=1e-4)
+    distill_rank: int = setting(
+        "distill: 0 trains the kept layers themselves where the model is held whole in memory, and rank-16 "
+        "low-rank adapters where its layers are streamed (--memory); N > 0 trains rank-N adapters on every "
+        "projection of the kept layers, one layer at a time (memory of about one layer), merged into the weights.",
+        default=0,
+    )
     seed: int = setting("distill: seed of the order of the calibration sequences (deterministic runs).", default=0)
 
     def validate(self) -> None:
@@ -279,5 +285,10 @@ class HealConfig:
             raise ConfigError(f"heal.ridge must be >= 0, got {self.ridge}.", param="heal.ridge")
         positive("heal.distill_steps", self.distill_steps, "heal.distill_steps")
         positive("heal.distill_batch", self.distill_batch, "heal.distill_batch")
+        if self.distill_rank < 0:
+            raise ConfigError(
+                f"heal.distill_rank must be 0 (automatic) or a positive rank, got {self.distill_rank}.",
+                param="heal.distill_rank",
+            )
         if not self.distill_lr > 0.0:
             raise ConfigError(f"heal.distill_lr must be > 0, got {self.distill_lr}.", param="heal.distill_lr")

@@ -56,6 +56,8 @@ from shortgpt_serve.passes import Batch, PassEngine
 if TYPE_CHECKING:
     import torch
 
+    from shortgpt_serve.healing.adapters import LayerAdapters
+
 log = logging.getLogger(__name__)
 
 WARMUP_FRACTION = 0.05
@@ -85,6 +87,9 @@ class Distillation:
     """The raw KL of each step, before that step's update."""
     kl_ema: float
     """The running KL (exponential moving average) at the end."""
+    rank: int = 0
+    """0: the kept layers themselves were trained; N: rank-N adapters on their projections (``adapters``)."""
+    adapters: dict[int, LayerAdapters] | None = field(default=None, repr=False)
 
     @property
     def kl_first(self) -> float:
@@ -103,6 +108,7 @@ class Distillation:
         return {
             "method": "distill",
             "removed": self.removed,
+            "rank": self.rank,
             "steps": self.steps,
             "batch_size": self.batch_size,
             "lr": self.lr,
@@ -174,7 +180,7 @@ def _sequences(batches: Sequence[Batch]) -> list[tuple[torch.Tensor, torch.Tenso
     return out
 
 
-def _teacher_states(engine: PassEngine, batches: Sequence[Batch]) -> list[torch.Tensor]:
+def teacher_states(engine: PassEngine, batches: Sequence[Batch]) -> list[torch.Tensor]:
     """The full model's states leaving its last decoder layer (before the final norm) for each calibration
     sequence's real tokens, in :func:`_sequences`' order: one pass, so each step needs only the head for the
     teacher's logits instead of a whole forward."""
@@ -193,7 +199,7 @@ def _teacher_states(engine: PassEngine, batches: Sequence[Batch]) -> list[torch.
     return out
 
 
-def _micro_batches(
+def micro_batches(
     sequences: list[tuple[torch.Tensor, torch.Tensor]], batch_size: int, steps: int, seed: int
 ) -> Iterator[tuple[list[int], torch.Tensor, torch.Tensor]]:
     """``steps`` right-padded micro-batches of up to ``batch_size`` sequences (their indices, ids and mask), in a
@@ -218,7 +224,7 @@ def _micro_batches(
                 return
 
 
-def _padded(states: list[torch.Tensor], width: int) -> torch.Tensor:
+def padded(states: list[torch.Tensor], width: int) -> torch.Tensor:
     """Per-sequence states [n_i, hidden] right-padded with zeros to [len(states), width, hidden]."""
 
     out = states[0].new_zeros(len(states), width, states[0].shape[-1])
@@ -227,7 +233,7 @@ def _padded(states: list[torch.Tensor], width: int) -> torch.Tensor:
     return out
 
 
-def _schedule(steps: int) -> Any:
+def schedule(steps: int) -> Any:
     """Learning-rate factor per step: linear warm-up over the first 5% of the steps, then cosine decay."""
     warmup = max(1, round(WARMUP_FRACTION * steps))
 
@@ -251,6 +257,36 @@ def kl_loss(teacher: torch.Tensor, student: torch.Tensor, mask: torch.Tensor) ->
     return torch.nn.functional.kl_div(log_q, log_p, log_target=True, reduction="sum") / log_p.shape[0]
 
 
+def checked(
+    engine: PassEngine,
+    batches: Sequence[Batch],
+    removed: Sequence[int],
+    start: Mapping[int, torch.nn.Module] | None,
+    steps: int,
+    batch_size: int,
+) -> tuple[list[int], list[tuple[torch.Tensor, torch.Tensor]]]:
+    """A distillation's inputs checked: the kept layers and the calibration sequences (real tokens only)."""
+    if not removed:
+        raise HealingError("--heal distill heals a removal; no layer is removed. Remove layers or use --heal none.")
+    if steps < 1 or batch_size < 1:
+        raise ValueError(f"distill needs steps >= 1 and batch_size >= 1, got {steps} and {batch_size}.")
+    drop = set(removed)
+    kept = [i for i in range(engine.num_layers) if i not in drop]
+    stray = sorted(set(start or {}) - set(kept))
+    if stray:
+        raise ValueError(f"start layers {stray} are not kept layers of this removal.")
+    sequences = _sequences(batches)
+    tokens = sum(len(ids) for ids, _ in sequences)
+    hidden = int(engine.model.config.hidden_size)
+    if tokens < TOKENS_PER_DIM * hidden:
+        raise HealingError(
+            f"--heal distill needs at least {TOKENS_PER_DIM * hidden:,} calibration tokens ({TOKENS_PER_DIM} per "
+            f"hidden dimension, {hidden}); the calibration has {tokens:,}. Raise --calibration-tokens or give more "
+            "--calibration text."
+        )
+    return kept, sequences
+
+
 def distill(
     engine: PassEngine,
     batches: Sequence[Batch],
@@ -272,30 +308,14 @@ def distill(
 
     t0 = time.perf_counter()
     model = engine.model
-    if not removed:
-        raise HealingError("--heal distill heals a removal; no layer is removed. Remove layers or use --heal none.")
     if not isinstance(engine.placement, Resident):
         raise HealingError(
-            "--heal distill needs the whole model in memory on one device; give the model work enough "
-            "memory to hold it (--memory) or use --heal linear."
+            "full-layer distillation needs the whole model in memory on one device; give the model work enough "
+            "memory to hold it (--memory), or train low-rank adapters (heal.distill_rank)."
         )
-    if steps < 1 or batch_size < 1:
-        raise ValueError(f"distill needs steps >= 1 and batch_size >= 1, got {steps} and {batch_size}.")
-    drop = set(removed)
-    kept = [i for i in range(engine.num_layers) if i not in drop]
+    kept, sequences = checked(engine, batches, removed, start, steps, batch_size)
     given = dict(start or {})
-    stray = sorted(set(given) - set(kept))
-    if stray:
-        raise ValueError(f"start layers {stray} are not kept layers of this removal.")
-    sequences = _sequences(batches)
-    tokens = sum(len(ids) for ids, _ in sequences)
-    hidden = int(model.config.hidden_size)
-    if tokens < TOKENS_PER_DIM * hidden:
-        raise HealingError(
-            f"--heal distill needs at least {TOKENS_PER_DIM * hidden:,} calibration tokens ({TOKENS_PER_DIM} per "
-            f"hidden dimension, {hidden}); the calibration has {tokens:,}. Raise --calibration-tokens or give more "
-            "--calibration text."
-        )
+    drop = set(removed)
 
     torch.manual_seed(seed)
     dtype = next(model.parameters()).dtype
@@ -311,7 +331,7 @@ def distill(
     run = {i: _in_float32(m, dtype) for i, m in trained.items()} if upcast else trained
     params = [p for m in trained.values() for p in m.parameters()]
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _schedule(steps))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule(steps))
 
     was_training = model.training
     model.eval()
@@ -319,11 +339,11 @@ def distill(
     history: list[float] = []
     ema, seen = 0.0, 0
     bar = tqdm(total=steps, desc="Distilling the kept layers", unit="step", disable=not progress, leave=False)
-    teacher_states = _teacher_states(engine, batches)
+    final = teacher_states(engine, batches)
     try:
-        for chosen, ids, mask in _micro_batches(sequences, batch_size, steps, seed):
+        for chosen, ids, mask in micro_batches(sequences, batch_size, steps, seed):
             ids, mask = ids.to(device), mask.to(device)
-            states = _padded([teacher_states[i] for i in chosen], ids.shape[1])
+            states = padded([final[i] for i in chosen], ids.shape[1])
             teacher = engine.logits(states, Batch(ids, mask))
             with _student(engine, sorted(drop), run):
                 student = model(input_ids=ids, attention_mask=mask, use_cache=False).logits

@@ -16,6 +16,7 @@ from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
 from shortgpt_serve.healing.distill import Distillation, distill
+from shortgpt_serve.healing.layerwise import AUTO_RANK, distill_adapters
 from shortgpt_serve.healing.linear import (
     POST_NORM_FAMILIES,
     LinearHealing,
@@ -24,6 +25,7 @@ from shortgpt_serve.healing.linear import (
     fit_linear,
     healed_layers,
 )
+from shortgpt_serve.placement import Resident
 from shortgpt_serve.selection import Floors, Selection
 
 if TYPE_CHECKING:
@@ -103,9 +105,33 @@ class Healer:
         h = self.config.heal
         healing = self.fit(removed)
         start = healed_layers(self._engine(), healing.maps) if healing is not None and healing.maps else None
+        engine = self._engine()
+        rank = h.distill_rank or (0 if isinstance(engine.placement, Resident) else AUTO_RANK)
+        if rank:
+            why = "" if h.distill_rank else " (the layers are streamed: full-layer training needs the whole model)"
+            log.info(
+                "Distilling %d layers removed: %s (%d steps, rank-%d adapters, one layer at a time%s)",
+                len(removed),
+                list(removed),
+                h.distill_steps,
+                rank,
+                why,
+            )
+            return distill_adapters(
+                engine,
+                self._batches(),
+                removed,
+                start=start,
+                rank=rank,
+                steps=h.distill_steps,
+                batch_size=h.distill_batch,
+                lr=h.distill_lr,
+                seed=h.seed,
+                progress=self.progress,
+            )
         log.info("Distilling %d layers removed: %s (%d steps)", len(removed), list(removed), h.distill_steps)
         return distill(
-            self._engine(),
+            engine,
             self._batches(),
             removed,
             start=start,
