@@ -1,13 +1,15 @@
 """Plain removal vs linear healing (and the angular block, plain) at several depths on the default model, side by side.
 
     .venv/bin/python benchmarks/healing.py [--depths 4,8,10] [--eval-limit 100] [--distill 10]
-        [--objectives squared,relative]
+        [--objectives squared,relative] [--ranks 16 [--adapter-lr 1e-3] [--no-full-distill]]
 
 One process, one model: the BI profile (and all-pairs angular distances) on the calibration text, the full model's
 scores, then at each depth the lowest-BI removal scored plain and healed in one pass (the maps fitted on the
 calibration text, disjoint from everything evaluated; one healed row per least-squares objective given to
 ``--objectives``), and the angular criterion's block plain; at the depths given to ``--distill``, also linear (the
-first objective) followed by distillation (heal.distill_* defaults). Each row: quality retained with its 95%
+first objective) followed by distillation (heal.distill_* defaults): of the kept layers themselves, and of rank-N
+low-rank adapters trained one layer at a time for each rank given to ``--ranks`` (the path a streamed model takes;
+``--adapter-lr`` their learning rate). Each row: quality retained with its 95%
 paired bootstrap interval, held-out perplexity, mean KL(full || model) per token, top-1 agreement with the full
 model, LAMBADA last-word greedy accuracy, healed minus plain retained with its 95% paired interval (the same items
 resampled for the full, the plain and the healed model), and the healing time. Results are appended to
@@ -51,7 +53,11 @@ def main() -> None:
     parser.add_argument("--eval-limit", type=int, default=100)
     parser.add_argument("--distill", default="", help="depths to distil too, e.g. 10")
     parser.add_argument("--objectives", default="", help="linear objectives side by side (default: heal.objective)")
+    parser.add_argument("--ranks", default="", help="adapter ranks to distil at the --distill depths too, e.g. 16")
+    parser.add_argument("--adapter-lr", type=float, default=None, help="adapters' learning rate (heal.adapter_lr)")
+    parser.add_argument("--no-full-distill", action="store_true", help="at the --distill depths, adapters only")
     args = parser.parse_args()
+    ranks = [int(r) for r in args.ranks.split(",") if r]
     depths = [int(d) for d in args.depths.split(",")]
     distilled = {int(d) for d in args.distill.split(",") if d}
 
@@ -145,10 +151,21 @@ def main() -> None:
             method = f"bi linear ({healer.config.heal.objective})"
             rows.append([str(n), method, layers, *fmt(healed), gain(healed), f"{healing.seconds:.1f}"])
         healer = healers[0]
-        if n in distilled:
+        if n in distilled and not args.no_full_distill:
             distilled_q, dist = healer.distilled(removed)
             seconds = f"{healing.seconds + dist.seconds:.1f}"
             rows.append([str(n), "bi distill", layers, *fmt(distilled_q), gain(distilled_q), seconds])
+        for rank in ranks if n in distilled else []:
+            heal = dataclasses.replace(healer.config.heal, distill_rank=rank)
+            if args.adapter_lr is not None:
+                heal = dataclasses.replace(heal, adapter_lr=args.adapter_lr)
+            config_r = dataclasses.replace(healer.config, heal=heal)
+            adapter = Healer(config_r, lambda: engine, session.calibration_batches, meter, progress=False)
+            adapter.fitted = healer.fitted  # the linear start already fitted
+            distilled_q, dist = adapter.distilled(removed)
+            seconds = f"{healing.seconds + dist.seconds:.1f}"
+            method = f"bi distill, rank-{rank} adapters (lr {heal.adapter_lr:g})"
+            rows.append([str(n), method, layers, *fmt(distilled_q), gain(distilled_q), seconds])
         angular = meter(angular_plan[n])
         rows.append([str(n), "angular plain", ",".join(map(str, angular_plan[n])), *fmt(angular), "—", "—"])
 

@@ -270,7 +270,15 @@ class HealConfig:
         default=120,
     )
     distill_batch: int = setting("distill: calibration sequences per step.", default=2)
-    distill_lr: float = setting("distill: learning rate (AdamW, cosine decay after a short warm-up).", default=1e-4)
+    distill_lr: float = setting(
+        "distill: learning rate of the kept layers' training (AdamW, cosine decay after a short warm-up).",
+        default=1e-4,
+    )
+    adapter_lr: float = setting(
+        "distill: learning rate of low-rank adapters (heal.distill_rank), which start at zero and need larger "
+        "steps than the layers' own weights.",
+        default=3e-3,
+    )
     distill_rank: int = setting(
         "distill: 0 trains the kept layers themselves where the model is held whole in memory, and rank-16 "
         "low-rank adapters where its layers are streamed (--memory); N > 0 trains rank-N adapters on every "
@@ -292,3 +300,5 @@ class HealConfig:
             )
         if not self.distill_lr > 0.0:
             raise ConfigError(f"heal.distill_lr must be > 0, got {self.distill_lr}.", param="heal.distill_lr")
+        if not self.adapter_lr > 0.0:
+            raise ConfigError(f"heal.adapter_lr must be > 0, got {self.adapter_lr}.", param="heal.adapter_lr")

@@ -125,7 +125,7 @@ class Healer:
                 rank=rank,
                 steps=h.distill_steps,
                 batch_size=h.distill_batch,
-                lr=h.distill_lr,
+                lr=h.adapter_lr,
                 seed=h.seed,
                 progress=self.progress,
             )
