@@ -138,7 +138,10 @@ def _write_weights(
             raise CheckpointError(exc.message) from exc
 
     jobs.sort(key=lambda job: -job[3])  # the largest first: the last shard to finish is a small one
-    written = map_threads(write, jobs, cores() if threads is None else threads)
+    threads = cores() if threads is None else threads
+    if given and not isinstance(given, dict):
+        threads = _threads_for(source.path, mapping, given, threads)
+    written = map_threads(write, jobs, threads)
     new_map: dict[str, str] = {}
     hashes: dict[str, str] = {}
     total_size = 0
@@ -151,6 +154,29 @@ def _write_weights(
         index = {"metadata": {"total_size": total_size}, "weight_map": dict(sorted(new_map.items()))}
         (out / INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n")
     return hashes
+
+
+def _threads_for(folder: Path, mapping: dict[str, str], computed: Mapping[str, bytes], most: int) -> int:
+    """Shards written at once when the new data is computed as the writer asks (merged adapters): each shard in
+    progress holds its new tensors' bytes and one tensor's float64 working set, so no more at a time than fit
+    in half the available memory."""
+    import psutil
+
+    sizes: dict[str, int] = {}
+    largest = 0
+    headers: dict[str, dict[str, object]] = {}
+    for name in computed:
+        shard = mapping[name]
+        if shard not in headers:
+            headers[shard] = read_header(folder / shard)[0]
+        info = headers[shard][name]
+        assert isinstance(info, dict)
+        start, end = info["data_offsets"]
+        sizes[shard] = sizes.get(shard, 0) + end - start
+        largest = max(largest, end - start)
+    per_shard = max(sizes.values(), default=0) + 12 * largest  # float64 copies of a half-precision tensor: 4x each
+    available = int(psutil.virtual_memory().available)
+    return max(1, min(most, available // 2 // max(1, per_shard)))
 
 
 def side_files(src: Path) -> list[Path]:

@@ -149,3 +149,56 @@ def test_merged_weights_compute_what_the_adapted_layer_computes(make_tiny_model:
         want = adapted(layer, adapters[1])(h, position_embeddings=rotary, attention_mask=None)
         got = plain(h, position_embeddings=rotary, attention_mask=None)
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_distillation_trains_adapters_where_the_layers_training_would_not_fit(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """heal.distill_rank 0: the layers themselves where their training fits the free memory, else rank-16
+    adapters, saying why; a rank set is used as it is."""
+    import dataclasses
+
+    from shortgpt_serve.config import Config, HealConfig
+    from shortgpt_serve.healing.distill import training_bytes
+    from shortgpt_serve.healing.evaluate import distill_rank
+
+    engine = PassEngine.of(tiny())
+    need = training_bytes(engine, REMOVED)
+    kept_params = sum(
+        p.numel()
+        for i, m in enumerate(decoder_layers(engine.model, engine.family))
+        if i not in REMOVED
+        for p in m.parameters()
+    )
+    assert need == 16 * kept_params
+    config = Config(heal=HealConfig(method="distill"))
+    monkeypatch.setattr(engine.placement, "free_bytes", lambda: 2 * need)
+    assert distill_rank(config, engine, REMOVED) == (0, "")
+    monkeypatch.setattr(engine.placement, "free_bytes", lambda: need)
+    rank, why = distill_rank(config, engine, REMOVED)
+    assert rank == 16 and "training the layers themselves takes" in why and "is free on cpu" in why
+    chosen = dataclasses.replace(config, heal=dataclasses.replace(config.heal, distill_rank=4))
+    assert distill_rank(chosen, engine, REMOVED) == (4, "heal.distill_rank")
+
+
+def test_merged_shards_are_written_as_many_at_a_time_as_memory_holds(
+    make_tiny_model: Callable[..., Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import psutil
+
+    from shortgpt_serve.checkpoint import _threads_for
+    from shortgpt_serve.models.weights import weight_map
+
+    folder = make_tiny_model("llama")
+    engine = PassEngine.of(tiny())
+    merged = MergedTensors(folder, engine.family.layers_module, nonzero_adapters(engine, [0, 1]))
+    mapping = weight_map(folder)
+
+    class Memory:
+        def __init__(self, available: int) -> None:
+            self.available = available
+
+    monkeypatch.setattr(psutil, "virtual_memory", lambda: Memory(1 << 40))
+    assert _threads_for(folder, mapping, merged, 8) == 8
+    monkeypatch.setattr(psutil, "virtual_memory", lambda: Memory(1 << 10))
+    assert _threads_for(folder, mapping, merged, 8) == 1

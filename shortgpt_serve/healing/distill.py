@@ -257,6 +257,18 @@ def kl_loss(teacher: torch.Tensor, student: torch.Tensor, mask: torch.Tensor) ->
     return torch.nn.functional.kl_div(log_q, log_p, log_target=True, reduction="sum") / log_p.shape[0]
 
 
+TRAINING_BYTES_PER_PARAM = 16
+"""Float32 copy, gradient and AdamW's two moments of each trained parameter (the module docstring's memory)."""
+
+
+def training_bytes(engine: PassEngine, removed: Sequence[int]) -> int:
+    """Memory that training the kept layers themselves takes beside the model."""
+    drop = set(removed)
+    layers = decoder_layers(engine.model, engine.family)
+    params = sum(p.numel() for i, layer in enumerate(layers) if i not in drop for p in layer.parameters())
+    return TRAINING_BYTES_PER_PARAM * params
+
+
 def checked(
     engine: PassEngine,
     batches: Sequence[Batch],

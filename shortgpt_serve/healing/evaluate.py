@@ -15,7 +15,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
-from shortgpt_serve.healing.distill import Distillation, distill
+from shortgpt_serve.healing.distill import Distillation, distill, training_bytes
 from shortgpt_serve.healing.layerwise import AUTO_RANK, distill_adapters
 from shortgpt_serve.healing.linear import (
     POST_NORM_FAMILIES,
@@ -25,6 +25,7 @@ from shortgpt_serve.healing.linear import (
     fit_linear,
     healed_layers,
 )
+from shortgpt_serve.memplan import format_size
 from shortgpt_serve.placement import Resident
 from shortgpt_serve.selection import Floors, Selection
 
@@ -51,6 +52,27 @@ def check_healing(config: Config, source: ModelSource, calibration_tokens: int) 
         fold=config.heal.method == "linear",
     )
     check_tokens(calibration_tokens, int(cfg["hidden_size"]))
+
+
+TRAINING_SHARE = 0.9
+"""Share of the device's free memory the kept layers' training may take before adapters are trained instead."""
+
+
+def distill_rank(config: Config, engine: PassEngine, removed: Sequence[int]) -> tuple[int, str]:
+    """What distillation trains (0: the kept layers themselves; N: rank-N adapters), and why: heal.distill_rank
+    where set; else adapters where the layers are streamed or their training would not fit the device's free
+    memory, the layers themselves otherwise."""
+    if config.heal.distill_rank:
+        return config.heal.distill_rank, "heal.distill_rank"
+    if not isinstance(engine.placement, Resident):
+        return AUTO_RANK, "the layers are streamed, and training them needs the whole model in memory"
+    need, free = training_bytes(engine, removed), engine.placement.free_bytes()
+    if free is not None and need > TRAINING_SHARE * free:
+        return AUTO_RANK, (
+            f"training the layers themselves takes {format_size(need)} beside the model, and {format_size(free)} "
+            f"is free on {engine.device}"
+        )
+    return 0, ""
 
 
 class Healer:
@@ -106,11 +128,10 @@ class Healer:
         healing = self.fit(removed)
         start = healed_layers(self._engine(), healing.maps) if healing is not None and healing.maps else None
         engine = self._engine()
-        rank = h.distill_rank or (0 if isinstance(engine.placement, Resident) else AUTO_RANK)
+        rank, why = distill_rank(self.config, engine, removed)
         if rank:
-            why = "" if h.distill_rank else " (the layers are streamed: full-layer training needs the whole model)"
             log.info(
-                "Distilling %d layers removed: %s (%d steps, rank-%d adapters, one layer at a time%s)",
+                "Distilling %d layers removed: %s (%d steps, rank-%d adapters, one layer at a time: %s)",
                 len(removed),
                 list(removed),
                 h.distill_steps,
