@@ -52,11 +52,20 @@ def reference_gradients(model: Any, family: Any, adapters: dict[int, LayerAdapte
     return [float(loss.detach()), *torch.autograd.grad(loss, params)]
 
 
-@pytest.mark.parametrize("model_type", ["llama", "qwen2", "gemma2"])
-def test_layer_by_layer_gradients_equal_autograd_through_the_whole_model(model_type: str) -> None:
+@pytest.mark.parametrize(
+    ("model_type", "blocks"), [("llama", False), ("llama", True), ("qwen2", False), ("gemma2", True)]
+)
+def test_layer_by_layer_gradients_equal_autograd_through_the_whole_model(
+    model_type: str, blocks: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Also with the head's logits a block of positions at a time (blocks of 7 of the 64 positions)."""
+    from shortgpt_serve.healing import layerwise
+
     model = tiny(model_type)
     engine = PassEngine.of(model)
     batch = calibration(1)[0]
+    if blocks:
+        monkeypatch.setattr(layerwise, "LOGIT_ELEMENTS", 7 * batch.input_ids.shape[0] * model.config.vocab_size)
     kept = [i for i in range(engine.num_layers) if i not in REMOVED]
     adapters = nonzero_adapters(engine, kept)
     loss, *want = reference_gradients(model, engine.family, adapters, batch)

@@ -19,8 +19,9 @@ against autograd over the model's own forward). Each streamed layer is brought t
 direction, read ahead in each direction's order.
 
 Memory: one layer's weights (two with the read ahead), the kept states, one layer's activations and their graph,
-two logit tensors (sequence x vocab), the teacher's final states (tokens x hidden), and the adapters with their
-gradients and AdamW's moments (16 bytes per adapter parameter).
+a block of positions' logits work at the head (teacher and student logits, their float32 log-softmaxes and the
+gradient, about 64 MiB each whatever the vocabulary), the teacher's final states (tokens x hidden), and the adapters
+with their gradients and AdamW's moments (16 bytes per adapter parameter).
 """
 
 from __future__ import annotations
@@ -51,6 +52,8 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
+LOGIT_ELEMENTS = 1 << 24
+"""Logits computed at once by a step's head (64 MiB in float32): the positions per block follow from the vocabulary."""
 AUTO_RANK = 16
 """The adapters' rank where none is set and the model's layers are streamed (full layers cannot be trained)."""
 
@@ -113,13 +116,7 @@ def step_gradients(
             with stack.layer(i) as layer:
                 inputs[i] = h
                 h = _output(layer(h, *args, **kwargs))
-    last = h.detach().requires_grad_(True)
-    with engine.placement.head() as norm:
-        with torch.no_grad():
-            target = engine.head_logits(norm, teacher.to(engine.device), batch)
-        loss = kl_loss(target, engine.head_logits(norm, last, batch), batch.attention_mask)
-        (grad,) = torch.autograd.grad(loss, [last])
-    del target
+    grad, loss = _head_gradient(engine, h.detach(), teacher.to(engine.device), batch)
     stack.order(backwards=True)
     for i in reversed(stack.kept):
         args, kwargs = calls[i]
@@ -132,7 +129,37 @@ def step_gradients(
         for p, g in zip(mine, grads[1:], strict=True):
             p.grad = g
         del out, grads
-    return loss.detach()
+    return loss
+
+
+def _head_gradient(
+    engine: PassEngine, last: torch.Tensor, teacher: torch.Tensor, batch: Batch
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The mean KL(teacher || student) over the batch's real tokens and its gradient at the last layer's output,
+    a block of positions at a time (the head is per position): each block's logits, their float32 log-softmaxes
+    and their gradient are about :data:`LOGIT_ELEMENTS` each, whatever the vocabulary."""
+    import torch
+
+    mask = batch.attention_mask
+    total = int(mask.sum())
+    width = max(1, LOGIT_ELEMENTS // max(1, mask.shape[0] * int(engine.model.config.vocab_size)))
+    grad = torch.zeros_like(last)
+    loss = torch.zeros((), dtype=torch.float32, device=last.device)
+    with engine.placement.head() as norm:
+        for at in range(0, mask.shape[1], width):
+            part = slice(at, at + width)
+            real = int(mask[:, part].sum())
+            if not real:
+                continue
+            piece = Batch(batch.input_ids[:, part], mask[:, part])
+            x = last[:, part].detach().requires_grad_(True)
+            with torch.no_grad():
+                target = engine.head_logits(norm, teacher[:, part], piece)
+            value = kl_loss(target, engine.head_logits(norm, x, piece), piece.attention_mask) * (real / total)
+            del target
+            (grad[:, part],) = torch.autograd.grad(value, [x])
+            loss += value.detach()
+    return grad, loss
 
 
 def distill_adapters(
