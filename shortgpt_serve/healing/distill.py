@@ -33,8 +33,9 @@ the served model.
 Memory: the kept layers' float32 weights, their gradients and AdamW's two moment buffers (16 bytes per trained
 parameter) on top of the model itself, the teacher's final states (tokens x hidden), plus one micro-batch's
 activations and two logit tensors (sequence x vocab).
-That fits a small or mid-sized model in memory; a model near the memory's limit would need the layers trained one
-at a time, or low-rank adapters in place of full layers, which this module does not do.
+That fits a small or mid-sized model in memory; where it does not, or the layers are streamed, low-rank adapters
+are trained one layer at a time instead (:mod:`shortgpt_serve.healing.layerwise`, chosen by
+:func:`shortgpt_serve.healing.evaluate.distill_rank`).
 """
 
 from __future__ import annotations
