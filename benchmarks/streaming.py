@@ -28,9 +28,10 @@ from pathlib import Path
 from _record import record
 
 
-def generate(folder: Path, layers: int, hidden: int, shard_mb: int, normal: bool = False) -> None:
+def generate(folder: Path, layers: int, hidden: int, shard_mb: int, normal: bool = False, device: str = "cpu") -> None:
     """A Llama-shaped checkpoint of ``layers`` layers in bf16 shards of ``shard_mb``: random bits, or with
-    ``normal`` weights a model can run (N(0, 0.02), norms 1) for benchmarks that compute with it."""
+    ``normal`` weights a model can run (N(0, 0.02), norms 1) for benchmarks that compute with it. ``device``: where
+    the random numbers are drawn (a GPU draws a 15 GB model in seconds; the values differ from the CPU's)."""
     import torch
     from safetensors.torch import save_file
 
@@ -64,16 +65,17 @@ def generate(folder: Path, layers: int, hidden: int, shard_mb: int, normal: bool
             (p + "post_attention_layernorm.weight", (hidden,)),
         ]
     shapes += [("model.norm.weight", (hidden,)), ("lm_head.weight", (vocab, hidden))]
-    gen = torch.Generator().manual_seed(0)
+    gen = torch.Generator(device).manual_seed(0)
     shards: list[dict[str, torch.Tensor]] = [{}]
     size = 0
     for name, shape in shapes:
         if not normal:  # random bits read as bf16: the writer copies bytes, so their values do not matter
-            t = torch.randint(-(1 << 15), 1 << 15, shape, dtype=torch.int16, generator=gen).view(torch.bfloat16)
+            t = torch.randint(-(1 << 15), 1 << 15, shape, dtype=torch.int16, generator=gen, device=device)
+            t = t.view(torch.bfloat16).cpu()
         elif len(shape) == 1:
             t = torch.ones(shape, dtype=torch.bfloat16)
         else:
-            t = (torch.randn(shape, generator=gen) * 0.02).to(torch.bfloat16)
+            t = (torch.randn(shape, generator=gen, device=device) * 0.02).to(torch.bfloat16).cpu()
         nbytes = t.numel() * 2
         if size and size + nbytes > shard_mb << 20:
             shards.append({})

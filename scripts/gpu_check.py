@@ -10,10 +10,13 @@ Generates a Llama-shaped checkpoint of random N(0, 0.02) bf16 weights (40 layers
    distillation of that removal (rank-16 adapters, trained one layer at a time on the streamed layers);
 2. resident (the model loaded whole onto the GPU): the same two passes;
 3. the shortened checkpoint written from the shards (no GPU);
+4. the launcher's check before a vLLM boot, on the real ``nvidia-smi``: it passes once the work has returned the
+   memory, and refuses with one line naming the holder while this process holds a third of the GPU;
 
 and checks: the plan streamed and held at most two layers' weights on the GPU beyond the resident parts, the BI
 of both placements agree to 1e-3 (bf16 on a GPU), and the GPU memory is back to within 1 GiB of the start after the
-work ends. Prints one line per step and PASS/FAIL; exits non-zero on a failure.
+work ends. Each step runs on when one before it fails (its traceback printed), so one run reports them all. Prints
+one line per step and PASS/FAIL; exits non-zero on a failure.
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ import json
 import math
 import sys
 import time
+import traceback
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
@@ -62,6 +66,24 @@ def passes(engine, calib, vocab: int) -> tuple[list[float], dict[str, float], fl
     return bi, {k: sum(v) / len(v) for k, v in nll.items()}, time.perf_counter() - t0
 
 
+class Checks:
+    """The failures so far; :meth:`step` runs one step and records its exception instead of ending the run."""
+
+    def __init__(self) -> None:
+        self.failures: list[str] = []
+
+    def fail(self, text: str) -> None:
+        self.failures.append(text)
+
+    def step(self, name: str, fn, *args):  # type: ignore[no-untyped-def]
+        try:
+            return fn(*args)
+        except Exception as e:  # reported, and the next step still runs
+            traceback.print_exc()
+            self.fail(f"{name}: {type(e).__name__}: {e}")
+            return None
+
+
 def main() -> int:
     p = argparse.ArgumentParser()
     p.add_argument("--dir", default="/tmp/shortgpt-gpu-check")
@@ -73,10 +95,12 @@ def main() -> int:
     args = p.parse_args()
 
     import torch
+    import transformers
     from streaming import generate
 
     from shortgpt_serve.calibration import CalibrationSet, batches
     from shortgpt_serve.checkpoint import write_checkpoint
+    from shortgpt_serve.errors import ServeError
     from shortgpt_serve.healing.layerwise import distill_adapters
     from shortgpt_serve.healing.linear import TOKENS_PER_DIM
     from shortgpt_serve.memplan import format_size, plan
@@ -86,130 +110,164 @@ def main() -> int:
     from shortgpt_serve.models.weights import params_by_layer, tensor_infos
     from shortgpt_serve.passes import Batch, PassEngine
     from shortgpt_serve.placement import free_bytes
+    from shortgpt_serve.serving.gpus import check_before_boot
     from shortgpt_serve.streaming import Streamed, empty_model
 
     device = torch.device(args.device)
     cuda = device.type == "cuda"
-    failures: list[str] = []
+    checks = Checks()
+    say(f"torch {torch.__version__}, transformers {transformers.__version__}, python {sys.version.split()[0]}")
+    start_free = 0
     if cuda:
         torch.cuda.init()
         torch.empty(1, device=device)  # the context exists from here on; its memory is not the work's
-        start_free = torch.cuda.mem_get_info(device)[0]
-        say(f"{torch.cuda.get_device_name(device)}: {start_free / GiB:.1f} GiB free at the start")
+        start_free, total = torch.cuda.mem_get_info(device)
+        say(f"{torch.cuda.get_device_name(device)}: {start_free / GiB:.1f} GiB free of {total / GiB:.1f} GiB")
     root = Path(args.dir)
     model_dir = root / "model"
     if not (model_dir / "config.json").is_file():
         model_dir.mkdir(parents=True, exist_ok=True)
         t0 = time.perf_counter()
-        generate(model_dir, args.layers, args.hidden, 2000, normal=True)
+        generate(model_dir, args.layers, args.hidden, 2000, normal=True, device=str(device))
         say(f"generated {model_dir} in {time.perf_counter() - t0:.0f} s")
     size = sum(f.stat().st_size for f in model_dir.glob("*.safetensors"))
     config = read_config(model_dir)
+    vocab = int(config["vocab_size"])
     family = family_for(config, str(model_dir))
     source = ModelSource(model_dir, "gpu-check", str(model_dir), "0" * 64, config, family)
     shapes = {n: s for n, (_, s) in tensor_infos(model_dir).items()}
     per_layer, other = params_by_layer(shapes, family.layers_module, args.layers)
     gen = torch.Generator().manual_seed(1)
-    seqs = [
-        torch.randint(0, int(config["vocab_size"]), (SEQ,), generator=gen).tolist() for _ in range(args.tokens // SEQ)
-    ]
+    seqs = [torch.randint(0, vocab, (SEQ,), generator=gen).tolist() for _ in range(args.tokens // SEQ)]
     calib = CalibrationSet(seqs, "random tokens", SEQ, "0" * 64, [])
     memory = args.memory or f"{size // 3 // 2**20}MiB"
-    chosen = plan(
-        weights=size,
-        largest=max([*per_layer, other]) * 2,
-        states=args.tokens * args.hidden * 2,
-        memory=memory,
-        free=free_bytes(device),
-        device=str(device),
-        name="gpu-check",
-    )
-    say(f"{size / 1e9:.1f} GB of weights; --memory {memory}: {chosen.describe('gpu-check', args.layers)}")
-    if chosen.mode != "stream":
-        failures.append(f"the plan at --memory {memory} is {chosen.mode}, not stream")
+    budget = {"peak": 0}  # two of the largest streamed units + the states (twice) + 1 GiB, set by the streamed run
 
-    # 1. streamed
-    if cuda:
-        torch.cuda.reset_peak_memory_stats(device)
-    model = empty_model(model_dir, "bfloat16", device)
-    placement = Streamed(model, family, model_dir, device)
-    bi_s, nll_s, sec_s = passes(PassEngine(model, family, placement), calib, int(config["vocab_size"]))
-    units = placement.unit_bytes()
-    peak_s = torch.cuda.max_memory_allocated(device) if cuda else 0
-    say(
-        f"streamed: profile + score {sec_s:.1f} s (reading {placement.read_s:.1f} s), peak GPU allocated "
-        f"{format_size(peak_s)} (layer {format_size(units['layer'])}, embeddings {format_size(units['embedding'])}, "
-        f"head {format_size(units['head'])}); NLL full {nll_s['full']:.4f}, 25% removed {nll_s['short']:.4f}"
-    )
-    budget = 2 * max(units.values()) + 2 * args.tokens * args.hidden * 2 + GiB
-    if cuda and peak_s > budget:
-        failures.append(f"streamed peak {format_size(peak_s)} above two units + states + 1 GiB ({format_size(budget)})")
+    def peak() -> int:
+        return torch.cuda.max_memory_allocated(device) if cuda else 0
 
-    # 1b. streamed distillation: rank-16 adapters trained one layer at a time, two steps
-    if cuda:
-        torch.cuda.reset_peak_memory_stats(device)
-    engine = PassEngine(model, family, placement)
-    short = sorted(range(len(bi_s)), key=lambda i: bi_s[i])[: len(bi_s) // 4]
-    need = TOKENS_PER_DIM * args.hidden  # the tokens distillation asks for (as linear healing does)
-    vocab = int(config["vocab_size"])
-    text = [torch.randint(0, vocab, (SEQ,), generator=gen).tolist() for _ in range(-(-need // SEQ))]
-    data = [Batch(ids, mask) for ids, mask in batches(text, 4, 0)]
-    dist = distill_adapters(engine, data, short, rank=16, steps=2, batch_size=2, lr=3e-3, seed=0)
-    peak_d = torch.cuda.max_memory_allocated(device) if cuda else 0
-    say(
-        f"streamed distillation: 2 steps of 2 x {SEQ} tokens, rank-16 adapters on {args.layers - len(short)} layers, "
-        f"{dist.seconds:.1f} s; KL {dist.kl[0]:.4f} -> {dist.kl[-1]:.4f}; peak GPU allocated {format_size(peak_d)}"
-    )
-    if not all(math.isfinite(k) for k in dist.kl):
-        failures.append(f"streamed distillation KL not finite: {dist.kl}")
-    if cuda and peak_d > budget + 2 * GiB:
-        failures.append(f"streamed distillation peak {format_size(peak_d)} above {format_size(budget + 2 * GiB)}")
-    del engine, dist
-    placement.close()
-    del model, placement
+    def reset() -> None:
+        if cuda:
+            torch.cuda.reset_peak_memory_stats(device)
+
+    def memory_plan() -> None:
+        chosen = plan(
+            weights=size,
+            largest=max([*per_layer, other]) * 2,
+            states=args.tokens * args.hidden * 2,
+            memory=memory,
+            free=free_bytes(device),
+            device=str(device),
+            name="gpu-check",
+        )
+        say(f"{size / 1e9:.1f} GB of weights; --memory {memory}: {chosen.describe('gpu-check', args.layers)}")
+        if chosen.mode != "stream":
+            checks.fail(f"the plan at --memory {memory} is {chosen.mode}, not stream")
+
+    def streamed():  # type: ignore[no-untyped-def]
+        reset()
+        model = empty_model(model_dir, "bfloat16", device)
+        placement = Streamed(model, family, model_dir, device)
+        try:
+            bi, nll, sec = passes(PassEngine(model, family, placement), calib, vocab)
+            units = placement.unit_bytes()
+            budget["peak"] = 2 * max(units.values()) + 2 * args.tokens * args.hidden * 2 + GiB
+            say(
+                f"streamed: profile + score {sec:.1f} s (reading {placement.read_s:.1f} s), peak GPU allocated "
+                f"{format_size(peak())} (layer {format_size(units['layer'])}, embeddings "
+                f"{format_size(units['embedding'])}, head {format_size(units['head'])}); NLL full "
+                f"{nll['full']:.4f}, 25% removed {nll['short']:.4f}"
+            )
+            if cuda and peak() > budget["peak"]:
+                checks.fail(f"streamed peak {format_size(peak())} above {format_size(budget['peak'])}")
+            short = sorted(range(len(bi)), key=lambda i: bi[i])[: len(bi) // 4]
+            checks.step("streamed distillation", distilled, model, placement, short)
+            return bi, sec
+        finally:
+            placement.close()
+
+    def distilled(model, placement, short) -> None:  # type: ignore[no-untyped-def]
+        # rank-16 adapters trained one layer at a time on the streamed layers, two steps
+        reset()
+        engine = PassEngine(model, family, placement)
+        need = TOKENS_PER_DIM * args.hidden  # the tokens distillation asks for (as linear healing does)
+        text = [torch.randint(0, vocab, (SEQ,), generator=gen).tolist() for _ in range(-(-need // SEQ))]
+        data = [Batch(ids, mask) for ids, mask in batches(text, 4, 0)]
+        dist = distill_adapters(engine, data, short, rank=16, steps=2, batch_size=2, lr=3e-3, seed=0)
+        say(
+            f"streamed distillation: 2 steps of 2 x {SEQ} tokens, rank-16 adapters on {args.layers - len(short)} "
+            f"layers, {dist.seconds:.1f} s; KL {dist.kl[0]:.4f} -> {dist.kl[-1]:.4f}; peak GPU allocated "
+            f"{format_size(peak())}"
+        )
+        if not all(math.isfinite(k) for k in dist.kl):
+            checks.fail(f"streamed distillation KL not finite: {dist.kl}")
+        if cuda and peak() > budget["peak"] + 2 * GiB:
+            limit = format_size(budget["peak"] + 2 * GiB)
+            checks.fail(f"streamed distillation peak {format_size(peak())} above {limit}")
+
+    def resident(streamed_sec: float | None):  # type: ignore[no-untyped-def]
+        reset()
+        model = load_model(source, str(device), "bfloat16")
+        bi, nll, sec = passes(PassEngine(model, family), calib, vocab)
+        ratio = f"; streamed/resident time {streamed_sec / sec:.2f}" if streamed_sec else ""
+        say(
+            f"resident: profile + score {sec:.1f} s, peak GPU allocated {format_size(peak())}; NLL full "
+            f"{nll['full']:.4f}, 25% removed {nll['short']:.4f}{ratio}"
+        )
+        return bi
+
+    def shortened(bi: list[float]) -> None:
+        removed = sorted(range(len(bi)), key=lambda i: bi[i])[: len(bi) // 4]
+        out = root / "short"
+        if out.exists():
+            import shutil
+
+            shutil.rmtree(out)
+        t0 = time.perf_counter()
+        write_checkpoint(source, removed, out)
+        kept = json.loads((out / "config.json").read_text())["num_hidden_layers"]
+        took = time.perf_counter() - t0
+        say(f"shortened checkpoint: {kept} of {args.layers} layers written to {out} in {took:.1f} s")
+        if kept != args.layers - len(removed):
+            checks.fail(f"the checkpoint keeps {kept} layers, not {args.layers - len(removed)}")
+
+    def before_boot() -> None:
+        # the work's memory is back (the launcher boots vLLM next): the check passes, then refuses while held
+        check_before_boot([])
+        say("check before a vLLM boot, after the work: passes")
+        held = torch.empty(torch.cuda.mem_get_info(device)[0] // 3, dtype=torch.uint8, device=device)
+        try:
+            check_before_boot([])
+            checks.fail("the check before a vLLM boot passed while a third of the GPU was held")
+        except ServeError as e:
+            say(f"check before a vLLM boot, a third held: {e}")
+        finally:
+            del held
+            torch.cuda.empty_cache()
+
+    checks.step("memory plan", memory_plan)
+    got = checks.step("streamed", streamed)
+    bi_s, sec_s = got if got else (None, None)
     gc.collect()
-
-    # 2. resident
-    if cuda:
-        torch.cuda.reset_peak_memory_stats(device)
-    resident = load_model(source, str(device), "bfloat16")
-    bi_r, nll_r, sec_r = passes(PassEngine(resident, family), calib, int(config["vocab_size"]))
-    peak_r = torch.cuda.max_memory_allocated(device) if cuda else 0
-    say(
-        f"resident: profile + score {sec_r:.1f} s, peak GPU allocated {format_size(peak_r)}; NLL full "
-        f"{nll_r['full']:.4f}, 25% removed {nll_r['short']:.4f}; streamed/resident time {sec_s / sec_r:.2f}"
-    )
-    diff = max(abs(a - b) for a, b in zip(bi_s, bi_r, strict=True))
-    say(f"BI streamed vs resident: max |difference| {diff:.2e} over {len(bi_r)} layers")
-    if diff > 1e-3:
-        failures.append(f"BI differs by {diff:.2e} between placements")
-    del resident
+    bi_r = checks.step("resident", resident, sec_s)
     gc.collect()
-
-    # 3. the shortened checkpoint
-    removed = sorted(range(len(bi_r)), key=lambda i: bi_r[i])[: len(bi_r) // 4]
-    out = root / "short"
-    if out.exists():
-        import shutil
-
-        shutil.rmtree(out)
-    t0 = time.perf_counter()
-    write_checkpoint(source, removed, out)
-    kept = json.loads((out / "config.json").read_text())["num_hidden_layers"]
-    say(f"shortened checkpoint: {kept} of {args.layers} layers written to {out} in {time.perf_counter() - t0:.1f} s")
-    if kept != args.layers - len(removed):
-        failures.append(f"the checkpoint keeps {kept} layers, not {args.layers - len(removed)}")
-
+    if bi_s and bi_r:
+        diff = max(abs(a - b) for a, b in zip(bi_s, bi_r, strict=True))
+        say(f"BI streamed vs resident: max |difference| {diff:.2e} over {len(bi_r)} layers")
+        if diff > 1e-3:
+            checks.fail(f"BI differs by {diff:.2e} between placements")
+    checks.step("shortened checkpoint", shortened, bi_r or bi_s or [float(i) for i in range(args.layers)])
     if cuda:
         torch.cuda.empty_cache()
         end_free = torch.cuda.mem_get_info(device)[0]
         say(f"GPU free after the work: {end_free / GiB:.1f} GiB (start {start_free / GiB:.1f} GiB)")
         if end_free < start_free - GiB:
-            failures.append(f"{(start_free - end_free) / GiB:.1f} GiB of GPU memory not returned")
-    for f in failures:
+            checks.fail(f"{(start_free - end_free) / GiB:.1f} GiB of GPU memory not returned")
+        checks.step("check before a vLLM boot", before_boot)
+    for f in checks.failures:
         say(f"FAIL: {f}")
-    say("PASS" if not failures else f"{len(failures)} check(s) failed")
-    return 1 if failures else 0
+    say("PASS" if not checks.failures else f"{len(checks.failures)} check(s) failed")
+    return 1 if checks.failures else 0
 
 
 if __name__ == "__main__":
