@@ -8,7 +8,9 @@ Generates a Llama-shaped checkpoint of random N(0, 0.02) bf16 weights (40 layers
 1. streamed (the memory setting at a third of the weights): Block Influence of every layer, then a scoring pass of
    the full model and the model without its 25% lowest-BI layers (per-token log-likelihood), then two steps of
    distillation of that removal (rank-16 adapters, trained one layer at a time on the streamed layers);
-2. resident (the model loaded whole onto the GPU): the same two passes;
+2. resident (the model loaded whole onto the GPU): the same two passes, then one step of full-layer distillation
+   (float32 copies of the kept layers trained with AdamW), its peak beside the model set against the estimate
+   the choice between full layers and adapters uses, and that choice on this GPU;
 3. the shortened checkpoint written from the shards (no GPU);
 4. the launcher's check before a vLLM boot, on the real ``nvidia-smi``: it passes once the work has returned the
    memory, and refuses with one line naming the holder while this process holds a third of the GPU;
@@ -214,7 +216,39 @@ def main() -> int:
             f"resident: profile + score {sec:.1f} s, peak GPU allocated {format_size(peak())}; NLL full "
             f"{nll['full']:.4f}, 25% removed {nll['short']:.4f}{ratio}"
         )
+        short = sorted(range(len(bi)), key=lambda i: bi[i])[: len(bi) // 4]
+        checks.step("resident full-layer distillation", full_distilled, PassEngine(model, family), short)
         return bi
+
+    def full_distilled(engine, short) -> None:  # type: ignore[no-untyped-def]
+        # what heal.distill_rank 0 (auto) chooses here, and whether its estimate holds the step's real peak
+        from shortgpt_serve.config import Config
+        from shortgpt_serve.healing.distill import distill, training_bytes
+        from shortgpt_serve.healing.evaluate import distill_rank
+
+        rank, why = distill_rank(Config(), engine, short)
+        need, free = training_bytes(engine, short), engine.placement.free_bytes() or 0
+        base = torch.cuda.memory_allocated(device) if cuda else 0
+        reset()
+        text = [torch.randint(0, vocab, (SEQ,), generator=gen).tolist() for _ in range(4)]
+        data = [Batch(ids, mask) for ids, mask in batches(text, 4, 0)]
+        chose = "adapters" if rank else "the layers themselves"
+        try:
+            dist = distill(engine, data, short, steps=1, batch_size=2, lr=1e-5, seed=0, progress=False)
+        except torch.cuda.OutOfMemoryError:
+            if rank == 0:
+                raise
+            say(f"resident full-layer distillation: out of memory, as the choice foresaw (auto chooses {chose})")
+            return
+        beside = peak() - base
+        say(
+            f"resident full-layer distillation: 1 step of 2 x {SEQ} tokens, {dist.seconds:.1f} s; peak beside the "
+            f"model {format_size(beside)}, estimate {format_size(need)} (x{beside / need:.2f}), "
+            f"{format_size(free)} free before; auto chooses {chose}"
+            f"{': ' + why if why else ''}"
+        )
+        if cuda and rank == 0 and beside > free:
+            checks.fail(f"auto chose full layers, but the step took {format_size(beside)} of {format_size(free)}")
 
     def shortened(bi: list[float]) -> None:
         removed = sorted(range(len(bi)), key=lambda i: bi[i])[: len(bi) // 4]
