@@ -171,7 +171,9 @@ def main() -> int:
         model = empty_model(model_dir, "bfloat16", device)
         placement = Streamed(model, family, model_dir, device)
         try:
+            estimate = placement.probe()  # what the run logs before its first pass
             bi, nll, sec = passes(PassEngine(model, family, placement), calib, vocab)
+            say(f"streamed reading: estimated {estimate:.1f} s per pass, read {placement.read_s / 2:.1f} s per pass")
             units = placement.unit_bytes()
             budget["peak"] = 2 * max(units.values()) + 2 * args.tokens * args.hidden * 2 + GiB
             say(
