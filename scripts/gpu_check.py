@@ -232,7 +232,10 @@ def main() -> int:
         need, free = training_bytes(engine, short), engine.placement.free_bytes() or 0
         base = torch.cuda.memory_allocated(device) if cuda else 0
         reset()
-        text = [torch.randint(0, vocab, (SEQ,), generator=gen).tolist() for _ in range(4)]
+        text = [
+            torch.randint(0, vocab, (SEQ,), generator=gen).tolist()
+            for _ in range(-(-TOKENS_PER_DIM * args.hidden // SEQ))
+        ]
         data = [Batch(ids, mask) for ids, mask in batches(text, 4, 0)]
         chose = "adapters" if rank else "the layers themselves"
         try:

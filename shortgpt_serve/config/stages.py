@@ -281,7 +281,7 @@ class HealConfig:
     )
     distill_rank: int = setting(
         "distill: 0 trains the kept layers themselves where the model is held whole in memory and their training "
-        "(16 bytes per parameter) fits beside it, else rank-16 low-rank adapters; N > 0 trains rank-N adapters on "
+        "(20 bytes per parameter) fits beside it, else rank-16 low-rank adapters; N > 0 trains rank-N adapters on "
         "every projection of the kept layers, one layer at a time (memory of about one layer), merged into the "
         "weights.",
         default=0,

@@ -30,9 +30,9 @@ run at a small learning rate may leave them as they were.) Each copy runs its la
 back in the model's dtype, so the residual stream between layers, the final norm and the head see what they see in
 the served model.
 
-Memory: the kept layers' float32 weights, their gradients and AdamW's two moment buffers (16 bytes per trained
-parameter) on top of the model itself, the teacher's final states (tokens x hidden), plus one micro-batch's
-activations and two logit tensors (sequence x vocab).
+Memory: the kept layers' float32 weights, their gradients, AdamW's two moment buffers and the temporary of its
+step on a GPU (20 bytes per trained parameter, measured) on top of the model itself, the teacher's final states
+(tokens x hidden), plus one micro-batch's activations and two logit tensors (sequence x vocab).
 That fits a small or mid-sized model in memory; where it does not, or the layers are streamed, low-rank adapters
 are trained one layer at a time instead (:mod:`shortgpt_serve.healing.layerwise`, chosen by
 :func:`shortgpt_serve.healing.evaluate.distill_rank`).
@@ -258,8 +258,10 @@ def kl_loss(teacher: torch.Tensor, student: torch.Tensor, mask: torch.Tensor) ->
     return torch.nn.functional.kl_div(log_q, log_p, log_target=True, reduction="sum") / log_p.shape[0]
 
 
-TRAINING_BYTES_PER_PARAM = 16
-"""Float32 copy, gradient and AdamW's two moments of each trained parameter (the module docstring's memory)."""
+TRAINING_BYTES_PER_PARAM = 20
+"""Float32 copy, gradient and AdamW's two moments of each trained parameter, and the full-size temporary AdamW's
+multi-tensor step allocates on a GPU: measured on an H200 (``scripts/gpu_check.sh``, 5.4 billion trained parameters
+of a 7.5B-shaped model), one step peaked 100.9 GiB beside the model, 20.0 bytes per parameter."""
 
 
 def training_bytes(engine: PassEngine, removed: Sequence[int]) -> int:

@@ -1,7 +1,7 @@
 """Distillation of low-rank adapters one decoder layer at a time: the memory of about one layer, on any placement.
 
 The full-layer distillation (:mod:`shortgpt_serve.healing.distill`) trains float32 copies of every kept layer with
-AdamW: 16 bytes per trained parameter on top of the model, which must be whole in memory. Here each kept layer
+AdamW: 20 bytes per trained parameter on top of the model, which must be whole in memory. Here each kept layer
 gets low-rank adapters (:mod:`shortgpt_serve.healing.adapters`) and a step walks the stack the way a pass does,
 so a placement that streams the layers from the safetensors shards brings each one in as the step reaches it:
 
@@ -21,7 +21,7 @@ direction, read ahead in each direction's order.
 Memory: one layer's weights (two with the read ahead), the kept states, one layer's activations and their graph,
 a block of positions' logits work at the head (teacher and student logits, their float32 log-softmaxes and the
 gradient, about 64 MiB each whatever the vocabulary), the teacher's final states (tokens x hidden), and the adapters
-with their gradients and AdamW's moments (16 bytes per adapter parameter).
+with their gradients and AdamW's moments (20 bytes per adapter parameter, with its step's temporary).
 """
 
 from __future__ import annotations
