@@ -42,7 +42,6 @@ from __future__ import annotations
 
 import copy
 import logging
-import math
 import time
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
@@ -51,6 +50,7 @@ from typing import TYPE_CHECKING, Any
 
 from shortgpt_serve.errors import HealingError
 from shortgpt_serve.healing.linear import TOKENS_PER_DIM
+from shortgpt_serve.healing.training import Training
 from shortgpt_serve.models.layers import decoder_layers, skipped_layers
 from shortgpt_serve.passes import Batch, PassEngine
 
@@ -61,12 +61,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-WARMUP_FRACTION = 0.05
-"""Share of the steps over which the learning rate rises linearly to its peak."""
-CLIP_NORM = 1.0
-"""Gradient norm clipping."""
-EMA_DECAY = 0.9
-"""Smoothing of the running KL shown in the progress bar."""
 WINDOW = 10
 """Steps averaged for the first and last KL of the record."""
 
@@ -234,18 +228,6 @@ def padded(states: list[torch.Tensor], width: int) -> torch.Tensor:
     return out
 
 
-def schedule(steps: int) -> Any:
-    """Learning-rate factor per step: linear warm-up over the first 5% of the steps, then cosine decay."""
-    warmup = max(1, round(WARMUP_FRACTION * steps))
-
-    def factor(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / warmup
-        return 0.5 * (1.0 + math.cos(math.pi * (step - warmup) / max(1, steps - warmup)))
-
-    return factor
-
-
 def kl_loss(teacher: torch.Tensor, student: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """Mean over real positions of KL(teacher || student), from logits [batch, seq, vocab], in float32 (or the
     logits' dtype where it is wider)."""
@@ -317,7 +299,6 @@ def distill(
     """Train copies of the kept layers (``start``'s where given, else the model's) of the model without
     ``removed`` toward the full model's next-token distribution on ``batches`` (see the module docstring)."""
     import torch
-    from tqdm.auto import tqdm
 
     from shortgpt_serve.placement import Resident
 
@@ -345,15 +326,11 @@ def distill(
         trained[i] = layer
     run = {i: _in_float32(m, dtype) for i, m in trained.items()} if upcast else trained
     params = [p for m in trained.values() for p in m.parameters()]
-    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule(steps))
+    training = Training(params, lr=lr, steps=steps, desc="Distilling the kept layers", progress=progress)
 
     was_training = model.training
     model.eval()
     device = engine.device
-    history: list[float] = []
-    ema, seen = 0.0, 0
-    bar = tqdm(total=steps, desc="Distilling the kept layers", unit="step", disable=not progress, leave=False)
     final = teacher_states(engine, batches)
     try:
         for chosen, ids, mask in micro_batches(sequences, batch_size, steps, seed):
@@ -364,32 +341,24 @@ def distill(
                 student = model(input_ids=ids, attention_mask=mask, use_cache=False).logits
             loss = kl_loss(teacher, student, mask)
             del teacher, student
-            optimizer.zero_grad(set_to_none=True)
             loss.backward(inputs=params)
-            torch.nn.utils.clip_grad_norm_(params, CLIP_NORM)
-            optimizer.step()
-            scheduler.step()
-            value = float(loss.detach())
-            history.append(value)
-            ema = value if len(history) == 1 else EMA_DECAY * ema + (1 - EMA_DECAY) * value
-            seen += int(mask.sum())
-            bar.set_postfix(kl=f"{ema:.4f}")
-            bar.update()
+            training.step(loss, int(mask.sum()))
     finally:
-        bar.close()
-        optimizer.zero_grad(set_to_none=True)
+        training.close()
         if was_training:
             model.train()
     for layer in trained.values():
         layer.requires_grad_(False)
         layer.to(dtype).eval()
     seconds = time.perf_counter() - t0
-    result = Distillation(sorted(drop), trained, steps, batch_size, lr, seed, seen, seconds, history, ema)
+    result = Distillation(
+        sorted(drop), trained, steps, batch_size, lr, seed, training.tokens, seconds, training.history, training.ema
+    )
     log.info(
         "Distilled %d kept layers for %d steps (%d tokens, %.1f s): KL %.4f -> %.4f",
         len(kept),
         steps,
-        seen,
+        training.tokens,
         seconds,
         result.kl_first,
         result.kl_last,

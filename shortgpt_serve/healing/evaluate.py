@@ -129,6 +129,13 @@ class Healer:
         start = healed_layers(self._engine(), healing.maps) if healing is not None and healing.maps else None
         engine = self._engine()
         rank, why = distill_rank(self.config, engine, removed)
+        run: dict[str, Any] = {
+            "start": start,
+            "steps": h.distill_steps,
+            "batch_size": h.distill_batch,
+            "seed": h.seed,
+            "progress": self.progress,
+        }
         if rank:
             log.info(
                 "Distilling %d layers removed: %s (%d steps, rank-%d adapters, one layer at a time: %s)",
@@ -138,30 +145,9 @@ class Healer:
                 rank,
                 why,
             )
-            return distill_adapters(
-                engine,
-                self._batches(),
-                removed,
-                start=start,
-                rank=rank,
-                steps=h.distill_steps,
-                batch_size=h.distill_batch,
-                lr=h.adapter_lr,
-                seed=h.seed,
-                progress=self.progress,
-            )
+            return distill_adapters(engine, self._batches(), removed, rank=rank, lr=h.adapter_lr, **run)
         log.info("Distilling %d layers removed: %s (%d steps)", len(removed), list(removed), h.distill_steps)
-        return distill(
-            engine,
-            self._batches(),
-            removed,
-            start=start,
-            steps=h.distill_steps,
-            batch_size=h.distill_batch,
-            lr=h.distill_lr,
-            seed=h.seed,
-            progress=self.progress,
-        )
+        return distill(engine, self._batches(), removed, lr=h.distill_lr, **run)
 
     def distilled(self, removed: list[int]) -> tuple[dict[str, Any], Distillation]:
         """The distilled candidate's quality record, with plain removal's beside it (its per-item outcomes, for

@@ -33,17 +33,8 @@ from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any
 
 from shortgpt_serve.healing.adapters import LayerAdapters, adapted
-from shortgpt_serve.healing.distill import (
-    CLIP_NORM,
-    EMA_DECAY,
-    Distillation,
-    checked,
-    kl_loss,
-    micro_batches,
-    padded,
-    schedule,
-    teacher_states,
-)
+from shortgpt_serve.healing.distill import Distillation, checked, kl_loss, micro_batches, padded, teacher_states
+from shortgpt_serve.healing.training import Training
 from shortgpt_serve.models.layers import decoder_layers
 from shortgpt_serve.passes import Batch, PassEngine
 
@@ -178,7 +169,6 @@ def distill_adapters(
     """Train rank-``rank`` adapters on the kept layers (``start``'s where given, else the model's) of the model
     without ``removed`` toward the full model's next-token distribution on ``batches`` (module docstring)."""
     import torch
-    from tqdm.auto import tqdm
 
     t0 = time.perf_counter()
     kept, sequences = checked(engine, batches, removed, start, steps, batch_size)
@@ -188,33 +178,19 @@ def distill_adapters(
     layers = decoder_layers(engine.model, engine.family)
     adapters = {i: LayerAdapters(given.get(i, layers[i]), rank, engine.device, generator) for i in kept}
     params = [p for a in adapters.values() for p in a.parameters()]
-    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule(steps))
     stack = _Stack(engine, kept, given, adapters)
     was_training = engine.model.training
     engine.model.eval()
-    history: list[float] = []
-    ema, seen = 0.0, 0
     final = teacher_states(engine, batches)
-    bar = tqdm(total=steps, desc="Distilling adapters, layer by layer", unit="step", disable=not progress, leave=False)
+    training = Training(params, lr=lr, steps=steps, desc="Distilling adapters, layer by layer", progress=progress)
     try:
         for chosen, ids, mask in micro_batches(sequences, batch_size, steps, seed):
             batch = Batch(ids.to(engine.device), mask.to(engine.device))
             loss = step_gradients(engine, stack, batch, padded([final[c] for c in chosen], ids.shape[1]))
-            torch.nn.utils.clip_grad_norm_(params, CLIP_NORM)
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
-            value = float(loss)
-            history.append(value)
-            ema = value if len(history) == 1 else EMA_DECAY * ema + (1 - EMA_DECAY) * value
-            seen += int(mask.sum())
-            bar.set_postfix(kl=f"{ema:.4f}")
-            bar.update()
+            training.step(loss, int(mask.sum()))
     finally:
-        bar.close()
+        training.close()
         stack.reset()
-        optimizer.zero_grad(set_to_none=True)
         if was_training:
             engine.model.train()
     for a in adapters.values():
@@ -222,14 +198,25 @@ def distill_adapters(
     modules = {i: adapted(given.get(i, layers[i]), adapters[i]) for i in kept}
     seconds = time.perf_counter() - t0
     result = Distillation(
-        sorted(removed), modules, steps, batch_size, lr, seed, seen, seconds, history, ema, rank, adapters
+        sorted(removed),
+        modules,
+        steps,
+        batch_size,
+        lr,
+        seed,
+        training.tokens,
+        seconds,
+        training.history,
+        training.ema,
+        rank,
+        adapters,
     )
     log.info(
         "Distilled rank-%d adapters on %d kept layers for %d steps (%d tokens, %.1f s): KL %.4f -> %.4f",
         rank,
         len(kept),
         steps,
-        seen,
+        training.tokens,
         seconds,
         result.kl_first,
         result.kl_last,
