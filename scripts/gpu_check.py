@@ -43,6 +43,11 @@ def say(text: str) -> None:
     print(f"[gpu-check {time.strftime('%H:%M:%S')}] {text}", flush=True)
 
 
+def lowest_quarter(bi: list[float]) -> list[int]:
+    """The 25% of the layers with the lowest Block Influence."""
+    return sorted(range(len(bi)), key=lambda i: bi[i])[: len(bi) // 4]
+
+
 def passes(engine, calib, vocab: int) -> tuple[list[float], dict[str, float], float]:  # type: ignore[no-untyped-def]
     """Profile and score on ``engine``: BI per layer, mean NLL of the full and the 25%-removed model, seconds."""
     import torch
@@ -52,7 +57,7 @@ def passes(engine, calib, vocab: int) -> tuple[list[float], dict[str, float], fl
 
     t0 = time.perf_counter()
     bi = profile_model(engine, calib, batch_size=1).bi
-    removed = sorted(range(len(bi)), key=lambda i: bi[i])[: len(bi) // 4]
+    removed = lowest_quarter(bi)
     nll: dict[str, list[float]] = {"full": [], "short": []}
     ids = torch.tensor(calib.sequences)
 
@@ -143,7 +148,12 @@ def main() -> int:
     seqs = [torch.randint(0, vocab, (SEQ,), generator=gen).tolist() for _ in range(args.tokens // SEQ)]
     calib = CalibrationSet(seqs, "random tokens", SEQ, "0" * 64, [])
     memory = args.memory or f"{size // 3 // 2**20}MiB"
-    budget = {"peak": 0}  # two of the largest streamed units + the states (twice) + 1 GiB, set by the streamed run
+
+    def distill_data() -> list[Batch]:
+        # the tokens distillation asks for (as linear healing does), random
+        need = TOKENS_PER_DIM * args.hidden
+        text = [torch.randint(0, vocab, (SEQ,), generator=gen).tolist() for _ in range(-(-need // SEQ))]
+        return [Batch(ids, mask) for ids, mask in batches(text, 4, 0)]
 
     def peak() -> int:
         return torch.cuda.max_memory_allocated(device) if cuda else 0
@@ -175,29 +185,25 @@ def main() -> int:
             bi, nll, sec = passes(PassEngine(model, family, placement), calib, vocab)
             say(f"streamed reading: estimated {estimate:.1f} s per pass, read {placement.read_s / 2:.1f} s per pass")
             units = placement.unit_bytes()
-            budget["peak"] = 2 * max(units.values()) + 2 * args.tokens * args.hidden * 2 + GiB
+            limit = 2 * max(units.values()) + 2 * args.tokens * args.hidden * 2 + GiB  # two units, states, 1 GiB
             say(
                 f"streamed: profile + score {sec:.1f} s (reading {placement.read_s:.1f} s), peak GPU allocated "
                 f"{format_size(peak())} (layer {format_size(units['layer'])}, embeddings "
                 f"{format_size(units['embedding'])}, head {format_size(units['head'])}); NLL full "
                 f"{nll['full']:.4f}, 25% removed {nll['short']:.4f}"
             )
-            if cuda and peak() > budget["peak"]:
-                checks.fail(f"streamed peak {format_size(peak())} above {format_size(budget['peak'])}")
-            short = sorted(range(len(bi)), key=lambda i: bi[i])[: len(bi) // 4]
-            checks.step("streamed distillation", distilled, model, placement, short)
+            if cuda and peak() > limit:
+                checks.fail(f"streamed peak {format_size(peak())} above {format_size(limit)}")
+            checks.step("streamed distillation", distilled, model, placement, lowest_quarter(bi), limit + 2 * GiB)
             return bi, sec
         finally:
             placement.close()
 
-    def distilled(model, placement, short) -> None:  # type: ignore[no-untyped-def]
+    def distilled(model, placement, short, limit: int) -> None:  # type: ignore[no-untyped-def]
         # rank-16 adapters trained one layer at a time on the streamed layers, two steps
         reset()
         engine = PassEngine(model, family, placement)
-        need = TOKENS_PER_DIM * args.hidden  # the tokens distillation asks for (as linear healing does)
-        text = [torch.randint(0, vocab, (SEQ,), generator=gen).tolist() for _ in range(-(-need // SEQ))]
-        data = [Batch(ids, mask) for ids, mask in batches(text, 4, 0)]
-        dist = distill_adapters(engine, data, short, rank=16, steps=2, batch_size=2, lr=3e-3, seed=0)
+        dist = distill_adapters(engine, distill_data(), short, rank=16, steps=2, batch_size=2, lr=3e-3, seed=0)
         say(
             f"streamed distillation: 2 steps of 2 x {SEQ} tokens, rank-16 adapters on {args.layers - len(short)} "
             f"layers, {dist.seconds:.1f} s; KL {dist.kl[0]:.4f} -> {dist.kl[-1]:.4f}; peak GPU allocated "
@@ -205,9 +211,8 @@ def main() -> int:
         )
         if not all(math.isfinite(k) for k in dist.kl):
             checks.fail(f"streamed distillation KL not finite: {dist.kl}")
-        if cuda and peak() > budget["peak"] + 2 * GiB:
-            limit = format_size(budget["peak"] + 2 * GiB)
-            checks.fail(f"streamed distillation peak {format_size(peak())} above {limit}")
+        if cuda and peak() > limit:
+            checks.fail(f"streamed distillation peak {format_size(peak())} above {format_size(limit)}")
 
     def resident(streamed_sec: float | None):  # type: ignore[no-untyped-def]
         reset()
@@ -218,8 +223,7 @@ def main() -> int:
             f"resident: profile + score {sec:.1f} s, peak GPU allocated {format_size(peak())}; NLL full "
             f"{nll['full']:.4f}, 25% removed {nll['short']:.4f}{ratio}"
         )
-        short = sorted(range(len(bi)), key=lambda i: bi[i])[: len(bi) // 4]
-        checks.step("resident full-layer distillation", full_distilled, PassEngine(model, family), short)
+        checks.step("resident full-layer distillation", full_distilled, PassEngine(model, family), lowest_quarter(bi))
         return bi
 
     def full_distilled(engine, short) -> None:  # type: ignore[no-untyped-def]
@@ -232,11 +236,7 @@ def main() -> int:
         need, free = training_bytes(engine, short), engine.placement.free_bytes() or 0
         base = torch.cuda.memory_allocated(device) if cuda else 0
         reset()
-        text = [
-            torch.randint(0, vocab, (SEQ,), generator=gen).tolist()
-            for _ in range(-(-TOKENS_PER_DIM * args.hidden // SEQ))
-        ]
-        data = [Batch(ids, mask) for ids, mask in batches(text, 4, 0)]
+        data = distill_data()
         chose = "adapters" if rank else "the layers themselves"
         try:
             dist = distill(engine, data, short, steps=1, batch_size=2, lr=1e-5, seed=0, progress=False)
@@ -256,7 +256,7 @@ def main() -> int:
             checks.fail(f"auto chose full layers, but the step took {format_size(beside)} of {format_size(free)}")
 
     def shortened(bi: list[float]) -> None:
-        removed = sorted(range(len(bi)), key=lambda i: bi[i])[: len(bi) // 4]
+        removed = lowest_quarter(bi)
         out = root / "short"
         if out.exists():
             import shutil
