@@ -276,7 +276,17 @@ class Streamed:
             self._head_held = False
 
     def probe(self) -> float:
-        """Seconds one pass spends reading weights, estimated from reading layer 0 now (kept for the first pass)."""
+        """Seconds one pass spends reading weights, estimated from reading layer 0 now (kept for the first pass).
+
+        For a GPU the reads land in page-locked host memory; its first allocation (a one-off: later layers reuse
+        the freed blocks) is made before the clock starts. Timed with it, the estimate was 3.6x the reading an
+        H200 machine measured (11.5 against 3.2 s per pass; benchmarks/results/gpu_check.md)."""
+        import torch
+
+        if self._pin:
+            for n in self._layer_names[0]:
+                stored = self._stored[n]
+                torch.empty(stored.end - stored.start, dtype=torch.uint8, pin_memory=True)
         t0 = time.perf_counter()
         tensors = self._read(self._layer_names[0])
         seconds = time.perf_counter() - t0

@@ -94,6 +94,23 @@ def test_a_pass_holds_one_layer_on_the_model_and_reads_the_next_ahead(
     placement.close()
 
 
+def test_the_read_estimate_scales_layer_0_and_its_read_serves_the_first_pass(
+    make_tiny_model: Callable[..., Path],
+) -> None:
+    _, streamed, placement = engines(make_tiny_model("llama"), "llama")
+    reads: list[list[str]] = []
+    read = placement._read
+    placement._read = lambda names: reads.append(names) or read(names)  # type: ignore[method-assign,func-returns-value]
+    seconds = placement.probe()
+    assert seconds > 0 and reads == [placement._layer_names[0]]
+    assert seconds >= placement.read_s * placement.total_bytes() / placement._bytes(reads[0]) * 0.999
+    streamed.run(batches(), [Route(observers=[])])
+    # The pass reads every layer once: layer 0 not again, the one the estimate read is used.
+    layer_reads = [names for names in reads if names in placement._layer_names]
+    assert layer_reads == placement._layer_names
+    placement.close()
+
+
 @pytest.mark.parametrize("model_type", ["qwen2_moe", "mixtral"])
 def test_families_whose_weights_are_converted_on_load_are_refused(
     make_tiny_model: Callable[..., Path], model_type: str
