@@ -45,7 +45,7 @@ from shortgpt_serve.serving.shadow import (
     shadow_env,
 )
 from tests.conftest import free_port
-from tests.serving import API_KEY, NAME, Launcher, checkpoint_of, http_status
+from tests.serving import API_KEY, EAGER, NAME, Launcher, checkpoint_of, http_status
 
 FULL_NAME = "SmolLM2-135M-Instruct"
 SHADOW_KEY = "shadow-key-456"
@@ -545,7 +545,7 @@ def full_engine(session_cache: Path, tmp_path: Path, monkeypatch: pytest.MonkeyP
 
     monkeypatch.setenv("VLLM_CPU_KVCACHE_SPACE", "1")
     full_dir = resolve_model(None, session_cache).path
-    cfg = ServeConfig(port=free_port(), api_key=SHADOW_KEY)
+    cfg = ServeConfig(port=free_port(), api_key=SHADOW_KEY, vllm_args=EAGER)
     log = tmp_path / "full-engine.log"
     engine = start_engine(full_dir, cfg, FULL_NAME, log_path=log)
     try:

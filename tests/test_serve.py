@@ -26,6 +26,7 @@ from tests.conftest import free_port
 from tests.serving import (
     API_KEY,
     COMPARE_LEVELS,
+    EAGER,
     NAME,
     Launcher,
     alive,
@@ -461,7 +462,7 @@ def test_engine_death_is_restarted_with_backoff(server: Launcher, tmp_path: Path
     log = tmp_path / "restart.log"
     port, metrics_port = free_port(), free_port()
     args = ["serve", str(ckpt), "--port", str(port), "--metrics-port", str(metrics_port), "--compare", "off"]
-    proc = launch(args, log)
+    proc = launch([*args, "--", *EAGER], log)
     wait_for(lambda: "Serving " in log.read_text(), 600, proc, log)
     assert metric_value(metrics_port, "shortgpt_engine_restarts_total") == 0
     client = OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="none", timeout=60, max_retries=0)
@@ -519,7 +520,8 @@ def test_killed_launcher_leaves_no_engine(server: Launcher, tmp_path: Path, when
     ckpt = checkpoint_of(server)
     log = tmp_path / "killed.log"
     args = ["serve", str(ckpt), "--port", str(free_port()), "--metrics-port", "0", "--compare", "off"]
-    proc = launch(args, log)
+    # Loading is watched in vLLM's default (compiled) boot, whose loading lasts; serving needs only a served engine.
+    proc = launch(args if when == "loading" else [*args, "--", *EAGER], log)
     if when == "loading":
         wait_for(lambda: len(engine_processes(proc)) >= 2, 120, proc, log)  # the API server and its engine core
         assert "Serving " not in log.read_text()
