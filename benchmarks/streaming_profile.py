@@ -3,10 +3,15 @@
     .venv/bin/python benchmarks/streaming_profile.py [--layers 28] [--hidden 3072] [--tokens 2048] [--rounds 2]
 
 Generates (once, into ``--dir``) a Llama-shaped checkpoint of random N(0, 0.02) bf16 weights, about 6 GB with the
-defaults, then alternates, ``--rounds`` times, two fresh child processes on the same calibration tokens:
+defaults, then alternates, ``--rounds`` times, four fresh child processes on the same calibration tokens:
 
 - ``resident``: the model loaded whole (``--memory auto``: it fits this machine);
-- ``stream``: the memory setting at a third of the weights' size (``--memory``), so the plan streams.
+- ``stream``: the memory setting at a third of the weights' size (``--memory``), so the plan streams and reads
+  the whole next layer ahead;
+- ``tight``: the memory setting at the peak RSS target itself (2 x the largest unit + the hidden states + 500 MB),
+  so the plan reads ahead only the part of the next layer that the setting leaves (the rest when it starts);
+- ``least``: the least memory setting the plan streams with (one layer, the states and its reserve): nothing read
+  ahead.
 
 Each child runs the tool's own profile (Block Influence of every layer, one pass) and a scoring pass (per-token
 log-likelihood of the full model and of the model without its 25% lowest-BI layers, one pass with two routes, read
@@ -29,6 +34,8 @@ from pathlib import Path
 
 from _record import record
 from streaming import generate
+
+from shortgpt_serve.memplan import RESERVE
 
 SEQ = 512
 
@@ -101,6 +108,23 @@ def child(folder: Path, mode: str, tokens: int, memory: str) -> None:
     session.close()
 
 
+def _units(folder: Path, tokens: int) -> tuple[int, int]:
+    """The largest unit a streamed pass brings in and the hidden states' bytes, as the tool's memory plan counts them
+    from the checkpoint's headers."""
+    from shortgpt_serve.config.files import config_from_dict
+    from shortgpt_serve.models.families import family_for
+    from shortgpt_serve.models.source import ModelSource, read_config
+    from shortgpt_serve.session import ModelSession
+
+    config_json = read_config(folder)
+    source = ModelSource(folder, "bench", str(folder), "0" * 64, config_json, family_for(config_json, str(folder)))
+    config = config_from_dict(
+        {"profile": {"memory": "stream", "dtype": "bfloat16"}, "calibration": {"num_tokens": tokens}}
+    )
+    plan = ModelSession(config, source, docs=None)._memory_plan()  # type: ignore[arg-type]
+    return plan.largest, plan.states
+
+
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--layers", type=int, default=28)
@@ -124,30 +148,26 @@ def main() -> None:
         print(f"generated {folder} in {time.perf_counter() - t0:.0f} s", flush=True)
     size = sum(f.stat().st_size for f in folder.glob("*.safetensors"))
     memory = args.stream_memory or f"{size // 3 // 2**20}MiB"
-    variants = ("resident", "stream")
+    largest, states = _units(folder, args.tokens)
+    rss_target = (2 * largest + states + 500e6) / 2**20  # the allowance is 500 MB (477 MiB)
+    least = largest + 2 * states + RESERVE
+    memories = {"resident": "auto", "stream": memory, "tight": f"{int(rss_target)}MiB", "least": f"{least}"}
+    variants = ("resident", "stream", "tight", "least")
     runs: dict[str, list[dict[str, object]]] = {v: [] for v in variants}
     loads = []
     for r in range(args.rounds):
         for variant in variants if r % 2 == 0 else variants[::-1]:
             loads.append(os.getloadavg()[0])
-            mode = variant
+            mode = "resident" if variant == "resident" else "stream"
             res = subprocess.run(
-                [
-                    sys.executable,
-                    __file__,
-                    "--child",
-                    str(folder),
-                    mode,
-                    str(args.tokens),
-                    "auto" if mode == "resident" else memory,
-                ],
+                [sys.executable, __file__, "--child", str(folder), mode, str(args.tokens), memories[variant]],
                 capture_output=True,
                 text=True,
             )
             if res.returncode:
                 raise SystemExit(f"the {variant} child failed:\n{res.stderr[-3000:]}")
             out = json.loads(res.stdout.strip().splitlines()[-1])
-            assert out["mode"] == mode, f"the plan chose {out['mode']} for {mode}"
+            assert out["mode"] == mode, f"the plan chose {out['mode']} for {variant}"
             runs[variant].append(out)
             print(variant, {k: v for k, v in out.items() if k not in ("bi",)}, flush=True)
 
@@ -156,23 +176,27 @@ def main() -> None:
 
     s0 = runs["stream"][0]
     units: dict[str, int] = s0["units"]  # type: ignore[assignment]
-    largest, states = max(units.values()), int(s0["states"])  # type: ignore[call-overload]
-    rss_target = (2 * largest + states + 500e6) / 2**20  # the allowance is 500 MB (477 MiB)
+    assert (largest, states) == (max(units.values()), int(s0["states"])), "the plan's sizes differ from the pass's"  # type: ignore[call-overload]
     bi_diff = max(
         abs(a - b)
         for v in variants[1:]
         for x in runs[v]
         for a, b in zip(x["bi"], runs["resident"][0]["bi"], strict=True)  # type: ignore[call-overload]
     )
-    pass_r = med("resident", "profile_s") + med("resident", "score_s")
-    pass_s = med("stream", "profile_s") + med("stream", "score_s")
-    ratio = pass_s / pass_r
-    nll_r, nll_s = runs["resident"][0]["nll"], s0["nll"]
+
+    def ratio(mode: str) -> float:
+        return (med(mode, "profile_s") + med(mode, "score_s")) / (
+            med("resident", "profile_s") + med("resident", "score_s")
+        )
+
+    nll = {m: runs[m][0]["nll"] for m in variants}
     lines = [
         f"\n## {time.strftime('%Y-%m-%d %H:%M')} — {args.layers} layers, hidden {args.hidden}, "
         f"{size / 1e9:.2f} GB bf16; {args.tokens} calibration tokens; {args.rounds} rounds (alternating)",
         "",
-        f"Streamed with `--memory {memory}` (a third of the weights); resident with `--memory auto`. "
+        f"Streamed with `--memory {memory}` (a third of the weights: `stream`) and `--memory {memories['tight']}` "
+        f"(the peak RSS target: `tight`) and `--memory {least / 2**20:.0f}MiB` (the least that streams: `least`); "
+        "resident with `--memory auto`. "
         f"Load average (1 min) before each child: {', '.join(f'{x:.1f}' for x in loads)}; {os.cpu_count()} CPUs.",
         "",
         "| mode | setup s | profile pass s | score pass s | read s (reader thread) | RSS before weights MiB "
@@ -185,19 +209,32 @@ def main() -> None:
             f"{med(mode, 'read_s'):.1f} | {med(mode, 'runtime_mib'):.0f} | {med(mode, 'profile_peak_mib'):.0f} | "
             f"{med(mode, 'peak_mib'):.0f} |"
         )
-    peak = med("stream", "peak_mib")
+
+    def verdict(ok: bool) -> str:
+        return "met" if ok else "missed"
+
+    peaks = {mode: [float(x["peak_mib"]) for x in runs[mode]] for mode in variants[1:]}  # type: ignore[arg-type]
     lines += [
         "",
-        f"- Time, profile + score passes: streamed / resident = **{ratio:.3f}** "
-        f"(target <= 1.3: {'met' if ratio <= 1.3 else 'missed'}).",
-        f"- Peak RSS streamed: **{peak:.0f} MiB** against 2 x the largest unit brought in ({largest / 2**20:.0f} MiB; "
-        f"decoder layer {units['layer'] / 2**20:.0f}, embeddings {units['embedding'] / 2**20:.0f}, head "
-        f"{units['head'] / 2**20:.0f}) + hidden states ({states / 2**20:.0f} MiB) + 500 MB = {rss_target:.0f} MiB "
-        f"({'met' if peak <= rss_target else 'missed'}); resident {med('resident', 'peak_mib'):.0f} MiB.",
+        "- Time, profile + score passes, against resident: "
+        + "; ".join(f"{m} **{ratio(m):.3f}** ({verdict(ratio(m) <= 1.3)})" for m in variants[1:])
+        + " (target <= 1.3).",
+        f"- Peak RSS target: 2 x the largest unit brought in ({largest / 2**20:.0f} MiB; decoder layer "
+        f"{units['layer'] / 2**20:.0f}, embeddings {units['embedding'] / 2**20:.0f}, head {units['head'] / 2**20:.0f})"
+        f" + hidden states ({states / 2**20:.0f} MiB) + 500 MB = {rss_target:.0f} MiB. "
+        + "; ".join(
+            f"{m}: median **{med(m, 'peak_mib'):.0f} MiB**, highest {max(peaks[m]):.0f} "
+            f"({'met by every child' if max(peaks[m]) <= rss_target else 'missed by at least one child'})"
+            for m in variants[1:]
+        )
+        + f"; resident {med('resident', 'peak_mib'):.0f} MiB.",
         f"- Block Influence, streamed vs resident: max |difference| {bi_diff:.2e} over {len(s0['bi'])} layers "  # type: ignore[arg-type]
         f"(target 1e-4: {'met' if bi_diff <= 1e-4 else 'missed'}).",
-        f"- Scoring, mean NLL per token: full {nll_r['full']:.5f} resident / {nll_s['full']:.5f} streamed; "  # type: ignore[index]
-        f"25% removed {nll_r['short']:.5f} / {nll_s['short']:.5f}.",  # type: ignore[index]
+        f"- Scoring, mean NLL per token ({' / '.join(variants)}): full "
+        + " / ".join(f"{nll[m]['full']:.5f}" for m in variants)  # type: ignore[index]
+        + "; 25% removed "
+        + " / ".join(f"{nll[m]['short']:.5f}" for m in variants)  # type: ignore[index]
+        + ".",
     ]
     record("streaming_profile", lines)
 

@@ -60,6 +60,9 @@ class Plan:
     budget: int
     where: str
     """What set the budget, for messages ("--memory 8GiB", "free on cuda:0")."""
+    ahead: int = 0
+    """Streamed: bytes of the next layer read while the current one computes (the largest layer when the budget
+    holds two; less when it holds one and a part, the rest read when that layer starts)."""
 
     def describe(self, name: str, num_layers: int) -> str:
         if self.mode == "resident":
@@ -67,10 +70,15 @@ class Plan:
                 f"Memory plan for {name}: weights held whole ({format_size(self.weights)}; "
                 f"{format_size(self.budget)} {self.where})"
             )
+        held = (
+            f"at most two layers of {format_size(self.largest)} held"
+            if self.ahead >= self.largest
+            else f"a layer of {format_size(self.largest)} and {format_size(self.ahead)} of the next held, the rest "
+            "of each layer read when it starts"
+        )
         return (
             f"Memory plan for {name}: streamed, {num_layers} layers read from disk on every pass "
-            f"({format_size(self.weights)} of weights, at most two layers of {format_size(self.largest)} held; "
-            f"{format_size(self.budget)} {self.where})"
+            f"({format_size(self.weights)} of weights, {held}; {format_size(self.budget)} {self.where})"
         )
 
 
@@ -86,8 +94,10 @@ def plan(
 ) -> Plan:
     """``memory``: auto (a share of ``free``), stream (streamed whatever fits) or a size.
 
-    Resident when the weights, the states and a reserve fit; else streamed when two units, the states and the
-    reserve fit; else :class:`ModelError` naming what is needed and the setting to change.
+    Resident when the weights, the states and a reserve fit; else streamed when one unit, the states and the
+    reserve fit, the next layer read ahead (while the current one computes) as far as the rest of the budget
+    allows, the whole of it when two units fit; else :class:`ModelError` naming what is needed and the setting to
+    change.
 
     ``free``: the device's free memory (None: unknown, no limit).
     """
@@ -99,11 +109,11 @@ def plan(
             budget, where = free, f"free on {device} (below --memory {memory})"
     if memory != "stream" and weights + 2 * states + RESERVE <= budget:
         return Plan("resident", weights, largest, states, budget, where)
-    need = 2 * largest + 2 * states + RESERVE
+    need = largest + 2 * states + RESERVE
     if need > budget:
         raise ModelError(
-            f"{name}: even streamed layer by layer, profiling needs {format_size(need)} (two layers of "
+            f"{name}: even streamed layer by layer, profiling needs {format_size(need)} (a layer of "
             f"{format_size(largest)}, hidden states of {format_size(states)} and {format_size(RESERVE)} for the "
             f"runtime) but {format_size(budget)} is {where}; raise --memory, or lower --calibration-tokens."
         )
-    return Plan("stream", weights, largest, states, budget, where)
+    return Plan("stream", weights, largest, states, budget, where, ahead=min(largest, budget - need))

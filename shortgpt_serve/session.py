@@ -10,6 +10,7 @@ import dataclasses
 import gc
 import logging
 from collections.abc import Callable
+from math import prod
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -60,26 +61,31 @@ class ModelSession:
                 device = torch.device(self._device)
                 dtype = resolve_dtype(self.config.profile.dtype, self._device)
                 model = empty_model(self.source.path, dtype, device, self.source.trust_remote_code)
-                self._placement = Streamed(model, self.source.family, self.source.path, device)
+                self._placement = Streamed(model, self.source.family, self.source.path, device, plan.ahead)
             self._plan = plan
         return self._plan
 
     def _memory_plan(self) -> Plan:
         import torch
 
-        from shortgpt_serve.models.weights import params_by_layer, tensor_infos
+        from shortgpt_serve.models.weights import layer_of, layer_pattern, params_by_layer, tensor_infos
         from shortgpt_serve.placement import free_bytes
 
         device = resolve_device(self.config.profile.device)
         dtype = getattr(torch, resolve_dtype(self.config.profile.dtype, device))
         size = torch.empty((), dtype=dtype).element_size()
         shapes = {name: shape for name, (_, shape) in tensor_infos(self.source.path).items()}
-        per_layer, other = params_by_layer(shapes, self.source.family.layers_module, self.source.num_layers)
+        prefix = self.source.family.layers_module
+        per_layer, other = params_by_layer(shapes, prefix, self.source.num_layers)
+        # A streamed pass brings the embeddings and the head (final norm, output embeddings) in one at a time: the
+        # larger is the largest matrix outside the layers with the vectors (norms) beside it.
+        outside = [shape for name, shape in shapes.items() if layer_of(name, layer_pattern(prefix)) is None]
+        unit = max((prod(s) for s in outside if len(s) > 1), default=0) + sum(prod(s) for s in outside if len(s) <= 1)
         config = self.source.config
         hidden = int(config.get("hidden_size") or config.get("text_config", {}).get("hidden_size") or 0)
         return memplan.plan(
             weights=(sum(per_layer) + other) * size,
-            largest=max([*per_layer, other]) * size,
+            largest=max([*per_layer, min(unit, other)]) * size,
             states=self.config.calibration.num_tokens * hidden * size,
             memory=self.config.profile.memory,
             free=free_bytes(torch.device(device)),

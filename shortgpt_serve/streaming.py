@@ -2,7 +2,9 @@
 
 The model is built empty (every parameter on the ``meta`` device; buffers such as rotary tables are real, on the
 pass's device). A pass holds at most two layers' weights: the one it runs and the next, which a reader thread
-brings from disk while the current one computes. The modules before the layers (the embeddings) and the head (the
+brings from disk while the current one computes; where the memory setting holds one layer and a part, the reader
+brings that part (the layer's first tensors, in the order the layer uses them) and the rest is read when the layer
+starts, after the one before it is dropped. The modules before the layers (the embeddings) and the head (the
 final norm and the output embeddings) are brought in for their own part of the pass only. Weights are cast to the
 model's dtype as they are read, so ``model.to(dtype)`` on the empty model changes what the next pass computes in.
 
@@ -112,15 +114,28 @@ class _Pool:
                 kept.append(tensor)
 
 
+MMAP_THRESHOLD = 8 << 20
+"""On a streamed CPU pass, host allocations of this size or more get their own mapping, returned when freed."""
+
+
 def _trimmer() -> Callable[[], None]:
-    """glibc's ``malloc_trim(0)``: the heap's free pages returned to the system (a no-op without glibc)."""
+    """glibc's ``malloc_trim(0)``: the heap's free pages returned to the system (a no-op without glibc).
+
+    Also fixes glibc's mmap threshold at :data:`MMAP_THRESHOLD` for the process (``mallopt(M_MMAP_THRESHOLD)``),
+    which stops glibc from raising it after each large free: otherwise, once a layer's tensors are dropped, a batch's
+    logits (31 MiB at 512 positions x 32,000 tokens in bfloat16) and their float32 slices land in the heap and stay
+    there between trims. Measured on a 6 GB model streamed, the scoring pass's peak at the head fell from about
+    1,000 to under 900 MiB (benchmarks/results/streaming_profile.md).
+    """
     import ctypes
     import ctypes.util
 
     try:
-        trim = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        trim, mallopt = libc.malloc_trim, libc.mallopt
     except (OSError, AttributeError):
         return lambda: None
+    mallopt(-3, MMAP_THRESHOLD)  # M_MMAP_THRESHOLD
     return lambda: trim(0) and None
 
 
@@ -128,7 +143,10 @@ class Streamed:
     """Weights on disk; each part of the pass brings its own to ``device`` and drops them after (see the module
     docstring)."""
 
-    def __init__(self, model: PreTrainedModel, family: Family, folder: Path, device: torch.device) -> None:
+    def __init__(
+        self, model: PreTrainedModel, family: Family, folder: Path, device: torch.device, ahead: int | None = None
+    ) -> None:
+        """``ahead``: bytes of the next layer read while the current one computes (None: the whole layer)."""
         import torch
 
         self.model, self.family, self.device = model, family, device
@@ -167,6 +185,8 @@ class Streamed:
         self._head_names = [n for n in outside if n.rpartition(".")[0] in head_modules]
         self._embed_names = [n for n in outside if n not in self._head_names]
         self._layers = [model.get_submodule(f"{family.layers_module}.{i}") for i in range(self.num_layers)]
+        self._ahead = [self._prefix(names, ahead) for names in self._layer_names]
+        """Each layer's tensors read ahead: its first ones, in the order the model defines them, up to ``ahead``."""
         for module in model.modules():  # real buffers (rotary tables) go where the pass computes
             for key, buf in list(module._buffers.items()):
                 if buf is not None and buf.device.type != "meta":
@@ -188,6 +208,15 @@ class Streamed:
     def _bytes(self, names: list[str]) -> int:
         size = next(self.model.parameters()).element_size()
         return sum(prod(self._shapes[n]) * size for n in names)
+
+    def _prefix(self, names: list[str], limit: int | None) -> list[str]:
+        """The first of ``names`` whose bytes together stay within ``limit`` (None: all of them)."""
+        if limit is None:
+            return names
+        kept = 0
+        while kept < len(names) and self._bytes(names[: kept + 1]) <= limit:
+            kept += 1
+        return names[:kept]
 
     def unit_bytes(self) -> dict[str, int]:
         """Bytes, as computed, of each unit a pass brings in at once: the largest decoder layer, the embeddings, the
@@ -222,10 +251,13 @@ class Streamed:
     def _fetch(self, index: int) -> dict[str, torch.Tensor]:
         """Layer ``index``'s weights on the host: the one prefetched, or read now; then the next one is started."""
         ahead, self._next = self._next, None
-        tensors = ahead[1].result() if ahead is not None and ahead[0] == index else self._read(self._layer_names[index])
+        tensors = ahead[1].result() if ahead is not None and ahead[0] == index else {}
+        rest = [n for n in self._layer_names[index] if n not in tensors]
+        if rest:  # not read ahead, or only in part: the layer before is dropped by now
+            tensors.update(self._read(rest))
         after = self._after.get(index, index + 1)
-        if 0 <= after < self.num_layers:
-            self._next = (after, self._reader.submit(self._read, self._layer_names[after]))
+        if 0 <= after < self.num_layers and self._ahead[after]:
+            self._next = (after, self._reader.submit(self._read, self._ahead[after]))
         return tensors
 
     def expect(self, order: Sequence[int]) -> None:
@@ -276,25 +308,27 @@ class Streamed:
             self._head_held = False
 
     def probe(self) -> float:
-        """Seconds one pass spends reading weights, estimated from reading layer 0 now (kept for the first pass).
+        """Seconds one pass spends reading weights, estimated from reading layer 0 now (what is read ahead of it is
+        kept for the first pass).
 
         For a GPU the reads land in page-locked host memory; its first allocation (a one-off: later layers reuse
         the freed blocks) is made before the clock starts. Timed with it, the estimate was 3.6x the reading an
         H200 machine measured (11.5 against 3.2 s per pass; benchmarks/results/gpu_check.md)."""
         import torch
 
+        names = self._ahead[0] or self._layer_names[0]
         if self._pin:
-            for n in self._layer_names[0]:
+            for n in names:
                 stored = self._stored[n]
                 torch.empty(stored.end - stored.start, dtype=torch.uint8, pin_memory=True)
         t0 = time.perf_counter()
-        tensors = self._read(self._layer_names[0])
+        tensors = self._read(names)
         seconds = time.perf_counter() - t0
-        done: Future[dict[str, torch.Tensor]] = Future()
-        done.set_result(tensors)
-        self._next = (0, done)
-        first = self._bytes(self._layer_names[0])
-        return seconds * self.total_bytes() / max(1, first)
+        if self._ahead[0]:
+            done: Future[dict[str, torch.Tensor]] = Future()
+            done.set_result(tensors)
+            self._next = (0, done)
+        return seconds * self.total_bytes() / max(1, self._bytes(names))
 
     def close(self) -> None:
         if self._next is not None:

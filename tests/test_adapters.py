@@ -96,14 +96,21 @@ def test_adapter_distillation_lowers_the_kl_and_leaves_the_model_untouched() -> 
     assert again.kl == dist.kl  # deterministic under the seed
 
 
-def test_streamed_adapter_distillation_equals_the_resident_one(make_tiny_model: Callable[..., Path]) -> None:
+@pytest.mark.parametrize("ahead", [None, 20_000], ids=["whole-layer-ahead", "part-ahead"])
+def test_streamed_adapter_distillation_equals_the_resident_one(
+    make_tiny_model: Callable[..., Path], ahead: int | None
+) -> None:
+    """Also with a read-ahead of part of a layer (the tiny model's layers are ~50 KB in float32): the backward walk
+    reads ahead in its own order, the rest of each layer when it starts."""
     folder = make_tiny_model("llama")
     from transformers import AutoModelForCausalLM
 
     family = FAMILIES["llama"]
     resident = PassEngine(AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval(), family)
     skeleton = empty_model(folder, "float32", torch.device("cpu"))
-    placement = Streamed(skeleton, family, folder, torch.device("cpu"))
+    placement = Streamed(skeleton, family, folder, torch.device("cpu"), ahead)
+    if ahead is not None:
+        assert 0 < placement._bytes(placement._ahead[1]) <= ahead < placement.unit_bytes()["layer"]
     streamed = PassEngine(skeleton, family, placement)
     batches = calibration()
     settings: dict[str, Any] = {"rank": 4, "steps": 6, "batch_size": 2, "lr": 1e-2, "seed": 0, "progress": False}

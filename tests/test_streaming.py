@@ -44,14 +44,14 @@ def run(engine: PassEngine) -> tuple[dict[tuple[int, int], object], dict[str, li
     return seen, logits
 
 
-def engines(folder: Path, model_type: str) -> tuple[PassEngine, PassEngine, Streamed]:
+def engines(folder: Path, model_type: str, ahead: int | None = None) -> tuple[PassEngine, PassEngine, Streamed]:
     import torch
     from transformers import AutoModelForCausalLM
 
     family = FAMILIES[model_type]
     resident = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
     skeleton = empty_model(folder, "float32", torch.device("cpu"))
-    placement = Streamed(skeleton, family, folder, torch.device("cpu"))
+    placement = Streamed(skeleton, family, folder, torch.device("cpu"), ahead)
     return PassEngine(resident, family), PassEngine(skeleton, family, placement), placement
 
 
@@ -91,6 +91,48 @@ def test_a_pass_holds_one_layer_on_the_model_and_reads_the_next_ahead(
     assert held and all(h == [layer] for h, layer in zip(held, [i for i in range(6) for _ in range(2)], strict=True))
     # While layer i runs, layer i + 1 is being read (none after the last).
     assert ahead == [i + 1 if i + 1 < 6 else None for i in range(6) for _ in range(2)]
+    placement.close()
+
+
+def test_a_partial_read_ahead_reads_the_rest_when_the_layer_starts_and_computes_the_same(
+    make_tiny_model: Callable[..., Path],
+) -> None:
+    """A memory setting between one and two layers: the reader brings the next layer's first tensors, up to the
+    bytes the plan gave it, and the layer's own start reads the rest, after the layer before was dropped."""
+    import torch
+
+    folder = make_tiny_model("llama")
+    *_, whole = engines(folder, "llama")
+    layer_bytes = whole.unit_bytes()["layer"]
+    whole.close()
+    resident, streamed, placement = engines(folder, "llama", ahead=layer_bytes // 2)
+    reads: list[tuple[str, list[str]]] = []
+    read = placement._read
+
+    def logged(names: list[str]) -> dict[str, torch.Tensor]:
+        import threading
+
+        reads.append((threading.current_thread().name, names))
+        return read(names)
+
+    placement._read = logged  # type: ignore[method-assign]
+    seen_r, logits_r = run(resident)
+    seen_s, logits_s = run(streamed)
+    assert all(torch.equal(a, b) for a, b in zip(logits_r["full"], logits_s["full"], strict=True))  # type: ignore[arg-type]
+    assert all(torch.equal(a, b) for a, b in zip(logits_r["skip"], logits_s["skip"], strict=True))  # type: ignore[arg-type]
+    for key, (_, h_out) in seen_r.items():  # type: ignore[misc]
+        assert torch.equal(h_out, seen_s[key][1]), key  # type: ignore[index]
+    ahead = [names for thread, names in reads if thread.startswith("shortgpt-stream")]
+    # Layers 1..5 read ahead in part (layer 0 has no layer before it), each part within the bytes given.
+    assert ahead == [placement._ahead[i] for i in range(1, 6)]
+    assert all(0 < placement._bytes(names) <= layer_bytes // 2 for names in ahead)
+    for i in range(1, 6):  # the rest of each layer is read on the pass's own thread: every tensor read once
+        rest = [
+            names
+            for thread, names in reads
+            if not thread.startswith("shortgpt-stream") and names[0] in placement._layer_names[i]
+        ]
+        assert sorted(ahead[i - 1] + rest[0]) == sorted(placement._layer_names[i]) and len(rest) == 1
     placement.close()
 
 
@@ -174,11 +216,27 @@ def test_weights_that_fit_are_held_whole_else_streamed() -> None:
 
 
 def test_a_model_that_cannot_fit_even_streamed_is_refused_with_what_it_needs() -> None:
-    need = 2 * GiB + 2 * (GiB // 4) + RESERVE
+    need = GiB + 2 * (GiB // 4) + RESERVE
     with pytest.raises(ModelError) as err:
-        plan_of("2GiB")
-    assert f"profiling needs {need / GiB:.1f} GiB (two layers of 1.0 GiB" in str(err.value)
-    assert "2.0 GiB is by --memory 2GiB; raise --memory, or lower --calibration-tokens" in str(err.value)
+        plan_of("1.5GiB")
+    assert f"profiling needs {need / GiB:.1f} GiB (a layer of 1.0 GiB" in str(err.value)
+    assert "1.5 GiB is by --memory 1.5GiB; raise --memory, or lower --calibration-tokens" in str(err.value)
+
+
+def test_the_next_layer_is_read_ahead_as_far_as_the_setting_allows() -> None:
+    def ahead(memory: str) -> int:
+        p = plan(weights=20 * GiB, largest=GiB, states=GiB // 4, memory=memory, free=None, device="cpu", name="m")
+        assert p.mode == "stream"
+        return p.ahead
+
+    one = GiB + 2 * (GiB // 4) + RESERVE  # a layer, the states and the reserve
+    assert ahead(f"{one}") == 0
+    assert ahead(f"{one + GiB // 4}") == GiB // 4
+    assert ahead(f"{one + GiB}") == ahead("8GiB") == GiB  # two layers fit: the whole next layer
+    part = plan(
+        weights=20 * GiB, largest=GiB, states=0, memory=f"{GiB + RESERVE + GiB // 2}", free=None, device="cpu", name="m"
+    )
+    assert "a layer of 1.0 GiB and 512.0 MiB of the next held" in part.describe("m", 40)
 
 
 def test_linear_maps_fitted_streamed_equal_the_resident_ones(make_tiny_model: Callable[..., Path]) -> None:

@@ -70,9 +70,10 @@ class ProfileConfig:
     )
     memory: str = setting(
         "Memory the model work (profiling, scoring, healing) may hold on its device: auto (90% of what the device "
-        "has free), stream (always stream: the least memory), or a size such as 16GiB or 800MB. Weights that fit "
-        "are held whole; a larger model is streamed one layer at a time from its safetensors shards (two layers "
-        "held at once).",
+        "has free), stream (always stream, within what auto allows), or a size such as 16GiB or 800MB. Weights "
+        "that fit are held whole; a larger model is streamed one layer at a time from its safetensors shards, the "
+        "next layer read while one computes as far as the setting allows (two layers held at most; at least one "
+        "layer, the hidden states and 512 MiB for the runtime).",
         "--memory",
         default="auto",
     )
