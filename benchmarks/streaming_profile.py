@@ -3,7 +3,7 @@
     .venv/bin/python benchmarks/streaming_profile.py [--layers 28] [--hidden 3072] [--tokens 2048] [--rounds 2]
 
 Generates (once, into ``--dir``) a Llama-shaped checkpoint of random N(0, 0.02) bf16 weights, about 6 GB with the
-defaults, then alternates, ``--rounds`` times, four fresh child processes on the same calibration tokens:
+defaults, then alternates, ``--rounds`` times, five fresh child processes on the same calibration tokens:
 
 - ``resident``: the model loaded whole (``--memory auto``: it fits this machine);
 - ``stream``: the memory setting at a third of the weights' size (``--memory``), so the plan streams and reads
@@ -11,7 +11,9 @@ defaults, then alternates, ``--rounds`` times, four fresh child processes on the
 - ``tight``: the memory setting at the peak RSS target itself (2 x the largest unit + the hidden states + 500 MB),
   so the plan reads ahead only the part of the next layer that the setting leaves (the rest when it starts);
 - ``least``: the least memory setting the plan streams with (one layer, the states and its reserve): nothing read
-  ahead.
+  ahead;
+- ``least-2MiB``: the same with glibc's mmap threshold at 2 MiB (``MALLOC_MMAP_THRESHOLD_``; the tool's own is
+  8 MiB): steadier and lower, slower.
 
 Each child runs the tool's own profile (Block Influence of every layer, one pass) and a scoring pass (per-token
 log-likelihood of the full model and of the model without its 25% lowest-BI layers, one pass with two routes, read
@@ -151,8 +153,15 @@ def main() -> None:
     largest, states = _units(folder, args.tokens)
     rss_target = (2 * largest + states + 500e6) / 2**20  # the allowance is 500 MB (477 MiB)
     least = largest + 2 * states + RESERVE
-    memories = {"resident": "auto", "stream": memory, "tight": f"{int(rss_target)}MiB", "least": f"{least}"}
-    variants = ("resident", "stream", "tight", "least")
+    memories = {
+        "resident": "auto",
+        "stream": memory,
+        "tight": f"{int(rss_target)}MiB",
+        "least": f"{least}",
+        "least-2MiB": f"{least}",
+    }
+    envs = {"least-2MiB": {"MALLOC_MMAP_THRESHOLD_": str(2 << 20)}}
+    variants = tuple(memories)
     runs: dict[str, list[dict[str, object]]] = {v: [] for v in variants}
     loads = []
     for r in range(args.rounds):
@@ -163,6 +172,7 @@ def main() -> None:
                 [sys.executable, __file__, "--child", str(folder), mode, str(args.tokens), memories[variant]],
                 capture_output=True,
                 text=True,
+                env={**os.environ, **envs.get(variant, {})},
             )
             if res.returncode:
                 raise SystemExit(f"the {variant} child failed:\n{res.stderr[-3000:]}")
@@ -195,7 +205,8 @@ def main() -> None:
         f"{size / 1e9:.2f} GB bf16; {args.tokens} calibration tokens; {args.rounds} rounds (alternating)",
         "",
         f"Streamed with `--memory {memory}` (a third of the weights: `stream`) and `--memory {memories['tight']}` "
-        f"(the peak RSS target: `tight`) and `--memory {least / 2**20:.0f}MiB` (the least that streams: `least`); "
+        f"(the peak RSS target: `tight`) and `--memory {least / 2**20:.0f}MiB` (the least that streams: `least`, "
+        "and `least-2MiB` with `MALLOC_MMAP_THRESHOLD_=2097152`); "
         "resident with `--memory auto`. "
         f"Load average (1 min) before each child: {', '.join(f'{x:.1f}' for x in loads)}; {os.cpu_count()} CPUs.",
         "",

@@ -355,6 +355,7 @@ class PassEngine:
                                 for observe in observers:
                                     observe(i, b, h, out, masks[b])
                                 mine[b] = out
+                                self.placement.settle()
                             nxt[so_far if step == _PLAIN else so_far | {step}] = mine
                     branches = nxt
             del captured
@@ -375,6 +376,7 @@ class PassEngine:
                                 assert r.on_logits is not None
                                 r.on_logits(b, logits)
                             del logits  # before the next batch's are computed: one batch's logits at a time
+                            self.placement.settle()
         return kept
 
     def logits(self, hidden: torch.Tensor, batch: Batch) -> torch.Tensor:

@@ -41,6 +41,10 @@ class Placement(Protocol):
         """Memory free on ``device`` for the pass's hidden states (None: unknown, no limit applied)."""
         ...
 
+    def settle(self) -> None:
+        """Called after each batch's step through a layer or the head: what the step freed may be given back."""
+        ...
+
 
 def free_bytes(device: torch.device) -> int | None:
     """Free memory of a device: the GPU's free memory, or the machine's available memory for the CPU."""
@@ -88,3 +92,6 @@ class Resident:
 
     def free_bytes(self) -> int | None:
         return free_bytes(self.device)
+
+    def settle(self) -> None:
+        pass

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -84,18 +85,15 @@ def _set(model: torch.nn.Module, name: str, value: torch.Tensor) -> None:
         module._buffers[attr] = value
 
 
-POOLED = 32 << 20
-"""Tensors below this size are reused from one layer to the next rather than freed (see :class:`_Pool`)."""
-
-
 class _Pool:
-    """Host tensors of the sizes glibc keeps in its heap, handed back when a layer is dropped and reused by the next.
+    """Host tensors handed back when a layer is dropped and reused by the next layer's reads.
 
-    glibc maps allocations over its mmap threshold on their own and unmaps them when freed, but it raises that
-    threshold after each large free (up to 32 MiB): once a layer has been dropped, the next layers' mid-sized tensors
-    (attention projections) land in heap arenas that are not returned. Measured on a 6 GB model, the resident set
-    grew by ~35 MB per layer streamed. Every decoder layer has the same shapes, so two layers' worth of such tensors,
-    reused, is all a pass needs.
+    Every decoder layer has the same shapes, so two layers' worth of tensors, reused, is all a pass needs. Reuse
+    saves both the heap and the time: glibc raises its mmap threshold after each large free (up to 32 MiB), after
+    which mid-sized tensors (attention projections) land in heap arenas that are not returned (measured on a 6 GB
+    model, the resident set grew by ~35 MB per layer streamed); and a fresh mapping for a large tensor (an MLP
+    projection) is faulted in and zeroed page by page before the read fills it, which on 2 cores cost about as
+    much as the read itself.
     """
 
     def __init__(self, per_shape: dict[tuple[int, ...], int]) -> None:
@@ -107,11 +105,41 @@ class _Pool:
         found = self._free.get((shape, dtype))
         return found.pop() if found else None
 
+    def clear(self) -> None:
+        """Everything kept let go: for the parts of a pass that bring no layer (embeddings, head)."""
+        self._free.clear()
+
     def give(self, tensor: torch.Tensor) -> None:
-        if tensor.device.type == "cpu" and tensor.numel() * tensor.element_size() < POOLED:
+        if tensor.device.type == "cpu":
             kept = self._free.setdefault((tuple(tensor.shape), tensor.dtype), [])
             if len(kept) < self._keep.get(tuple(tensor.shape), 0):
                 kept.append(tensor)
+
+
+class _Settler:
+    """Trims the heap when the resident set has grown by more than ``slack`` since the last trim.
+
+    Measured on a 6 GB model streamed at the least memory setting, trimming after every batch's step held the scoring
+    pass's peak at 816-836 MiB instead of 866-927, but each trim walks the heap (~12 ms here): 15% more time. Reading
+    the resident set first (``/proc/self/statm``) trims only where a step left pages behind.
+    """
+
+    def __init__(self, trim: Callable[[], None], slack: int = 64 << 20) -> None:
+        self._trim, self._slack = trim, slack
+        self._floor = 0
+
+    @staticmethod
+    def _resident() -> int:
+        try:
+            with open("/proc/self/statm", "rb") as f:
+                return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+        except (OSError, ValueError, IndexError):
+            return 1 << 62  # unknown: always trim
+
+    def __call__(self) -> None:
+        if self._resident() > self._floor + self._slack:
+            self._trim()
+            self._floor = self._resident()
 
 
 MMAP_THRESHOLD = 8 << 20
@@ -125,7 +153,8 @@ def _trimmer() -> Callable[[], None]:
     which stops glibc from raising it after each large free: otherwise, once a layer's tensors are dropped, a batch's
     logits (31 MiB at 512 positions x 32,000 tokens in bfloat16) and their float32 slices land in the heap and stay
     there between trims. Measured on a 6 GB model streamed, the scoring pass's peak at the head fell from about
-    1,000 to under 900 MiB (benchmarks/results/streaming_profile.md).
+    1,000 to under 900 MiB (benchmarks/results/streaming_profile.md). A threshold set in the environment
+    (``MALLOC_MMAP_THRESHOLD_``) is left as it is: at 2 MiB the peak held steady ~100 MiB lower, at 1.4x the time.
     """
     import ctypes
     import ctypes.util
@@ -135,7 +164,8 @@ def _trimmer() -> Callable[[], None]:
         trim, mallopt = libc.malloc_trim, libc.mallopt
     except (OSError, AttributeError):
         return lambda: None
-    mallopt(-3, MMAP_THRESHOLD)  # M_MMAP_THRESHOLD
+    if "MALLOC_MMAP_THRESHOLD_" not in os.environ:
+        mallopt(-3, MMAP_THRESHOLD)  # M_MMAP_THRESHOLD
     return lambda: trim(0) and None
 
 
@@ -197,6 +227,11 @@ class Streamed:
         # A layer's activations are freed into glibc's heap, which keeps them: trimmed after each layer (on a
         # 6 GB model the streamed peak RSS fell from 1555 to 1118 MiB; benchmarks/results/streaming_profile.md).
         self._trim = _trimmer() if device.type == "cpu" else (lambda: None)
+        tight = ahead is not None and ahead < self.unit_bytes()["layer"]
+        self._settle = _Settler(self._trim) if tight and device.type == "cpu" else (lambda: None)
+        """With less than a layer read ahead (the memory setting is tight), the heap is trimmed after a batch's step
+        too, when the process has grown since the last trim: a batch's activations, freed amid states that live on,
+        otherwise leave pages behind (see :class:`_Settler`)."""
         self._reader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="shortgpt-stream")
         self._next: tuple[int, Future[dict[str, torch.Tensor]]] | None = None
         self._after: dict[int, int] = {}  # the layer read ahead after each: the next one unless :meth:`expect` said
@@ -226,6 +261,9 @@ class Streamed:
 
     def total_bytes(self) -> int:
         return self._bytes(list(self._shapes))
+
+    def settle(self) -> None:
+        self._settle()
 
     def free_bytes(self) -> int | None:
         free = free_bytes(self.device)
@@ -283,9 +321,16 @@ class Streamed:
                 self._pool.give(t)
             self._trim()
 
+    def _unit(self, names: list[str]) -> dict[str, torch.Tensor]:
+        """The embeddings' or the head's weights, read after the pool's layer-sized tensors are let go (no layer
+        is held while they run; measured on a 6 GB model, the pool held ~45 MiB there)."""
+        self._pool.clear()
+        self._trim()
+        return self._read(names)
+
     @contextmanager
     def embedding(self) -> Iterator[None]:
-        with self._brought(self._read(self._embed_names)):
+        with self._brought(self._unit(self._embed_names)):
             yield
 
     @contextmanager
@@ -302,7 +347,7 @@ class Streamed:
             return
         self._head_held = True
         try:
-            with self._brought(self._read(self._head_names)):
+            with self._brought(self._unit(self._head_names)):
                 yield self._norm
         finally:
             self._head_held = False

@@ -239,12 +239,15 @@ def test_paired_gain_interval() -> None:
 
 
 def test_negative_log_likelihood_in_slices_matches_the_whole_batch() -> None:
-    """The reader scores positions in slices (CHUNK at a time, across row boundaries, pads skipped): the same sum
-    and count as one cross-entropy over the whole batch."""
-    from shortgpt_serve.quality.perplexity import CHUNK, NegLogLikelihood
+    """The reader scores positions in slices (16 MiB of float32 logits at a time, across row boundaries, pads
+    skipped): the same sum and count as one cross-entropy over the whole batch."""
+    from shortgpt_serve.quality.perplexity import NegLogLikelihood, chunk_rows
 
     gen = torch.Generator().manual_seed(0)
-    rows, width, vocab = 3, CHUNK // 2 + 7, 50  # the rows' positions straddle slice boundaries
+    vocab = 1 << 16
+    chunk = chunk_rows(vocab)
+    assert chunk == 64 and chunk_rows(32_000) == 131 and chunk_rows(10**9) == 1
+    rows, width = 3, chunk // 2 + 7  # the rows' positions straddle slice boundaries
     ids = torch.randint(0, vocab, (rows, width), generator=gen)
     mask = torch.ones(rows, width, dtype=torch.long)
     mask[1, width - 20 :] = 0  # a padded row
@@ -257,4 +260,4 @@ def test_negative_log_likelihood_in_slices_matches_the_whole_batch() -> None:
     )
     assert reader.count == rows * (width - 1) - 20
     assert reader.total == pytest.approx(float(want), rel=1e-6)
-    assert rows * (width - 1) > CHUNK  # more than one slice was read
+    assert rows * (width - 1) > chunk  # more than one slice was read

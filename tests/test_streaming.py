@@ -300,3 +300,42 @@ def test_divergence_measured_streamed_equals_resident(make_tiny_model: Callable[
     assert want is not None and got is not None and want.kl > 0  # type: ignore[attr-defined]
     assert got.kl == pytest.approx(want.kl, rel=1e-5)  # type: ignore[attr-defined]
     assert got.agreement == want.agreement  # type: ignore[attr-defined]
+
+
+def test_the_heap_is_trimmed_after_a_step_only_when_the_process_grew() -> None:
+    from shortgpt_serve.streaming import _Settler
+
+    trims: list[int] = []
+    sizes = iter([100, 100, 150, 150, 170, 171, 260, 200])
+    settle = _Settler(lambda: trims.append(1), slack=50)
+    settle._resident = lambda: next(sizes)  # type: ignore[method-assign]
+    settle()  # 100 > 0 + 50: trimmed, the floor is 100
+    settle()  # 150: not past 100 + 50
+    settle()  # 150: not past
+    settle()  # 170 > 150: trimmed, the floor is 171
+    settle()  # 260 > 221: trimmed, the floor is 200
+    assert len(trims) == 3 and settle._floor == 200
+
+
+@pytest.mark.parametrize(("ahead", "tight"), [(None, False), (1, True)], ids=["whole-layer-ahead", "tight"])
+def test_a_tight_setting_settles_after_every_batch_step(
+    make_tiny_model: Callable[..., Path], ahead: int | None, tight: bool
+) -> None:
+    """The engine calls ``settle`` after each batch's step through a layer and the head; a streamed placement with
+    less than a layer read ahead trims there (on the CPU), one with the whole layer does not."""
+    _, streamed, placement = engines(make_tiny_model("llama"), "llama", ahead)
+    trims: list[int] = []
+    placement._trim = lambda: trims.append(1)  # type: ignore[method-assign]
+    if tight:
+        placement._settle._trim = placement._trim  # type: ignore[attr-defined]
+        placement._settle._slack = -1  # type: ignore[attr-defined]  # every step counts as grown
+    settled: list[int] = []
+    settle = placement.settle
+    placement.settle = lambda: settled.append(1) or settle()  # type: ignore[method-assign,func-returns-value]
+    run(streamed)
+    placement.close()
+    # The full route: 6 layers x 2 batches; the route skipping 1 and 2 shares layer 0, runs 3-5 on its own states
+    # (3 x 2); the head: 2 routes x 2 batches.
+    assert len(settled) == 6 * 2 + 3 * 2 + 2 * 2
+    dropped = 6 + 2 + 2  # as each layer is dropped; before the embeddings and the head are read, and after
+    assert len(trims) == dropped + (len(settled) if tight else 0)

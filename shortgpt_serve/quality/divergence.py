@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from shortgpt_serve.passes import Batch, PassEngine
-from shortgpt_serve.quality.perplexity import CHUNK
+from shortgpt_serve.quality.perplexity import chunk_rows
 
 if TYPE_CHECKING:
     import torch
@@ -96,12 +96,13 @@ class Divergence:
             full = self.engine.logits(states[r : r + 1], row)[0, :-1][valid]
             short = logits[r, :-1][valid]
             # Summed on the device and read once per sequence (one synchronisation, not one per chunk); each
-            # chunk's float32 log-softmaxes are CHUNK x vocab.
+            # chunk's float32 log-softmaxes are 16 MiB each (chunk_rows).
             kl = torch.zeros((), dtype=torch.float64, device=logits.device)
             agree = torch.zeros((), dtype=torch.int64, device=logits.device)
-            for at in range(0, short.shape[0], CHUNK):
-                lp_full = full[at : at + CHUNK].float().log_softmax(-1)
-                lp_short = short[at : at + CHUNK].float().log_softmax(-1)
+            step = chunk_rows(short.shape[-1])
+            for at in range(0, short.shape[0], step):
+                lp_full = full[at : at + step].float().log_softmax(-1)
+                lp_short = short[at : at + step].float().log_softmax(-1)
                 kl += (lp_full.exp() * (lp_full - lp_short)).sum(-1).double().sum()
                 agree += (lp_full.argmax(-1) == lp_short.argmax(-1)).sum()
             self.rows.append((float(kl), int(agree), int(valid.sum())))

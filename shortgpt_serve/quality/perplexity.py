@@ -11,8 +11,14 @@ from shortgpt_serve.errors import QualityError
 from shortgpt_serve.passes import Batch, PassEngine, Route
 from shortgpt_serve.quality.scoring import max_positions, pad_id, special_prefix
 
-CHUNK = 256
-"""Positions scored at once: a slice's float32 copy and log-softmax are CHUNK x vocab, not the batch's."""
+CHUNK_ELEMENTS = 4 << 20
+"""Logits scored at once (16 MiB in float32): a slice's float32 copy and log-softmax, not the batch's."""
+
+
+def chunk_rows(vocab: int) -> int:
+    """Positions scored at once for a vocabulary of ``vocab``: 131 at 32,000 tokens, 32 at 128,256."""
+    return max(1, CHUNK_ELEMENTS // max(1, vocab))
+
 
 if TYPE_CHECKING:
     import torch
@@ -66,9 +72,10 @@ class NegLogLikelihood:
         shifted = logits[:, :-1].reshape(-1, logits.shape[-1])  # a view where the rows are contiguous
         # Summed on the device and read once per batch: one synchronisation, not one per slice.
         total = torch.zeros((), dtype=torch.float64, device=logits.device)
-        for at in range(0, shifted.shape[0], CHUNK):
+        step = chunk_rows(logits.shape[-1])
+        for at in range(0, shifted.shape[0], step):
             nll = torch.nn.functional.cross_entropy(
-                shifted[at : at + CHUNK].float(), targets[at : at + CHUNK], ignore_index=-100, reduction="sum"
+                shifted[at : at + step].float(), targets[at : at + step], ignore_index=-100, reduction="sum"
             )
             total += nll.double()
         self.total += float(total)
