@@ -1,7 +1,7 @@
 """Plain removal vs linear healing (and the angular block, plain) at several depths on the default model, side by side.
 
     .venv/bin/python benchmarks/healing.py [--depths 4,8,10] [--eval-limit 100] [--distill 10]
-        [--objectives squared,relative] [--ranks 16 [--adapter-lr 1e-3] [--no-full-distill]]
+        [--objectives squared,relative] [--ranks 16 [--adapter-lr 1e-3] [--no-full-distill]] [--heal-text NAME=PATH]
 
 One process, one model: the BI profile (and all-pairs angular distances) on the calibration text, the full model's
 scores, then at each depth the lowest-BI removal scored plain and healed in one pass (the maps fitted on the
@@ -9,7 +9,9 @@ calibration text, disjoint from everything evaluated; one healed row per least-s
 ``--objectives``), and the angular criterion's block plain; at the depths given to ``--distill``, also linear (the
 first objective) followed by distillation (heal.distill_* defaults): of the kept layers themselves, and of rank-N
 low-rank adapters trained one layer at a time for each rank given to ``--ranks`` (the path a streamed model takes;
-``--adapter-lr`` their learning rate). Each row: quality retained with its 95%
+``--adapter-lr`` their learning rate); with ``--heal-text NAME=PATH`` (repeatable), one more linear row per text,
+its maps fitted on that text (the same number of tokens as the calibration set) instead of the calibration text,
+for the same removal (the profile stays on the calibration text). Each row: quality retained with its 95%
 paired bootstrap interval, held-out perplexity, mean KL(full || model) per token, top-1 agreement with the full
 model, LAMBADA last-word greedy accuracy, healed minus plain retained with its 95% paired interval (the same items
 resampled for the full, the plain and the healed model), and the healing time. Results are appended to
@@ -21,6 +23,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import time
+from collections.abc import Callable
 from typing import Any
 
 from _record import record
@@ -56,17 +59,22 @@ def main() -> None:
     parser.add_argument("--ranks", default="", help="adapter ranks to distil at the --distill depths too, e.g. 16")
     parser.add_argument("--adapter-lr", type=float, default=None, help="adapters' learning rate (heal.adapter_lr)")
     parser.add_argument("--no-full-distill", action="store_true", help="at the --distill depths, adapters only")
+    parser.add_argument(
+        "--heal-text", action="append", default=[], metavar="NAME=PATH", help="fit linear maps on this text too"
+    )
     args = parser.parse_args()
     ranks = [int(r) for r in args.ranks.split(",") if r]
     depths = [int(d) for d in args.depths.split(",")]
     distilled = {int(d) for d in args.distill.split(",") if d}
 
     from shortgpt_serve.cache import FileHashes
+    from shortgpt_serve.calibration import batches, load_documents, pack
     from shortgpt_serve.config import Config, HealConfig, QualityConfig
     from shortgpt_serve.healing.evaluate import Healer
     from shortgpt_serve.inputs import read_calibration, resolve_source
     from shortgpt_serve.keys import quality_key
     from shortgpt_serve.models.loading import load_tokenizer
+    from shortgpt_serve.passes import Batch
     from shortgpt_serve.profile import profile_model
     from shortgpt_serve.quality.meter import QualityMeter
     from shortgpt_serve.selection import plan_angular, plan_bi
@@ -114,6 +122,17 @@ def main() -> None:
         for o in objectives
     ]
 
+    def text_batches(path: str) -> Callable[[], list[Any]]:
+        cal = config.calibration
+        packed = pack(load_documents(path, 0.0, cal.seed), load_tokenizer(source), cal.num_tokens, cal.seq_len)
+        pad = int(getattr(engine.model.config, "pad_token_id", None) or 0)
+        return lambda: [Batch(i, m) for i, m in batches(packed.sequences, config.profile.batch_size, pad)]
+
+    text_healers = {
+        name: Healer(config, lambda: engine, text_batches(path), meter, progress=False)
+        for name, path in (t.split("=", 1) for t in args.heal_text)
+    }
+
     header = [
         "removed",
         "method",
@@ -150,6 +169,10 @@ def main() -> None:
                 rows.append([str(n), "bi plain", layers, *fmt(healed["plain"]), "—", "—"])
             method = f"bi linear ({healer.config.heal.objective})"
             rows.append([str(n), method, layers, *fmt(healed), gain(healed), f"{healing.seconds:.1f}"])
+        for name, text_healer in text_healers.items():
+            healed = text_healer(removed)
+            seconds = f"{text_healer.fitted[tuple(sorted(removed))].seconds:.1f}"
+            rows.append([str(n), f"bi linear (fitted on {name})", layers, *fmt(healed), gain(healed), seconds])
         healer = healers[0]
         if n in distilled and not args.no_full_distill:
             distilled_q, dist = healer.distilled(removed)
