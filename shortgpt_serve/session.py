@@ -79,7 +79,8 @@ class ModelSession:
         per_layer, other = params_by_layer(shapes, prefix, self.source.num_layers)
         # A streamed pass brings the embeddings and the head (final norm, output embeddings) in one at a time: the
         # larger is the largest matrix outside the layers with the vectors (norms) beside it.
-        outside = [shape for name, shape in shapes.items() if layer_of(name, layer_pattern(prefix)) is None]
+        pattern = layer_pattern(prefix)
+        outside = [shape for name, shape in shapes.items() if layer_of(name, pattern) is None]
         unit = max((prod(s) for s in outside if len(s) > 1), default=0) + sum(prod(s) for s in outside if len(s) <= 1)
         config = self.source.config
         hidden = int(config.get("hidden_size") or config.get("text_config", {}).get("hidden_size") or 0)
