@@ -7,7 +7,9 @@ Generates a Llama-shaped checkpoint of random N(0, 0.02) bf16 weights (40 layers
 
 1. streamed (the memory setting at a third of the weights): Block Influence of every layer, then a scoring pass of
    the full model and the model without its 25% lowest-BI layers (per-token log-likelihood), then two steps of
-   distillation of that removal (rank-16 adapters, trained one layer at a time on the streamed layers);
+   distillation of that removal (rank-16 adapters, trained one layer at a time on the streamed layers); then the
+   same two passes with half a layer read ahead (a memory setting between one and two layers: the rest of each
+   layer read when it starts, into page-locked buffers reused from layer to layer), which must give the same BI;
 2. resident (the model loaded whole onto the GPU): the same two passes, then one step of full-layer distillation
    (float32 copies of the kept layers trained with AdamW), its peak beside the model set against the estimate
    the choice between full layers and adapters uses, and that choice on this GPU;
@@ -195,9 +197,29 @@ def main() -> int:
             if cuda and peak() > limit:
                 checks.fail(f"streamed peak {format_size(peak())} above {format_size(limit)}")
             checks.step("streamed distillation", distilled, model, placement, lowest_quarter(bi), limit + 2 * GiB)
+            checks.step("streamed, half a layer ahead", part_ahead, bi, units["layer"] // 2, limit)
             return bi, sec
         finally:
             placement.close()
+
+    def part_ahead(want: list[float], ahead: int, limit: int) -> None:
+        reset()
+        model = empty_model(model_dir, "bfloat16", device)
+        placement = Streamed(model, family, model_dir, device, ahead)
+        try:
+            bi, _, sec = passes(PassEngine(model, family, placement), calib, vocab)
+        finally:
+            placement.close()
+        diff = max(abs(a - b) for a, b in zip(bi, want, strict=True))
+        say(
+            f"streamed, {format_size(ahead)} of each layer read ahead: profile + score {sec:.1f} s (reading "
+            f"{placement.read_s:.1f} s), peak GPU allocated {format_size(peak())}; BI against the whole-layer "
+            f"read-ahead: max |difference| {diff:.2e}"
+        )
+        if diff > 0:
+            checks.fail(f"half a layer ahead: BI differs by {diff:.2e} from the whole-layer read-ahead")
+        if cuda and peak() > limit:
+            checks.fail(f"half a layer ahead: peak {format_size(peak())} above {format_size(limit)}")
 
     def distilled(model, placement, short, limit: int) -> None:  # type: ignore[no-untyped-def]
         # rank-16 adapters trained one layer at a time on the streamed layers, two steps
