@@ -303,11 +303,11 @@ def test_divergence_measured_streamed_equals_resident(make_tiny_model: Callable[
 
 
 def test_the_heap_is_trimmed_after_a_step_only_when_the_process_grew() -> None:
-    from shortgpt_serve.streaming import _Settler
+    from shortgpt_serve.hostmem import Settler
 
     trims: list[int] = []
     sizes = iter([100, 100, 150, 150, 170, 171, 260, 200])
-    settle = _Settler(lambda: trims.append(1), slack=50)
+    settle = Settler(lambda: trims.append(1), slack=50)
     settle._resident = lambda: next(sizes)  # type: ignore[method-assign]
     settle()  # 100 > 0 + 50: trimmed, the floor is 100
     settle()  # 150: not past 100 + 50
