@@ -10,12 +10,13 @@ calibration text, disjoint from everything evaluated; one healed row per least-s
 first objective) followed by distillation (heal.distill_* defaults): of the kept layers themselves, and of rank-N
 low-rank adapters trained one layer at a time for each rank given to ``--ranks`` (the path a streamed model takes;
 ``--adapter-lr`` their learning rate); with ``--heal-text NAME=PATH`` (repeatable), one more linear row per text,
-its maps fitted on that text (the same number of tokens as the calibration set) instead of the calibration text,
-for the same removal (the profile stays on the calibration text). Each row: quality retained with its 95%
-paired bootstrap interval, held-out perplexity, mean KL(full || model) per token, top-1 agreement with the full
-model, LAMBADA last-word greedy accuracy, healed minus plain retained with its 95% paired interval (the same items
-resampled for the full, the plain and the healed model), and the healing time. Results are appended to
-benchmarks/results/healing.md.
+its maps fitted on that text (the same number of tokens as the calibration set) instead of the calibration text, for
+the same removal (the profile stays on the calibration text), and at the ``--distill`` depths a distilled row
+trained on that text too (``benchmarks/qa_text.py`` writes question-and-answer text for it). Each row: quality
+retained with its 95% paired bootstrap interval, held-out perplexity, mean KL(full || model) per token, top-1
+agreement with the full model, LAMBADA last-word greedy accuracy, healed minus plain retained with its 95% paired
+interval (the same items resampled for the full, the plain and the healed model), and the healing time. Results are
+appended to benchmarks/results/healing.md.
 """
 
 from __future__ import annotations
@@ -58,9 +59,17 @@ def main() -> None:
     parser.add_argument("--objectives", default="", help="linear objectives side by side (default: heal.objective)")
     parser.add_argument("--ranks", default="", help="adapter ranks to distil at the --distill depths too, e.g. 16")
     parser.add_argument("--adapter-lr", type=float, default=None, help="adapters' learning rate (heal.adapter_lr)")
-    parser.add_argument("--no-full-distill", action="store_true", help="at the --distill depths, adapters only")
     parser.add_argument(
-        "--heal-text", action="append", default=[], metavar="NAME=PATH", help="fit linear maps on this text too"
+        "--no-full-distill",
+        action="store_true",
+        help="at the --distill depths, no full distillation on the calibration text",
+    )
+    parser.add_argument(
+        "--heal-text",
+        action="append",
+        default=[],
+        metavar="NAME=PATH",
+        help="fit linear maps (and distil at --distill) on this text too",
     )
     args = parser.parse_args()
     ranks = [int(r) for r in args.ranks.split(",") if r]
@@ -173,6 +182,10 @@ def main() -> None:
             healed = text_healer(removed)
             seconds = f"{text_healer.fitted[tuple(sorted(removed))].seconds:.1f}"
             rows.append([str(n), f"bi linear (fitted on {name})", layers, *fmt(healed), gain(healed), seconds])
+            if n in distilled:
+                distilled_q, dist = text_healer.distilled(removed)
+                seconds = f"{text_healer.fitted[tuple(sorted(removed))].seconds + dist.seconds:.1f}"
+                rows.append([str(n), f"bi distill (on {name})", layers, *fmt(distilled_q), gain(distilled_q), seconds])
         healer = healers[0]
         if n in distilled and not args.no_full_distill:
             distilled_q, dist = healer.distilled(removed)
